@@ -1,0 +1,653 @@
+"""Dense (IA)^3 linear: Triton kernels, launchers, the pure-PyTorch reference and the custom op.
+
+Feedforward layers scale the input, `y = (x*l) W^T + b`; attention layers scale the output,
+`y = (x W^T + b) * l`. Both are one op, `ia3_linear`, that runs one of two paths:
+
+* "fused": one Triton GEMM does everything. The feedforward scaling is applied to the x tile in
+  registers inside the K-loop (rounded to the weight dtype exactly as PEFT rounds `x*l`), the
+  attention bias and scaling sit in the epilogue, which can also write the pre-scaling output `u`
+  that the attention backward needs. At small M the layer is bound by reading W once, so the
+  extra multiply is free; when the output tiles cannot fill the GPU (N=1024 at M=1 gives 16 tiles
+  of 64 columns for 132 SMs) the K-loop is split and the last CTA of each tile sums the splits
+  in a fixed order, so the result does not change from run to run.
+* "cublas": cuBLAS does the GEMM and one Triton pass applies what IA3 adds. At large M the
+  textbook Triton GEMM is 25-32% behind cuBLAS on an H100 (../shared/anchors/triton-gemm-h100.md)
+  while a bandwidth-bound pass over an N x K weight or an M x N output costs a few percent, so
+  the weight-side forms are used: feedforward `y = x (W diag(l))^T + b`, attention backward
+  `dx = dy (diag(l) W)`. The scaled weight is only built when it is no larger than the
+  activation it serves (N <= M), so peak memory stays at the bare layer's.
+
+Backward, both paths: feedforward `g = dy W`, `dx = g*l`, `dl = sum_rows g*x` (the reduction is
+an epilogue of the dx GEMM, or of the pass that scales cuBLAS's g in place); attention
+`dx = (dy*l) W`, `dl = sum_rows dy*u`. Every `dl` is a per-block partial sum followed by a
+`torch.sum` over blocks: no atomics, bitwise reproducible.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import config
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ia3_matmul_kernel(
+    a_ptr, b_ptr, c_ptr,
+    scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
+    workspace_ptr, counter_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
+    SCALE_A: tl.constexpr,  # multiply column k of the A tile by scale_a[k] before the dot
+    HAS_BIAS: tl.constexpr,  # u = acc + bias[n]
+    REDUCE_AUX: tl.constexpr,  # partial[pid_m, n] = sum over the tile's rows of u * aux
+    STORE_PREACT: tl.constexpr,  # write u (M x N, contiguous) before the output scaling
+    SCALE_C: tl.constexpr,  # c = u * scale_c[n]
+    STORE_C: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = epilogue(prologue(A)[M, K] @ B[K, N]) with fp32 accumulation."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-blocks share the same B columns while they are in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # int64 row/column offsets: M*K or K*N can pass 2**31 elements.
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = min(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        rk = offs_k.to(tl.int64)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if SCALE_A:
+            s = tl.load(scale_a_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            a = a.to(tl.float32) * s[None, :]
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+
+    offs_2d = rm[:, None] * N + rn[None, :]
+    mask_2d = mask_m[:, None] & mask_n[None, :]
+    is_last = True
+    if SPLIT_K > 1:
+        # Deterministic split-K: every split parks its fp32 partial, the CTA that arrives last
+        # (counters start at zero each launch) sums all of them in split order 0..SPLIT_K-1, the
+        # same order whoever is last, then runs the epilogue: one launch, no order-dependent adds.
+        tile = pid_m * num_pid_n + pid_n
+        tl.store(workspace_ptr + pid_k * M * N + offs_2d, acc, mask=mask_2d)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        is_last = arrived == SPLIT_K - 1
+        if is_last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(workspace_ptr + s * M * N + offs_2d, mask=mask_2d, other=0.0,
+                               cache_modifier=".cg")
+
+    if is_last:
+        u = acc
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if REDUCE_AUX:
+            aux = tl.load(aux_ptr + rm[:, None] * stride_auxm + rn[None, :] * stride_auxn,
+                          mask=mask_2d, other=0.0).to(tl.float32)
+            part = tl.sum(tl.where(mask_2d, u * aux, 0.0), axis=0)
+            tl.store(partial_ptr + pid_m * N + rn, part, mask=mask_n)
+        if STORE_PREACT:
+            tl.store(preact_ptr + offs_2d, u.to(preact_ptr.dtype.element_ty), mask=mask_2d)
+        if STORE_C:
+            out = u
+            if SCALE_C:
+                out = u * tl.load(scale_c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+                     out.to(c_ptr.dtype.element_ty), mask=mask_2d)
+
+
+@triton.jit
+def _ia3_scale_reduce_kernel(
+    src_ptr, scale_ptr, out_ptr, aux_ptr, partial_ptr,
+    R, C, rows_per_program,
+    stride_sr, stride_sc, stride_or, stride_oc, stride_ar, stride_ac,
+    SCALE_AXIS: tl.constexpr,  # 1: out = src * scale[col]; 0: out = src * scale[row]
+    STORE_OUT: tl.constexpr,
+    REDUCE_AUX: tl.constexpr,  # partial[pid_r, col] = sum over the program's rows of src * aux
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One bandwidth-bound pass beside a cuBLAS GEMM: scale a matrix by a row or column vector
+    and/or reduce its product with another matrix over rows. out may alias src (each element
+    is read and written by the same thread)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    rc = offs_c.to(tl.int64)
+    if STORE_OUT and SCALE_AXIS == 1:
+        col_scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    part = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    row_start = pid_r * rows_per_program
+    row_end = min(R, row_start + rows_per_program)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < row_end
+        rr = offs_r.to(tl.int64)
+        mask = mask_r[:, None] & mask_c[None, :]
+        v = tl.load(src_ptr + rr[:, None] * stride_sr + rc[None, :] * stride_sc, mask=mask,
+                    other=0.0).to(tl.float32)
+        if REDUCE_AUX:
+            aux = tl.load(aux_ptr + rr[:, None] * stride_ar + rc[None, :] * stride_ac, mask=mask,
+                          other=0.0).to(tl.float32)
+            part += tl.sum(tl.where(mask, v * aux, 0.0), axis=0)
+        if STORE_OUT:
+            if SCALE_AXIS == 1:
+                o = v * col_scale[None, :]
+            else:
+                o = v * tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + rr[:, None] * stride_or + rc[None, :] * stride_oc,
+                     o.to(out_ptr.dtype.element_ty), mask=mask)
+    if REDUCE_AUX:
+        tl.store(partial_ptr + pid_r * C + rc, part, mask=mask_c)
+
+
+# Wrapped once: wrap_triton makes the kernels visible to torch.compile and costs nothing eager.
+_matmul_kernel = wrap_triton(_ia3_matmul_kernel)
+_scale_reduce_kernel = wrap_triton(_ia3_scale_reduce_kernel)
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+_PATHS = ("auto", "fused", "cublas")
+_path_override = {"path": os.environ.get("IA3_DENSE_PATH", "auto")}
+if _path_override["path"] not in _PATHS:
+    raise ValueError(f"IA3_DENSE_PATH must be one of {_PATHS}, got {_path_override['path']!r}")
+
+# Below this many rows the fused Triton kernel runs; at and above it cuBLAS with a Triton pass.
+# Chosen from H100 measurements (benchmarks/results/): see README "Design".
+CUBLAS_MIN_M = 1024
+
+
+@contextlib.contextmanager
+def dense_path(path: str):
+    """Force the "fused" or "cublas" strategy (tests and benchmarks); "auto" chooses by M."""
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    old = _path_override["path"]
+    _path_override["path"] = path
+    try:
+        yield
+    finally:
+        _path_override["path"] = old
+
+
+def _use_cublas(M: int, N_weight_rows_fit: bool, dtype: torch.dtype, device: torch.device) -> bool:
+    forced = _path_override["path"]
+    if forced != "auto":
+        return forced == "cublas"
+    if device.type != "cuda":
+        return False
+    if dtype == torch.float32:
+        # An fp32 tl.dot is either tf32 (3e-4 relative error, 10x PEFT's exact fp32 cuBLAS) or
+        # ieee FMAs (far slower than cuBLAS): cuBLAS wins both ways.
+        return N_weight_rows_fit
+    return M >= CUBLAS_MIN_M and N_weight_rows_fit
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: small, so that tests cover split-K and multi-block reductions
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket."""
+    if interpret:
+        bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
+    elif M <= 16:
+        # Bound by reading W: a 64x128 bf16 W tile a stage, 4 stages in flight per CTA.
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif M <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+    elif M <= 256:
+        bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if elem_size == 4 and not interpret:
+        bk, stages = 32, min(stages, 3)  # fp32 tiles are twice the bytes: stay inside 227 KB smem
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split_k = 1
+    if tiles < 2 * n_sm:
+        # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
+        split_k = max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16))
+    return bm, bn, bk, split_k, warps, stages
+
+
+def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, scale_a=None, scale_c=None, bias=None,
+                   aux=None, store_preact=False, reduce_aux=False, store_c=True):
+    """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
+
+    Returns (c, preact, partial). partial: (row blocks, N) fp32 sums of u*aux, or None.
+    """
+    M, K = a.shape
+    N = out_shape[1]
+    device = a.device
+    c = torch.empty(out_shape, device=device, dtype=out_dtype) if store_c else a.new_empty(0)
+    preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else a.new_empty(0)
+    bm, bn, bk, split_k, warps, stages = _matmul_config(
+        M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted())
+    num_pid_m = triton.cdiv(M, bm)
+    partial = (torch.empty((num_pid_m, N), device=device, dtype=torch.float32)
+               if reduce_aux else None)
+    if split_k > 1:
+        workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
+        counters = torch.zeros((num_pid_m * triton.cdiv(N, bn),), device=device, dtype=torch.int32)
+    else:
+        workspace = counters = a.new_empty(0, dtype=torch.float32)
+    dummy = a.new_empty(0)
+    aux_strides = aux.stride() if aux is not None else (0, 0)
+    grid = (num_pid_m * triton.cdiv(N, bn), split_k)
+    _matmul_kernel[grid](
+        a, b, c,
+        scale_a if scale_a is not None else dummy,
+        scale_c if scale_c is not None else dummy,
+        bias if bias is not None else dummy,
+        aux if aux is not None else dummy,
+        preact,
+        partial if partial is not None else dummy,
+        workspace, counters,
+        M, N, K,
+        a.stride(0), a.stride(1), b_strides[0], b_strides[1],
+        c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
+        aux_strides[0], aux_strides[1],
+        SCALE_A=scale_a is not None, HAS_BIAS=bias is not None, REDUCE_AUX=reduce_aux,
+        STORE_PREACT=store_preact, SCALE_C=scale_c is not None, STORE_C=store_c,
+        SPLIT_K=split_k, DOT_PRECISION=_dot_precision(b.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        num_warps=warps, num_stages=stages,
+    )
+    return c, preact, partial
+
+
+def _launch_scale_reduce(src, *, scale=None, scale_axis=1, out=None, aux=None):
+    """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
+    partial = per-row-block sums of src * aux. Returns (out, partial)."""
+    R, C = src.shape
+    device = src.device
+    block_r, block_c = (16, 32) if config.triton_interpreted() else (32, 128)
+    col_programs = triton.cdiv(C, block_c)
+    row_programs = 1
+    if aux is not None:
+        # Enough row programs for ~4 CTAs an SM; each writes one fp32 partial row.
+        row_programs = max(1, min(triton.cdiv(R, block_r), (4 * _sm_count(device)) // col_programs))
+    rows_per_program = triton.cdiv(triton.cdiv(max(R, 1), row_programs), block_r) * block_r
+    row_programs = triton.cdiv(max(R, 1), rows_per_program)
+    partial = (torch.empty((row_programs, C), device=device, dtype=torch.float32)
+               if aux is not None else None)
+    dummy = src.new_empty(0)
+    out_strides = out.stride() if out is not None else (0, 0)
+    aux_strides = aux.stride() if aux is not None else (0, 0)
+    grid = (row_programs, col_programs)
+    _scale_reduce_kernel[grid](
+        src, scale if scale is not None else dummy, out if out is not None else dummy,
+        aux if aux is not None else dummy, partial if partial is not None else dummy,
+        R, C, rows_per_program,
+        src.stride(0), src.stride(1), out_strides[0], out_strides[1], aux_strides[0], aux_strides[1],
+        SCALE_AXIS=scale_axis, STORE_OUT=out is not None, REDUCE_AUX=aux is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+    return out, partial
+
+
+def _scaled_weight(weight, scale, scale_in_features: bool, fan_in_fan_out: bool):
+    """A fresh copy of the stored weight with l folded in: feedforward W diag(l) (l along
+    in-features), attention diag(l) W (l along out-features). Keeps the stored layout."""
+    out = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+    # Stored (out, in) unless fan_in_fan_out: in-features are columns there, rows here.
+    axis = 1 if (scale_in_features != fan_in_fan_out) else 0
+    _launch_scale_reduce(weight, scale=scale, scale_axis=axis, out=out)
+    return out
+
+
+def _weight_as_kn(weight, fan_in_fan_out):
+    """Strides of B[k, n] = W[n, k] (W as (out, in)) over the stored weight."""
+    s0, s1 = weight.stride()
+    return (s0, s1) if fan_in_fan_out else (s1, s0)
+
+
+def _weight_as_nk(weight, fan_in_fan_out):
+    """Strides of B[n, k] = W[n, k] over the stored weight (for dx = dy @ W)."""
+    s0, s1 = weight.stride()
+    return (s1, s0) if fan_in_fan_out else (s0, s1)
+
+
+def _cublas_linear(x, w_kn, bias):
+    """x @ w_kn (+ bias in cuBLAS's epilogue); w_kn may be a transposed view, no copy."""
+    return torch.matmul(x, w_kn) if bias is None else torch.addmm(bias, x, w_kn)
+
+
+def _reduce_partials(partial, like):
+    """Per-block fp32 partial sums -> vector in like's dtype (fixed reduction order)."""
+    total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    return total.to(like.dtype)
+
+
+def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out: bool,
+                       save_preact: bool):
+    """x: (M, K) with any strides; weight (N, K) or (K, N) if fan_in_fan_out; scale (K,) or (N,).
+    Returns (y, u): u is x W^T + b for attention layers when save_preact, else an empty tensor."""
+    M, K = x.shape
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    out_dtype = weight.dtype
+    if M == 0:
+        empty = x.new_empty((0, N), dtype=out_dtype)
+        return empty, (x.new_empty((0, N), dtype=out_dtype) if save_preact else x.new_empty(0))
+    w_kn = weight if fan_in_fan_out else weight.t()  # view as (K, N) for cuBLAS
+    if feedforward:
+        if _use_cublas(M, N <= M, weight.dtype, x.device):
+            w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out)
+            w_scaled_kn = w_scaled if fan_in_fan_out else w_scaled.t()
+            return _cublas_linear(x.to(out_dtype), w_scaled_kn, bias), x.new_empty(0)
+        y, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
+                                 scale_a=scale, bias=bias)
+        return y, x.new_empty(0)
+    if _use_cublas(M, True, weight.dtype, x.device):
+        u = _cublas_linear(x.to(out_dtype), w_kn, bias)
+        y = torch.empty_like(u)
+        _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y)
+        return y, (u if save_preact else x.new_empty(0))
+    y, u, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
+                             scale_c=scale, bias=bias, store_preact=save_preact)
+    return y, u
+
+
+def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_fan_out: bool,
+                        need_dx: bool, need_dscale: bool, need_dbias: bool, need_dweight: bool,
+                        x_dtype: torch.dtype):
+    """Gradients (dx, dscale, dbias, dweight); entries not asked for are None."""
+    M, N = dy.shape
+    K = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    dx = dscale = dbias = dweight = None
+    if M == 0:
+        if need_dx:
+            dx = dy.new_zeros((0, K), dtype=x_dtype)
+        if need_dscale:
+            dscale = torch.zeros_like(scale)
+        if need_dbias:
+            dbias = dy.new_zeros((N,), dtype=weight.dtype)
+        if need_dweight:
+            dweight = torch.zeros_like(weight)
+        return dx, dscale, dbias, dweight
+    dy = dy.to(weight.dtype)
+    if feedforward:
+        if need_dx or need_dscale:
+            if _use_cublas(M, True, weight.dtype, dy.device):
+                w_nk = weight.t() if fan_in_fan_out else weight
+                g = torch.matmul(dy, w_nk)  # (M, K): becomes dx in place
+                _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
+                                                  out=g if need_dx else None,
+                                                  aux=x if need_dscale else None)
+                dx = g if need_dx else None
+            else:
+                dx, _, partial = _launch_matmul(
+                    dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
+                    scale_c=scale, aux=x if need_dscale else None, reduce_aux=need_dscale,
+                    store_c=need_dx)
+                dx = dx if need_dx else None
+            if need_dscale:
+                dscale = _reduce_partials(partial, scale)
+        if need_dbias:
+            dbias = dy.sum(0, dtype=torch.float32).to(weight.dtype)
+        if need_dweight:
+            xs = (x.to(scale.dtype) * scale).to(weight.dtype)
+            dweight = dy.t().mm(xs)  # (N, K)
+    else:
+        if need_dx:
+            if _use_cublas(M, N <= M, weight.dtype, dy.device):
+                w_scaled = _scaled_weight(weight, scale, False, fan_in_fan_out)
+                dx = torch.matmul(dy, w_scaled.t() if fan_in_fan_out else w_scaled)
+            else:
+                dx, _, _ = _launch_matmul(dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
+                                          weight.dtype, scale_a=scale)
+        if need_dscale:
+            _, partial = _launch_scale_reduce(dy, aux=preact)
+            dscale = _reduce_partials(partial, scale)
+        if need_dbias:
+            dbias = (dy.sum(0, dtype=torch.float32) * scale.float()).to(weight.dtype)
+        if need_dweight:
+            dyl = (dy.float() * scale.float()).to(weight.dtype)
+            dweight = dyl.t().mm(x.to(weight.dtype))  # (N, K)
+    if dweight is not None and fan_in_fan_out:
+        dweight = dweight.t()
+    if dx is not None and dx.dtype != x_dtype:
+        dx = dx.to(x_dtype)
+    return dx, dscale, dbias, dweight
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.compile) and the eager autograd entry point; both call the impls above.
+# --------------------------------------------------------------------------------------------
+
+
+@triton_op("ia3_kernels::dense_linear", mutates_args=())
+def _dense_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool,
+                     save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact)
+
+
+@triton_op("ia3_kernels::dense_linear_backward", mutates_args=())
+def _dense_linear_backward_op(
+        dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+        preact: torch.Tensor, feedforward: bool, fan_in_fan_out: bool, need_dx: bool,
+        need_dscale: bool, need_dbias: bool, need_dweight: bool,
+        x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Custom ops cannot return None: gradients not asked for come back as empty tensors.
+    grads = dense_backward_impl(dy, x, weight, scale, preact, feedforward, fan_in_fan_out,
+                                need_dx, need_dscale, need_dbias, need_dweight, x_dtype)
+    return tuple(dy.new_empty(0) if g is None else g for g in grads)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, feedforward, fan_in_fan_out, _save_preact = inputs
+    _, preact = output
+    # x is only needed by the feedforward dl (and by dW); u only by the attention dl.
+    ctx.save_for_backward(x if feedforward or weight.requires_grad else None, weight, scale, preact)
+    ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
+
+
+def _backward(ctx, dy, _dpreact):
+    x, weight, scale, preact = ctx.saved_tensors
+    feedforward, fan_in_fan_out, x_dtype = ctx.flags
+    need = ctx.needs_input_grad
+    if x is None:
+        x = dy.new_empty(0)
+    wanted = (need[0], need[3], need[2], need[1])
+    grads = torch.ops.ia3_kernels.dense_linear_backward(
+        dy.contiguous(), x, weight, scale, preact, feedforward, fan_in_fan_out, *wanted, x_dtype)
+    dx, dscale, dbias, dweight = (g if w else None for g, w in zip(grads, wanted))
+    return dx, dweight, dbias, dscale, None, None, None
+
+
+torch.library.register_autograd("ia3_kernels::dense_linear", _backward, setup_context=_setup_context)
+
+
+class _DenseLinearFunction(torch.autograd.Function):
+    """Eager twin of the custom op: the dispatcher round-trip of a custom op costs ~10 us of
+    CPU per call against ~2.5 for an autograd.Function, which is the whole budget of a small
+    layer's forward at M <= 512. Same impls, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact):
+        y, preact = dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out,
+                                       save_preact)
+        ctx.save_for_backward(x if feedforward or weight.requires_grad else None, weight, scale,
+                              preact)
+        ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
+        ctx.mark_non_differentiable(preact)
+        return y, preact
+
+    @staticmethod
+    def backward(ctx, dy, _dpreact):
+        x, weight, scale, preact = ctx.saved_tensors
+        feedforward, fan_in_fan_out, x_dtype = ctx.flags
+        need = ctx.needs_input_grad
+        dx, dscale, dbias, dweight = dense_backward_impl(
+            dy.contiguous(), x, weight, scale, preact, feedforward, fan_in_fan_out,
+            need[0], need[3], need[2], need[1], x_dtype)
+        return dx, dweight, dbias, dscale, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Reference and public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def torch_ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool = False):
+    """Pure-PyTorch reference, PEFT's exact arithmetic (peft.tuners.ia3.layer.Linear.forward):
+    feedforward `F.linear((x.to(l.dtype) * l).to(x.dtype), W, b)`, attention
+    `(F.linear(x, W, b) * l).to(dtype)`. The ground truth of the tests and the CPU path."""
+    w = weight.t() if fan_in_fan_out else weight
+    scale = scale.reshape(-1)
+    if feedforward:
+        return F.linear((x.to(scale.dtype) * scale).to(x.dtype), w, bias)
+    u = F.linear(x, w, bias)
+    return (u * scale).to(u.dtype)
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out):
+    """Clear errors before anything launches."""
+    if weight.dim() != 2:
+        raise ValueError(f"ia3_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
+    K, N = (weight.shape if fan_in_fan_out else weight.shape[::-1])
+    layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"ia3_linear: x's last dimension must be in_features={K} (weight "
+                         f"{tuple(weight.shape)} stored {layout}), got x of shape {tuple(x.shape)}")
+    expected = K if feedforward else N
+    kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
+    if scale.numel() != expected:
+        raise ValueError(f"ia3_linear: a {kind} layer needs {expected} scaling values, got a vector "
+                         f"of shape {tuple(scale.shape)}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"ia3_linear: bias must have out_features={N} elements, got "
+                         f"{tuple(bias.shape)}")
+    tensors = {"x": x, "weight": weight, "scale": scale}
+    if bias is not None:
+        tensors["bias"] = bias
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"ia3_linear: all tensors must be on one device, got {devices}")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise TypeError(f"ia3_linear: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _kernel_refusal(x, weight, bias, scale) -> Optional[str]:
+    """Why the kernels cannot take this call (None if they can)."""
+    if weight.dtype not in _KERNEL_DTYPES:
+        return f"weight dtype {weight.dtype} (kernels cover float16, bfloat16, float32)"
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"input dtype {x.dtype} (kernels cover float16, bfloat16, float32)"
+    if scale.dtype not in _KERNEL_DTYPES:
+        return f"scaling vector dtype {scale.dtype} (kernels cover float16, bfloat16, float32)"
+    if x.device.type != "cuda" and not config.triton_interpreted():
+        return (f"backend 'triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 set before "
+                "import")
+    return None
+
+
+def _use_kernels(x, weight, bias, scale) -> bool:
+    backend = config.get_backend()
+    if backend == "torch":
+        return False
+    if backend == "auto" and x.device.type != "cuda":
+        return False  # CPU tensors run the reference by design: no warning
+    reason = _kernel_refusal(x, weight, bias, scale)
+    if reason is not None:
+        config.fallback(reason)
+        return False
+    return True
+
+
+def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """(IA)^3 linear. x: (..., in_features); weight (out, in), or (in, out) with
+    fan_in_fan_out=True (GPT-2's Conv1D); bias (out,) or None; scale: the product of the
+    active IA3 vectors, in_features values (feedforward) or out_features (attention).
+
+    Feedforward: `(x*l) W^T + b`; attention: `(x W^T + b) * l`. Result dtype: the weight's
+    compute dtype (x's dtype without autocast), as nn.Linear. Differentiable in x, scale,
+    bias and weight.
+    """
+    _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out)
+    if not _use_kernels(x, weight, bias, scale):
+        return torch_ia3_linear(x, weight, bias, scale, feedforward, fan_in_fan_out)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What F.linear does under autocast: weight and bias in the autocast dtype (x is cast
+        # in-kernel, after the feedforward scaling, exactly like PEFT's x*l then autocast).
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        weight = weight.to(compute_dtype)
+        bias = bias.to(compute_dtype) if bias is not None else None
+    elif x.dtype != weight.dtype:
+        raise TypeError(f"ia3_linear: x is {x.dtype} but weight is {weight.dtype}; nn.Linear needs "
+                        "them equal outside autocast")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"ia3_linear: bias is {bias.dtype} but weight is {weight.dtype}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    scale = scale.reshape(-1)
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    save_preact = (not feedforward) and scale.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.ia3_kernels.dense_linear(x2d, weight, bias, scale, feedforward,
+                                                  fan_in_fan_out, save_preact)
+    else:
+        y, _ = _DenseLinearFunction.apply(x2d, weight, bias, scale, feedforward, fan_in_fan_out,
+                                          save_preact)
+    return y.reshape(*lead, N)
