@@ -1,0 +1,19 @@
+"""ia3: fused (IA)^3 layers for Hugging Face PEFT.
+
+    import ia3
+    ia3.patch_peft()                 # get_peft_model / from_pretrained now build fused layers
+    model = ia3.fuse(peft_model)     # or swap the layers of an existing PEFT model in place
+"""
+from ia3_kernels import (IA3FallbackError, get_backend, ia3_linear, is_strict, set_backend,
+                         set_strict, torch_ia3_linear)
+
+from .layer import Linear, active_scaling
+from .patch import FUSED_CLASSES, fuse, patch_peft, patched_peft, unfuse, unpatch_peft
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FUSED_CLASSES", "IA3FallbackError", "Linear", "active_scaling", "fuse", "get_backend",
+    "ia3_linear", "is_strict", "patch_peft", "patched_peft", "set_backend", "set_strict",
+    "torch_ia3_linear", "unfuse", "unpatch_peft",
+]

@@ -1,0 +1,53 @@
+"""Small models for layer tests: nn.Linear (with and without bias) and GPT-2's Conv1D."""
+import copy
+
+import torch
+from peft import IA3Config, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import ia3
+
+
+class TinyNet(nn.Module):
+    """q/k: attention-style IA3 (output scaled); ff: feedforward (input scaled); proj: Conv1D."""
+
+    def __init__(self, d_in=24, d_hidden=40, d_out=16):
+        super().__init__()
+        self.q = nn.Linear(d_in, d_hidden)
+        self.k = nn.Linear(d_in, d_hidden, bias=False)
+        self.ff = nn.Linear(d_hidden, d_in)
+        self.proj = Conv1D(d_out, d_in)  # Conv1D(nf=out_features, nx=in_features)
+
+    def forward(self, x):
+        h = torch.tanh(self.q(x)) * self.k(x)
+        return self.proj(torch.relu(self.ff(h)))
+
+
+def ia3_config(**kwargs):
+    kwargs.setdefault("target_modules", ["q", "k", "ff", "proj"])
+    kwargs.setdefault("feedforward_modules", ["ff", "proj"])
+    return IA3Config(**kwargs)
+
+
+def randomize_ia3(model, seed=0):
+    """IA3 vectors start at ones; random values make every comparison meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model
+
+
+def peft_and_fused(seed=0, dtype=torch.float32, device="cpu", **config):
+    """A stock PEFT model and a fused deep copy of it (same weights)."""
+    torch.manual_seed(seed)
+    base = TinyNet().to(device, dtype)
+    peft_model = randomize_ia3(get_peft_model(base, ia3_config(**config)), seed)
+    fused_model = ia3.fuse(copy.deepcopy(peft_model))
+    return peft_model, fused_model
+
+
+def ia3_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "ia3_l" in n and p.grad is not None}

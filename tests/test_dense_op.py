@@ -1,0 +1,161 @@
+"""The dense op against the float64 reference and against PEFT's own arithmetic in the same dtype,
+on both strategies (fused Triton GEMM, cuBLAS + Triton pass), forward and every gradient."""
+import pytest
+import torch
+
+import ia3_kernels
+from conftest import DEVICE, KERNEL_DTYPES, assert_within_peft_bar
+
+# (M, K, N): K and N off every block size, M = 1, a split-K case (few output tiles, long K).
+SHAPES = [(1, 33, 17), (37, 100, 70), (5, 300, 40), (70, 48, 130)]
+PATHS = ["fused", "cublas"]
+
+
+def make_case(M, K, N, feedforward, fan_in_fan_out, has_bias, dtype, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
+    if fan_in_fan_out:
+        w = w.t().contiguous()  # stored (in, out) like GPT-2's Conv1D
+    b = torch.randn(N, generator=g).to(device, dtype) if has_bias else None
+    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(device)  # fp32, as PEFT
+    return x, w, b, scale
+
+
+def run(fn, x, w, b, scale, feedforward, fan_in_fan_out, dy=None):
+    """Forward, then gradients of x, scale and (if any) bias for a fixed upstream gradient."""
+    x = x.detach().clone().requires_grad_()
+    scale = scale.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_() if b is not None else None
+    y = fn(x, w, b, scale, feedforward, fan_in_fan_out)
+    if dy is None:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    inputs = [x, scale] + ([b] if b is not None else [])
+    grads = torch.autograd.grad(y, inputs, dy.to(y.dtype)) if y.numel() else [torch.zeros_like(t) for t in inputs]
+    return y, grads, dy
+
+
+def check_against_reference(M, K, N, feedforward, fan_in_fan_out, has_bias, dtype, path):
+    x, w, b, scale = make_case(M, K, N, feedforward, fan_in_fan_out, has_bias, dtype)
+    with ia3_kernels.dense_path(path):
+        y, grads, dy = run(ia3_kernels.ia3_linear, x, w, b, scale, feedforward, fan_in_fan_out)
+    y_peft, grads_peft, _ = run(ia3_kernels.torch_ia3_linear, x, w, b, scale, feedforward,
+                                fan_in_fan_out, dy)
+    f64 = [t.double() if t is not None else None for t in (x, w, b, scale)]
+    y_ref, grads_ref, _ = run(ia3_kernels.torch_ia3_linear, *f64, feedforward, fan_in_fan_out,
+                              dy.double())
+    assert y.dtype == x.dtype and y.shape == y_peft.shape
+    assert_within_peft_bar(y, y_peft, y_ref, dtype, "y")
+    for name, g, gp, gr in zip(["dx", "dscale", "dbias"], grads, grads_peft, grads_ref):
+        assert g.dtype == gp.dtype, name
+        assert_within_peft_bar(g, gp, gr, dtype, name)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_matches_reference(triton_backend, M, K, N, dtype, feedforward, path):
+    check_against_reference(M, K, N, feedforward, False, True, dtype, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("fan_in_fan_out,has_bias", [(True, True), (True, False), (False, False)])
+def test_layouts_and_bias(triton_backend, fan_in_fan_out, has_bias, feedforward, path):
+    check_against_reference(9, 65, 48, feedforward, fan_in_fan_out, has_bias, torch.float16, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_empty_batch(triton_backend, feedforward, path):
+    x, w, b, scale = make_case(0, 24, 40, feedforward, False, True, torch.float32)
+    with ia3_kernels.dense_path(path):
+        y, grads, _ = run(ia3_kernels.ia3_linear, x, w, b, scale, feedforward, False)
+        x3 = x.reshape(0, 3, 24)[:, :0]  # (0, 0, 24): leading dims of size 0 keep their shape
+        assert ia3_kernels.ia3_linear(x3, w, b, scale, feedforward).shape == (0, 0, 40)
+    assert y.shape == (0, 40)
+    xg = x.detach().clone().requires_grad_()
+    sg = scale.detach().clone().requires_grad_()
+    with ia3_kernels.dense_path(path):
+        ia3_kernels.ia3_linear(xg, w, b, sg, feedforward).sum().backward()
+    assert xg.grad.shape == (0, 24)
+    assert torch.equal(sg.grad, torch.zeros_like(sg))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_3d_and_non_contiguous_inputs(triton_backend, feedforward, path):
+    dtype = torch.float32
+    K, N = 40, 24
+    _, w, b, scale = make_case(1, K, N, feedforward, False, True, dtype)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 2 * K, 3, generator=g).to(DEVICE, dtype)
+    views = {
+        "3d": base[:, :K, 0].reshape(2, 3, K),  # strided, viewable as 2-D
+        "transposed": torch.randn(K, 7, generator=g).to(DEVICE, dtype).t(),  # column-major
+        "permuted_3d": base.permute(2, 0, 1)[..., ::2],  # not viewable as 2-D: copied by reshape
+        "broadcast": torch.randn(1, K, generator=g).to(DEVICE, dtype).expand(5, K),  # stride 0
+    }
+    for name, x in views.items():
+        with ia3_kernels.dense_path(path):
+            y = ia3_kernels.ia3_linear(x, w, b, scale, feedforward)
+        ref = ia3_kernels.torch_ia3_linear(x.double(), w.double(), b.double(), scale.double(),
+                                           feedforward)
+        assert y.shape == x.shape[:-1] + (N,), name
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+        xg = x.detach().clone().requires_grad_()
+        with ia3_kernels.dense_path(path):
+            ia3_kernels.ia3_linear(xg, w, b, scale, feedforward).square().sum().backward()
+        xr = x.detach().double().requires_grad_()
+        ia3_kernels.torch_ia3_linear(xr, w.double(), b.double(), scale.double(),
+                                     feedforward).square().sum().backward()
+        torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_weight_gradient_when_base_trains(triton_backend, feedforward, fan_in_fan_out, path):
+    """A base weight that requires grad gets its gradient (never silently dropped)."""
+    x, w, b, scale = make_case(11, 36, 20, feedforward, fan_in_fan_out, True, torch.float32)
+    wg = w.clone().requires_grad_()
+    with ia3_kernels.dense_path(path):
+        ia3_kernels.ia3_linear(x, wg, b, scale, feedforward, fan_in_fan_out).square().sum().backward()
+    wr = w.double().requires_grad_()
+    ia3_kernels.torch_ia3_linear(x.double(), wr, b.double(), scale.double(), feedforward,
+                                 fan_in_fan_out).square().sum().backward()
+    torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dscale_without_dx(triton_backend, path):
+    """Adapters before the first trainable layer get x without grad: only dl is computed."""
+    for feedforward in (True, False):
+        x, w, b, scale = make_case(13, 50, 30, feedforward, False, False, torch.float32)
+        s = scale.clone().requires_grad_()
+        with ia3_kernels.dense_path(path):
+            ia3_kernels.ia3_linear(x, w, None, s, feedforward).square().sum().backward()
+        sr = scale.double().requires_grad_()
+        ia3_kernels.torch_ia3_linear(x.double(), w.double(), None, sr, feedforward).square().sum().backward()
+        torch.testing.assert_close(s.grad.double(), sr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_result_is_deterministic(triton_backend):
+    """Split-K and the dl partial sums have a fixed reduction order: bitwise equal reruns."""
+    x, w, b, scale = make_case(5, 300, 40, True, False, True, torch.float32)
+    outs = []
+    for _ in range(2):
+        y, grads, _ = run(ia3_kernels.ia3_linear, x, w, b, scale, True, False)
+        outs.append([y] + list(grads))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_scaling_vector_dtype_follows_peft(triton_backend, dtype):
+    """A low-precision scaling vector gets its gradient in its own dtype, like PEFT's."""
+    x, w, b, scale = make_case(4, 32, 16, True, False, True, torch.float32)
+    s = scale.to(dtype).requires_grad_()
+    ia3_kernels.ia3_linear(x, w, b, s, True).sum().backward()
+    assert s.grad.dtype == dtype
