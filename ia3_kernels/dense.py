@@ -235,9 +235,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """fp32 dots follow torch's matmul setting (exact unless allow_tf32); 16-bit dots ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool):

@@ -1,0 +1,133 @@
+"""GPU tests: bf16 at real model shapes on both strategies, opcheck, torch.compile(fullgraph=True),
+bitwise determinism, CUDA-graph capture, and a bf16 tiny-Llama training run against PEFT."""
+import copy
+
+import pytest
+import torch
+
+import ia3
+import ia3_kernels
+from ia3_kernels import dense
+from peft import IA3Config, get_peft_model
+from test_dense_op import check_against_reference, make_case
+from test_models import batch, llama, train
+from helpers import randomize_ia3
+
+pytestmark = pytest.mark.gpu
+
+# Real shapes (Llama-3-8B k/v_proj and down_proj, T5 ff, GPT-2 c_attn) with M across the
+# regimes: split-K GEMV-like (1, 16), mid (200), cuBLAS + pass (>= CUBLAS_MIN_M).
+GPU_SHAPES = [(1, 4096, 1024), (16, 14336, 4096), (200, 768, 2304), (1100, 3072, 768),
+              (2048, 1000, 777)]
+
+
+@pytest.mark.parametrize("path", ["auto", "fused", "cublas"])
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("M,K,N", GPU_SHAPES)
+def test_bf16_against_reference(M, K, N, feedforward, path):
+    check_against_reference(M, K, N, feedforward, False, True, torch.bfloat16, path)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_fan_in_fan_out_gpu(feedforward, dtype):
+    for path in ("fused", "cublas"):
+        check_against_reference(64, 768, 2304, feedforward, True, True, dtype, path)
+
+
+def op_args(feedforward, has_bias, save_preact, M=33, K=200, N=96):
+    x, w, b, s = make_case(M, K, N, feedforward, False, has_bias, torch.bfloat16, device="cuda")
+    x.requires_grad_()
+    s.requires_grad_()
+    return (x, w, b, s, feedforward, False, save_preact)
+
+
+@pytest.mark.parametrize("path", ["fused", "cublas"])
+@pytest.mark.parametrize("feedforward,save_preact", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_opcheck(path, feedforward, save_preact, has_bias):
+    with ia3_kernels.dense_path(path):
+        torch.library.opcheck(torch.ops.ia3_kernels.dense_linear,
+                              op_args(feedforward, has_bias, save_preact))
+
+
+def tiny_llama_bf16(fused: bool):
+    torch.manual_seed(0)
+    base, config = llama()
+    model = randomize_ia3(get_peft_model(base.to("cuda", torch.bfloat16), config))
+    return ia3.fuse(model) if fused else model
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    model = tiny_llama_bf16(fused=True)
+    eager_losses, eager_grads = train(copy.deepcopy(model), "llama", steps=2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    losses, grads = train(compiled, "llama", steps=2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=2e-2, atol=2e-2)
+    for name, g in grads[0].items():
+        ref = eager_grads[0][name.replace("_orig_mod.", "")]
+        assert (g.float() - ref.float()).norm() <= 0.05 * ref.float().norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 1024), (8, 14336, 4096), (4096, 1024, 4096)])
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_bitwise_deterministic(M, K, N, feedforward):
+    x, w, b, s = make_case(M, K, N, feedforward, False, True, torch.bfloat16, device="cuda")
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for _ in range(3):
+        xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
+        y = ia3_kernels.ia3_linear(xg, w, b, sg, feedforward)
+        y.backward(dy)
+        results.append((y, xg.grad, sg.grad))
+    for run in results[1:]:
+        for a, c in zip(results[0], run):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_cuda_graph_capture(feedforward):
+    x, w, b, s = make_case(4, 4096, 1024, feedforward, False, True, torch.bfloat16, device="cuda")
+    expected = ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ia3_kernels.ia3_linear(x, w, b, s, feedforward)  # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, ia3_kernels.ia3_linear(x, w, b, s, feedforward), rtol=0, atol=0)
+    assert not torch.equal(out, expected)
+
+
+def test_tiny_llama_bf16_trains_like_peft():
+    stock, fused = tiny_llama_bf16(fused=False), tiny_llama_bf16(fused=True)
+    losses_s, _ = train(stock, "llama", steps=4)
+    losses_f, _ = train(fused, "llama", steps=4)
+    torch.testing.assert_close(torch.tensor(losses_f), torch.tensor(losses_s), rtol=1e-2, atol=1e-2)
+
+
+def test_autocast_with_fp32_weights_matches_peft():
+    torch.manual_seed(0)
+    base, config = llama()
+    stock = randomize_ia3(get_peft_model(base.to("cuda"), config))
+    fused = ia3.fuse(copy.deepcopy(stock))
+    inputs = batch("llama", 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ls, lf = stock(**inputs).loss, fused(**inputs).loss
+    assert abs(ls.item() - lf.item()) < 1e-2 * abs(ls.item())
+    k_proj = fused.base_model.model.model.layers[0].self_attn.k_proj
+    h = torch.randn(2, 7, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert k_proj(h).dtype == torch.bfloat16
+
+
+def test_dispatch_uses_cublas_only_where_memory_allows():
+    # Feedforward forward builds W*l (N x K) only when N <= M: never more than the output.
+    assert dense._use_cublas(8192, 4096 <= 8192, torch.bfloat16, torch.device("cuda"))
+    assert not dense._use_cublas(2048, 14336 <= 2048, torch.bfloat16, torch.device("cuda"))
+    assert not dense._use_cublas(16, True, torch.bfloat16, torch.device("cuda"))
