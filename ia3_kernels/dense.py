@@ -179,9 +179,14 @@ def _ia3_scale_reduce_kernel(
         tl.store(partial_ptr + pid_r * C + rc, part, mask=mask_c)
 
 
-# Wrapped once: wrap_triton makes the kernels visible to torch.compile and costs nothing eager.
-_matmul_kernel = wrap_triton(_ia3_matmul_kernel)
-_scale_reduce_kernel = wrap_triton(_ia3_scale_reduce_kernel)
+# The custom op's body launches through wrap_triton, which torch.compile traces into its graph.
+# Eager calls launch the raw kernels: outside a triton_op, a wrap_triton launch dispatches a
+# higher-order op, measured at 400-800 us of CPU per layer call on the H100 host (a bf16
+# nn.Linear costs 8 us there).
+_KERNELS = {
+    False: (_ia3_matmul_kernel, _ia3_scale_reduce_kernel),
+    True: (wrap_triton(_ia3_matmul_kernel), wrap_triton(_ia3_scale_reduce_kernel)),
+}
 
 # --------------------------------------------------------------------------------------------
 # Launchers
@@ -258,14 +263,15 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         bk, stages = 32, min(stages, 3)  # fp32 tiles are twice the bytes: stay inside 227 KB smem
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split_k = 1
-    if tiles < 2 * n_sm:
+    if tiles < 2 * n_sm and M <= 64:
         # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
+        # Only at small M, where the fp32 workspace (splits x M x N) stays a few MB.
         split_k = max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16))
     return bm, bn, bk, split_k, warps, stages
 
 
-def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, scale_a=None, scale_c=None, bias=None,
-                   aux=None, store_preact=False, reduce_aux=False, store_c=True):
+def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
+                   bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True):
     """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
 
     Returns (c, preact, partial). partial: (row blocks, N) fp32 sums of u*aux, or None.
@@ -273,8 +279,8 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, scale_a=None, scale
     M, K = a.shape
     N = out_shape[1]
     device = a.device
-    c = torch.empty(out_shape, device=device, dtype=out_dtype) if store_c else a.new_empty(0)
-    preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else a.new_empty(0)
+    c = torch.empty(out_shape, device=device, dtype=out_dtype) if store_c else None
+    preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
     bm, bn, bk, split_k, warps, stages = _matmul_config(
         M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted())
     num_pid_m = triton.cdiv(M, bm)
@@ -284,19 +290,12 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, scale_a=None, scale
         workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
         counters = torch.zeros((num_pid_m * triton.cdiv(N, bn),), device=device, dtype=torch.int32)
     else:
-        workspace = counters = a.new_empty(0, dtype=torch.float32)
-    dummy = a.new_empty(0)
+        workspace = counters = None
     aux_strides = aux.stride() if aux is not None else (0, 0)
     grid = (num_pid_m * triton.cdiv(N, bn), split_k)
-    _matmul_kernel[grid](
-        a, b, c,
-        scale_a if scale_a is not None else dummy,
-        scale_c if scale_c is not None else dummy,
-        bias if bias is not None else dummy,
-        aux if aux is not None else dummy,
-        preact,
-        partial if partial is not None else dummy,
-        workspace, counters,
+    # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
+    _KERNELS[traceable][0][grid](
+        a, b, c, scale_a, scale_c, bias, aux, preact, partial, workspace, counters,
         M, N, K,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
@@ -310,7 +309,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, scale_a=None, scale
     return c, preact, partial
 
 
-def _launch_scale_reduce(src, *, scale=None, scale_axis=1, out=None, aux=None):
+def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux. Returns (out, partial)."""
     R, C = src.shape
@@ -325,14 +324,11 @@ def _launch_scale_reduce(src, *, scale=None, scale_axis=1, out=None, aux=None):
     row_programs = triton.cdiv(max(R, 1), rows_per_program)
     partial = (torch.empty((row_programs, C), device=device, dtype=torch.float32)
                if aux is not None else None)
-    dummy = src.new_empty(0)
     out_strides = out.stride() if out is not None else (0, 0)
     aux_strides = aux.stride() if aux is not None else (0, 0)
     grid = (row_programs, col_programs)
-    _scale_reduce_kernel[grid](
-        src, scale if scale is not None else dummy, out if out is not None else dummy,
-        aux if aux is not None else dummy, partial if partial is not None else dummy,
-        R, C, rows_per_program,
+    _KERNELS[traceable][1][grid](
+        src, scale, out, aux, partial, R, C, rows_per_program,
         src.stride(0), src.stride(1), out_strides[0], out_strides[1], aux_strides[0], aux_strides[1],
         SCALE_AXIS=scale_axis, STORE_OUT=out is not None, REDUCE_AUX=aux is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
@@ -340,13 +336,13 @@ def _launch_scale_reduce(src, *, scale=None, scale_axis=1, out=None, aux=None):
     return out, partial
 
 
-def _scaled_weight(weight, scale, scale_in_features: bool, fan_in_fan_out: bool):
+def _scaled_weight(weight, scale, scale_in_features: bool, fan_in_fan_out: bool, traceable: bool):
     """A fresh copy of the stored weight with l folded in: feedforward W diag(l) (l along
     in-features), attention diag(l) W (l along out-features). Keeps the stored layout."""
     out = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
     # Stored (out, in) unless fan_in_fan_out: in-features are columns there, rows here.
     axis = 1 if (scale_in_features != fan_in_fan_out) else 0
-    _launch_scale_reduce(weight, scale=scale, scale_axis=axis, out=out)
+    _launch_scale_reduce(weight, scale=scale, scale_axis=axis, out=out, traceable=traceable)
     return out
 
 
@@ -373,8 +369,38 @@ def _reduce_partials(partial, like):
     return total.to(like.dtype)
 
 
+# The cuBLAS attention backward needs dy*l as a GEMM operand. Built for all M rows at once it
+# would be a second M x N tensor beside the saved u; in 8 row chunks it is an eighth of one, and
+# each chunk's GEMM (>= 512 rows) still runs at cuBLAS's large-M efficiency.
+ATTN_BWD_CHUNKS = 8
+ATTN_BWD_MIN_CHUNK_ROWS = 512
+
+
+def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_dx, need_dscale,
+                               traceable):
+    """dx = (dy*l) W by cuBLAS over row chunks; the pass that forms each chunk of dy*l also
+    reduces its rows of dy*u into dl's partial sums. Returns (dx, dl partials)."""
+    M, N = dy.shape
+    w_nk = weight.t() if fan_in_fan_out else weight
+    dx = torch.empty((M, w_nk.shape[1]), device=dy.device, dtype=weight.dtype) if need_dx else None
+    rows = max(ATTN_BWD_MIN_CHUNK_ROWS, triton.cdiv(M, ATTN_BWD_CHUNKS)) if need_dx else M
+    partials = []
+    for start in range(0, M, rows):
+        stop = min(M, start + rows)
+        dyl = torch.empty((stop - start, N), device=dy.device, dtype=dy.dtype) if need_dx else None
+        _, partial = _launch_scale_reduce(
+            dy[start:stop], scale=scale, scale_axis=1, out=dyl,
+            aux=preact[start:stop] if need_dscale else None, traceable=traceable)
+        if need_dx:
+            torch.mm(dyl, w_nk, out=dx[start:stop])
+        if need_dscale:
+            partials.append(partial)
+    partial = (partials[0] if len(partials) == 1 else torch.cat(partials)) if need_dscale else None
+    return dx, partial
+
+
 def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out: bool,
-                       save_preact: bool):
+                       save_preact: bool, traceable: bool = False):
     """x: (M, K) with any strides; weight (N, K) or (K, N) if fan_in_fan_out; scale (K,) or (N,).
     Returns (y, u): u is x W^T + b for attention layers when save_preact, else an empty tensor."""
     M, K = x.shape
@@ -385,26 +411,28 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
         return empty, (x.new_empty((0, N), dtype=out_dtype) if save_preact else x.new_empty(0))
     w_kn = weight if fan_in_fan_out else weight.t()  # view as (K, N) for cuBLAS
     if feedforward:
+        # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
+        # forward never peaks above the backward's dx.
         if _use_cublas(M, N <= M, weight.dtype, x.device):
-            w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out)
+            w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
             w_scaled_kn = w_scaled if fan_in_fan_out else w_scaled.t()
             return _cublas_linear(x.to(out_dtype), w_scaled_kn, bias), x.new_empty(0)
         y, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
-                                 scale_a=scale, bias=bias)
+                                 scale_a=scale, bias=bias, traceable=traceable)
         return y, x.new_empty(0)
     if _use_cublas(M, True, weight.dtype, x.device):
         u = _cublas_linear(x.to(out_dtype), w_kn, bias)
         y = torch.empty_like(u)
-        _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y)
+        _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y, traceable=traceable)
         return y, (u if save_preact else x.new_empty(0))
     y, u, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
-                             scale_c=scale, bias=bias, store_preact=save_preact)
-    return y, u
+                             scale_c=scale, bias=bias, store_preact=save_preact, traceable=traceable)
+    return y, (u if save_preact else x.new_empty(0))
 
 
 def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_fan_out: bool,
                         need_dx: bool, need_dscale: bool, need_dbias: bool, need_dweight: bool,
-                        x_dtype: torch.dtype):
+                        x_dtype: torch.dtype, traceable: bool = False):
     """Gradients (dx, dscale, dbias, dweight); entries not asked for are None."""
     M, N = dy.shape
     K = weight.shape[0] if fan_in_fan_out else weight.shape[1]
@@ -427,14 +455,14 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
                 g = torch.matmul(dy, w_nk)  # (M, K): becomes dx in place
                 _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
                                                   out=g if need_dx else None,
-                                                  aux=x if need_dscale else None)
+                                                  aux=x if need_dscale else None,
+                                                  traceable=traceable)
                 dx = g if need_dx else None
             else:
                 dx, _, partial = _launch_matmul(
                     dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                     scale_c=scale, aux=x if need_dscale else None, reduce_aux=need_dscale,
-                    store_c=need_dx)
-                dx = dx if need_dx else None
+                    store_c=need_dx, traceable=traceable)
             if need_dscale:
                 dscale = _reduce_partials(partial, scale)
         if need_dbias:
@@ -443,16 +471,18 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
             xs = (x.to(scale.dtype) * scale).to(weight.dtype)
             dweight = dy.t().mm(xs)  # (N, K)
     else:
-        if need_dx:
-            if _use_cublas(M, N <= M, weight.dtype, dy.device):
-                w_scaled = _scaled_weight(weight, scale, False, fan_in_fan_out)
-                dx = torch.matmul(dy, w_scaled.t() if fan_in_fan_out else w_scaled)
-            else:
-                dx, _, _ = _launch_matmul(dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
-                                          weight.dtype, scale_a=scale)
-        if need_dscale:
-            _, partial = _launch_scale_reduce(dy, aux=preact)
-            dscale = _reduce_partials(partial, scale)
+        if need_dx and not _use_cublas(M, M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS,
+                                       weight.dtype, dy.device):
+            dx, _, _ = _launch_matmul(dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
+                                      weight.dtype, scale_a=scale, traceable=traceable)
+            if need_dscale:
+                _, partial = _launch_scale_reduce(dy, aux=preact, traceable=traceable)
+                dscale = _reduce_partials(partial, scale)
+        elif need_dx or need_dscale:
+            dx, partial = _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out,
+                                                     need_dx, need_dscale, traceable)
+            if need_dscale:
+                dscale = _reduce_partials(partial, scale)
         if need_dbias:
             dbias = (dy.sum(0, dtype=torch.float32) * scale.float()).to(weight.dtype)
         if need_dweight:
@@ -474,7 +504,8 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
 def _dense_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool,
                      save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact)
+    return dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact,
+                              traceable=True)
 
 
 @triton_op("ia3_kernels::dense_linear_backward", mutates_args=())
@@ -485,15 +516,19 @@ def _dense_linear_backward_op(
         x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Custom ops cannot return None: gradients not asked for come back as empty tensors.
     grads = dense_backward_impl(dy, x, weight, scale, preact, feedforward, fan_in_fan_out,
-                                need_dx, need_dscale, need_dbias, need_dweight, x_dtype)
+                                need_dx, need_dscale, need_dbias, need_dweight, x_dtype,
+                                traceable=True)
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
+
+
+def _saved_for_backward(x, weight, scale, preact, feedforward):
+    # x is only needed by the feedforward dl (and by dW); u only by the attention dl.
+    return (x if feedforward or weight.requires_grad else None, weight, scale, preact)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, feedforward, fan_in_fan_out, _save_preact = inputs
-    _, preact = output
-    # x is only needed by the feedforward dl (and by dW); u only by the attention dl.
-    ctx.save_for_backward(x if feedforward or weight.requires_grad else None, weight, scale, preact)
+    ctx.save_for_backward(*_saved_for_backward(x, weight, scale, output[1], feedforward))
     ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
 
 
@@ -522,14 +557,17 @@ class _DenseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact):
         y, preact = dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out,
                                        save_preact)
-        ctx.save_for_backward(x if feedforward or weight.requires_grad else None, weight, scale,
-                              preact)
+        ctx.save_for_backward(*_saved_for_backward(x, weight, scale, preact, feedforward))
         ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
         ctx.mark_non_differentiable(preact)
+        # u's gradient is never used: without this autograd would allocate an M x N zero tensor.
+        ctx.set_materialize_grads(False)
         return y, preact
 
     @staticmethod
     def backward(ctx, dy, _dpreact):
+        if dy is None:
+            return None, None, None, None, None, None, None
         x, weight, scale, preact = ctx.saved_tensors
         feedforward, fan_in_fan_out, x_dtype = ctx.flags
         need = ctx.needs_input_grad

@@ -159,3 +159,13 @@ def test_scaling_vector_dtype_follows_peft(triton_backend, dtype):
     s = scale.to(dtype).requires_grad_()
     ia3_kernels.ia3_linear(x, w, b, s, True).sum().backward()
     assert s.grad.dtype == dtype
+
+
+def test_chunked_cublas_attention_backward(triton_backend, monkeypatch):
+    """The cuBLAS attention backward forms dy*l in row chunks: several chunks, odd last one."""
+    from ia3_kernels import dense
+
+    monkeypatch.setattr(dense, "ATTN_BWD_MIN_CHUNK_ROWS", 16)
+    for has_bias in (True, False):
+        check_against_reference(70, 48, 130, False, False, has_bias, torch.float32, "cublas")
+        check_against_reference(70, 48, 130, False, True, has_bias, torch.float16, "cublas")
