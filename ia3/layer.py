@@ -17,14 +17,15 @@ _PLAIN_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 
 
 def active_scaling(layer: peft_ia3_layer.IA3Layer) -> Optional[torch.Tensor]:
-    """The product of the active adapters' vectors that the layer holds, flattened (PEFT
-    skips active adapters the layer lacks), computed in PyTorch so that autograd gives each
-    adapter its own gradient. None when no active adapter is held."""
+    """The product of the active adapters' vectors that the layer holds (PEFT skips active
+    adapters the layer lacks), computed in PyTorch so that autograd gives each adapter its own
+    gradient. None when no active adapter is held."""
     scaling = None
     for name in layer.active_adapters:
         if name not in layer.ia3_l:
             continue
-        vector = layer.ia3_l[name].flatten()
+        # PEFT's (1, in) or (out, 1) parameter as it is: the fused op reads it by flat index.
+        vector = layer.ia3_l[name]
         scaling = vector if scaling is None else scaling * vector
     return scaling
 

@@ -197,9 +197,20 @@ _path_override = {"path": os.environ.get("IA3_DENSE_PATH", "auto")}
 if _path_override["path"] not in _PATHS:
     raise ValueError(f"IA3_DENSE_PATH must be one of {_PATHS}, got {_path_override['path']!r}")
 
-# Below this many rows the fused Triton kernel runs; at and above it cuBLAS with a Triton pass.
-# Chosen from H100 measurements (benchmarks/results/): see README "Design".
-CUBLAS_MIN_M = 1024
+# Where cuBLAS + a Triton pass replaces the fused Triton GEMM, per phase, from H100 timings of
+# both strategies under CUDA graphs (benchmarks/results/paths-*.json, README "Design"):
+# - feedforward forward needs the N x K scratch W*l; the fused kernel holds to M = 2048;
+FF_FWD_CUBLAS_MIN_M = 2048
+# - feedforward backward: cuBLAS's g = dy W scaled in place wins from M = 128 (4096x4096:
+#   37 us against 48 at M = 512);
+FF_BWD_CUBLAS_MIN_M = 128
+# - attention forward: cuBLAS's x W^T + b then one pass writing y = u*l, from M = 128
+#   (4096->1024 at M = 128: 17 us against 29 for the fused kernel's 64 output tiles).
+ATTN_FWD_CUBLAS_MIN_M = 128
+# - attention backward: cuBLAS's (dy*l) W is faster at every M, but dy*l is scratch: used where
+#   it stays under 1 MiB (small M) or in 8 row chunks of >= 512 rows (M >= 4096); between,
+#   the fused kernel scales the dy tile in registers and needs no scratch.
+SMALL_SCRATCH_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
@@ -215,17 +226,29 @@ def dense_path(path: str):
         _path_override["path"] = old
 
 
-def _use_cublas(M: int, N_weight_rows_fit: bool, dtype: torch.dtype, device: torch.device) -> bool:
+def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """phase: "ff_fwd", "ff_bwd", "attn_fwd" or "attn_bwd"; N = out_features."""
     forced = _path_override["path"]
     if forced != "auto":
         return forced == "cublas"
     if device.type != "cuda":
         return False
+    if phase == "ff_fwd":
+        # W*l (N x K) only where it is no larger than x (N <= M): the forward never peaks
+        # above the backward's dx.
+        fits = N <= M
+        return fits and (M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32)
+    if phase == "attn_bwd":
+        return (M * N * _ELEM_SIZE[dtype] <= SMALL_SCRATCH_BYTES
+                or M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS)
     if dtype == torch.float32:
         # An fp32 tl.dot is either tf32 (3e-4 relative error, 10x PEFT's exact fp32 cuBLAS) or
         # ieee FMAs (far slower than cuBLAS): cuBLAS wins both ways.
-        return N_weight_rows_fit
-    return M >= CUBLAS_MIN_M and N_weight_rows_fit
+        return True
+    return M >= (FF_BWD_CUBLAS_MIN_M if phase == "ff_bwd" else ATTN_FWD_CUBLAS_MIN_M)
+
+
+_ELEM_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
 @functools.lru_cache(maxsize=16)
@@ -263,9 +286,10 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         bk, stages = 32, min(stages, 3)  # fp32 tiles are twice the bytes: stay inside 227 KB smem
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split_k = 1
-    if tiles < 2 * n_sm and M <= 64:
+    if tiles < 2 * n_sm and M <= 64 and (interpret or N * K * elem_size >= 2 << 20):
         # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
-        # Only at small M, where the fp32 workspace (splits x M x N) stays a few MB.
+        # Only at small M, where the fp32 workspace (splits x M x N) stays a few MB, and for
+        # weights of 2 MB or more: below that the launch, not the bandwidth, is the cost.
         split_k = max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16))
     return bm, bn, bk, split_k, warps, stages
 
@@ -316,10 +340,9 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     device = src.device
     block_r, block_c = (16, 32) if config.triton_interpreted() else (32, 128)
     col_programs = triton.cdiv(C, block_c)
-    row_programs = 1
-    if aux is not None:
-        # Enough row programs for ~4 CTAs an SM; each writes one fp32 partial row.
-        row_programs = max(1, min(triton.cdiv(R, block_r), (4 * _sm_count(device)) // col_programs))
+    # Rows split over enough programs for ~8 CTAs an SM (a bandwidth-bound pass needs many
+    # loads in flight); with a reduction each program writes one fp32 partial row.
+    row_programs = max(1, min(triton.cdiv(R, block_r), (8 * _sm_count(device)) // col_programs))
     rows_per_program = triton.cdiv(triton.cdiv(max(R, 1), row_programs), block_r) * block_r
     row_programs = triton.cdiv(max(R, 1), rows_per_program)
     partial = (torch.empty((row_programs, C), device=device, dtype=torch.float32)
@@ -364,9 +387,9 @@ def _cublas_linear(x, w_kn, bias):
 
 
 def _reduce_partials(partial, like):
-    """Per-block fp32 partial sums -> vector in like's dtype (fixed reduction order)."""
+    """Per-block fp32 partial sums -> a gradient shaped and typed like `like` (fixed order)."""
     total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
-    return total.to(like.dtype)
+    return total.to(like.dtype).view(like.shape)
 
 
 # The cuBLAS attention backward needs dy*l as a GEMM operand. Built for all M rows at once it
@@ -383,7 +406,9 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
     M, N = dy.shape
     w_nk = weight.t() if fan_in_fan_out else weight
     dx = torch.empty((M, w_nk.shape[1]), device=dy.device, dtype=weight.dtype) if need_dx else None
-    rows = max(ATTN_BWD_MIN_CHUNK_ROWS, triton.cdiv(M, ATTN_BWD_CHUNKS)) if need_dx else M
+    rows = M
+    if need_dx and M * N * dy.element_size() > SMALL_SCRATCH_BYTES:
+        rows = max(ATTN_BWD_MIN_CHUNK_ROWS, triton.cdiv(M, ATTN_BWD_CHUNKS))
     partials = []
     for start in range(0, M, rows):
         stop = min(M, start + rows)
@@ -402,32 +427,33 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
 def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out: bool,
                        save_preact: bool, traceable: bool = False):
     """x: (M, K) with any strides; weight (N, K) or (K, N) if fan_in_fan_out; scale (K,) or (N,).
-    Returns (y, u): u is x W^T + b for attention layers when save_preact, else an empty tensor."""
+    scale: a contiguous tensor of K (feedforward) or N (attention) elements, any shape.
+    Returns (y, u): u is x W^T + b for attention layers when save_preact, else None."""
     M, K = x.shape
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     out_dtype = weight.dtype
     if M == 0:
         empty = x.new_empty((0, N), dtype=out_dtype)
-        return empty, (x.new_empty((0, N), dtype=out_dtype) if save_preact else x.new_empty(0))
+        return empty, (x.new_empty((0, N), dtype=out_dtype) if save_preact else None)
     w_kn = weight if fan_in_fan_out else weight.t()  # view as (K, N) for cuBLAS
     if feedforward:
         # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
         # forward never peaks above the backward's dx.
-        if _use_cublas(M, N <= M, weight.dtype, x.device):
+        if _use_cublas("ff_fwd", M, N, weight.dtype, x.device):
             w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
             w_scaled_kn = w_scaled if fan_in_fan_out else w_scaled.t()
-            return _cublas_linear(x.to(out_dtype), w_scaled_kn, bias), x.new_empty(0)
+            return _cublas_linear(x.to(out_dtype), w_scaled_kn, bias), None
         y, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
                                  scale_a=scale, bias=bias, traceable=traceable)
-        return y, x.new_empty(0)
-    if _use_cublas(M, True, weight.dtype, x.device):
+        return y, None
+    if _use_cublas("attn_fwd", M, N, weight.dtype, x.device):
         u = _cublas_linear(x.to(out_dtype), w_kn, bias)
         y = torch.empty_like(u)
         _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y, traceable=traceable)
-        return y, (u if save_preact else x.new_empty(0))
+        return y, (u if save_preact else None)
     y, u, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
                              scale_c=scale, bias=bias, store_preact=save_preact, traceable=traceable)
-    return y, (u if save_preact else x.new_empty(0))
+    return y, u
 
 
 def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_fan_out: bool,
@@ -450,7 +476,7 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
     dy = dy.to(weight.dtype)
     if feedforward:
         if need_dx or need_dscale:
-            if _use_cublas(M, True, weight.dtype, dy.device):
+            if _use_cublas("ff_bwd", M, N, weight.dtype, dy.device):
                 w_nk = weight.t() if fan_in_fan_out else weight
                 g = torch.matmul(dy, w_nk)  # (M, K): becomes dx in place
                 _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
@@ -468,11 +494,10 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
         if need_dbias:
             dbias = dy.sum(0, dtype=torch.float32).to(weight.dtype)
         if need_dweight:
-            xs = (x.to(scale.dtype) * scale).to(weight.dtype)
+            xs = (x.to(scale.dtype) * scale.reshape(-1)).to(weight.dtype)
             dweight = dy.t().mm(xs)  # (N, K)
     else:
-        if need_dx and not _use_cublas(M, M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS,
-                                       weight.dtype, dy.device):
+        if need_dx and not _use_cublas("attn_bwd", M, N, weight.dtype, dy.device):
             dx, _, _ = _launch_matmul(dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
                                       weight.dtype, scale_a=scale, traceable=traceable)
             if need_dscale:
@@ -484,9 +509,9 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
             if need_dscale:
                 dscale = _reduce_partials(partial, scale)
         if need_dbias:
-            dbias = (dy.sum(0, dtype=torch.float32) * scale.float()).to(weight.dtype)
+            dbias = (dy.sum(0, dtype=torch.float32) * scale.reshape(-1).float()).to(weight.dtype)
         if need_dweight:
-            dyl = (dy.float() * scale.float()).to(weight.dtype)
+            dyl = (dy.float() * scale.reshape(-1).float()).to(weight.dtype)
             dweight = dyl.t().mm(x.to(weight.dtype))  # (N, K)
     if dweight is not None and fan_in_fan_out:
         dweight = dweight.t()
@@ -504,8 +529,9 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
 def _dense_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool,
                      save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact,
-                              traceable=True)
+    y, preact = dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out,
+                                   save_preact, traceable=True)
+    return y, (x.new_empty(0) if preact is None else preact)  # custom ops return tensors
 
 
 @triton_op("ia3_kernels::dense_linear_backward", mutates_args=())
@@ -551,7 +577,8 @@ torch.library.register_autograd("ia3_kernels::dense_linear", _backward, setup_co
 class _DenseLinearFunction(torch.autograd.Function):
     """Eager twin of the custom op: the dispatcher round-trip of a custom op costs ~10 us of
     CPU per call against ~2.5 for an autograd.Function, which is the whole budget of a small
-    layer's forward at M <= 512. Same impls, same saved tensors."""
+    layer's forward at M <= 512. Same impls; u is saved as an intermediate (no second output,
+    so autograd never materialises a zero M x N gradient for it)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact):
@@ -559,15 +586,10 @@ class _DenseLinearFunction(torch.autograd.Function):
                                        save_preact)
         ctx.save_for_backward(*_saved_for_backward(x, weight, scale, preact, feedforward))
         ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
-        ctx.mark_non_differentiable(preact)
-        # u's gradient is never used: without this autograd would allocate an M x N zero tensor.
-        ctx.set_materialize_grads(False)
-        return y, preact
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dpreact):
-        if dy is None:
-            return None, None, None, None, None, None, None
+    def backward(ctx, dy):
         x, weight, scale, preact = ctx.saved_tensors
         feedforward, fan_in_fan_out, x_dtype = ctx.flags
         need = ctx.needs_input_grad
@@ -615,15 +637,17 @@ def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out):
     if bias is not None and bias.numel() != N:
         raise ValueError(f"ia3_linear: bias must have out_features={N} elements, got "
                          f"{tuple(bias.shape)}")
-    tensors = {"x": x, "weight": weight, "scale": scale}
-    if bias is not None:
-        tensors["bias"] = bias
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
+    # Plain comparisons: this runs on every call and a small layer's whole budget is ~20 us.
+    device = x.device
+    if weight.device != device or scale.device != device or (bias is not None and bias.device != device):
+        devices = {"x": device, "weight": weight.device, "scale": scale.device,
+                   "bias": None if bias is None else bias.device}
         raise ValueError(f"ia3_linear: all tensors must be on one device, got {devices}")
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise TypeError(f"ia3_linear: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (x.is_floating_point() and weight.is_floating_point() and scale.is_floating_point()
+            and (bias is None or bias.is_floating_point())):
+        for name, t in (("x", x), ("weight", weight), ("scale", scale), ("bias", bias)):
+            if t is not None and not t.is_floating_point():
+                raise TypeError(f"ia3_linear: {name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _kernel_refusal(x, weight, bias, scale) -> Optional[str]:
@@ -678,15 +702,16 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                         "them equal outside autocast")
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"ia3_linear: bias is {bias.dtype} but weight is {weight.dtype}")
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    scale = scale.reshape(-1)
-    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    # The kernels index the scaling vector by its flat position: PEFT's (1, in) and (out, 1)
+    # parameters go in as they are (no view op per call) and get gradients of their own shape.
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     save_preact = (not feedforward) and scale.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():
         y, _ = torch.ops.ia3_kernels.dense_linear(x2d, weight, bias, scale, feedforward,
                                                   fan_in_fan_out, save_preact)
     else:
-        y, _ = _DenseLinearFunction.apply(x2d, weight, bias, scale, feedforward, fan_in_fan_out,
-                                          save_preact)
-    return y.reshape(*lead, N)
+        y = _DenseLinearFunction.apply(x2d, weight, bias, scale, feedforward, fan_in_fan_out,
+                                       save_preact)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
