@@ -274,8 +274,14 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
     if interpret:
         bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
     elif M <= 16:
-        # Bound by reading W: a 64x128 bf16 W tile a stage, 4 stages in flight per CTA.
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+        # Bound by reading W once. Narrow column blocks (32) give enough CTAs to keep 132 SMs
+        # streaming; H100 sweep (benchmarks/tune_small_m.py, CUDA graphs): 32x256x4 stages is
+        # within 1-3% of the bare layer from 4096->1024 to 14336->4096, and 32x512x3 stages
+        # gains another 3-6% where N >= 8192 or N <= 1024 (4096->14336: 57.7 us vs 61+).
+        if N >= 8192 or N <= 1024:
+            bm, bn, bk, warps, stages = 16, 32, 512, 4, 3
+        else:
+            bm, bn, bk, warps, stages = 16, 32, 256, 4, 4
     elif M <= 64:
         bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
     elif M <= 256:

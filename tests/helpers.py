@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import ia3
+from conftest import DEVICE
 
 
 class TinyNet(nn.Module):
@@ -40,7 +41,7 @@ def randomize_ia3(model, seed=0):
     return model
 
 
-def peft_and_fused(seed=0, dtype=torch.float32, device="cpu", **config):
+def peft_and_fused(seed=0, dtype=torch.float32, device=DEVICE, **config):
     """A stock PEFT model and a fused deep copy of it (same weights)."""
     torch.manual_seed(seed)
     base = TinyNet().to(device, dtype)

@@ -8,15 +8,15 @@ import torch
 
 import ia3
 import ia3_kernels
-from conftest import HAS_CUDA
+from conftest import DEVICE, HAS_CUDA
 
 
 def case(K=16, N=8, dtype=torch.float32, feedforward=True):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, K, dtype=dtype, generator=g)
-    w = torch.randn(N, K, dtype=dtype, generator=g)
-    b = torch.randn(N, dtype=dtype, generator=g)
-    return x, w, b, torch.rand(K if feedforward else N, generator=g) + 0.5
+    x = torch.randn(3, K, dtype=dtype, generator=g).to(DEVICE)
+    w = torch.randn(N, K, dtype=dtype, generator=g).to(DEVICE)
+    b = torch.randn(N, dtype=dtype, generator=g).to(DEVICE)
+    return x, w, b, (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
 
 
 def test_set_backend_validates_and_is_shared_with_ia3():

@@ -126,8 +126,27 @@ def test_autocast_with_fp32_weights_matches_peft():
         assert k_proj(h).dtype == torch.bfloat16
 
 
-def test_dispatch_uses_cublas_only_where_memory_allows():
-    # Feedforward forward builds W*l (N x K) only when N <= M: never more than the output.
-    assert dense._use_cublas(8192, 4096 <= 8192, torch.bfloat16, torch.device("cuda"))
-    assert not dense._use_cublas(2048, 14336 <= 2048, torch.bfloat16, torch.device("cuda"))
-    assert not dense._use_cublas(16, True, torch.bfloat16, torch.device("cuda"))
+def test_dispatch_keeps_scratch_within_the_memory_budget():
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    # Feedforward forward builds W*l (N x K) only when N <= M: never more than x itself.
+    assert dense._use_cublas("ff_fwd", 8192, 4096, bf16, cuda)
+    assert not dense._use_cublas("ff_fwd", 2048, 14336, bf16, cuda)
+    assert not dense._use_cublas("ff_fwd", 16, 1024, bf16, cuda)
+    # Attention backward's dy*l scratch: tiny (<= 1 MiB) or an eighth of M x N (M >= 4096).
+    assert dense._use_cublas("attn_bwd", 16, 4096, bf16, cuda)
+    assert not dense._use_cublas("attn_bwd", 1024, 4096, bf16, cuda)
+    assert dense._use_cublas("attn_bwd", 8192, 4096, bf16, cuda)
+
+
+def test_attention_training_peak_memory_within_one_output():
+    """Extra peak of an attention layer's training step over the bare layer's: u (one M x N)
+    plus an eighth of one for the chunked dy*l, never a second full M x N."""
+    from benchmarks.layers import Shape, build_layers, peak_mib, step_fn
+
+    shape, M = Shape("Llama-3-8B", "q/o_proj", 4096, 4096), 8192
+    bare, _, ours = build_layers(shape, "attn", torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    extra = peak_mib(step_fn(ours, x, "fwd+bwd", dy)) - peak_mib(step_fn(bare, x, "fwd+bwd", dy))
+    one_output = M * 4096 * 2 / 2**20
+    assert extra <= one_output * (1 + 1 / dense.ATTN_BWD_CHUNKS) + 1, (extra, one_output)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import ia3
+from conftest import DEVICE
 from helpers import ia3_config, ia3_grads, peft_and_fused, randomize_ia3
 from peft.tuners.ia3 import layer as peft_layer
 
@@ -10,7 +11,8 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def inputs(seed=1, shape=(3, 5, 24)):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return x.requires_grad_()
 
 
 def fwd_bwd(model, x):

@@ -8,6 +8,7 @@ from peft.tuners.ia3 import layer as peft_layer
 from peft.tuners.ia3 import model as peft_model_mod
 
 import ia3
+from conftest import DEVICE
 from helpers import TinyNet, ia3_config, randomize_ia3
 
 
@@ -53,7 +54,7 @@ def test_fuse_in_place_twice_and_unfuse():
 @pytest.mark.parametrize("direction", ["fused_to_stock", "stock_to_fused"])
 def test_save_load_interchangeable(tmp_path, triton_backend, direction):
     torch.manual_seed(0)
-    base = TinyNet()
+    base = TinyNet().to(DEVICE)
     source = randomize_ia3(get_peft_model(copy.deepcopy(base), ia3_config()))
     if direction == "fused_to_stock":
         ia3.fuse(source)
@@ -67,5 +68,5 @@ def test_save_load_interchangeable(tmp_path, triton_backend, direction):
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
         assert layer_types(loaded) == {ia3.Linear}
     assert list(loaded.state_dict()) == list(source.state_dict())
-    x = torch.randn(4, 24)
+    x = torch.randn(4, 24, device=DEVICE)
     torch.testing.assert_close(loaded(x), source(x), rtol=1e-5, atol=1e-5)
