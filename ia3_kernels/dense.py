@@ -408,14 +408,15 @@ ATTN_BWD_MIN_CHUNK_ROWS = 512
 def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_dx, need_dscale,
                                traceable):
     """dx = (dy*l) W by cuBLAS over row chunks; the pass that forms each chunk of dy*l also
-    reduces its rows of dy*u into dl's partial sums. Returns (dx, dl partials)."""
+    reduces its rows of dy*u. Returns (dx, dl as an fp32 vector): chunk sums are added in chunk
+    order (deterministic) so only one chunk's partial rows are alive at a time."""
     M, N = dy.shape
     w_nk = weight.t() if fan_in_fan_out else weight
     dx = torch.empty((M, w_nk.shape[1]), device=dy.device, dtype=weight.dtype) if need_dx else None
     rows = M
     if need_dx and M * N * dy.element_size() > SMALL_SCRATCH_BYTES:
         rows = max(ATTN_BWD_MIN_CHUNK_ROWS, triton.cdiv(M, ATTN_BWD_CHUNKS))
-    partials = []
+    total = None
     for start in range(0, M, rows):
         stop = min(M, start + rows)
         dyl = torch.empty((stop - start, N), device=dy.device, dtype=dy.dtype) if need_dx else None
@@ -425,9 +426,9 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
         if need_dx:
             torch.mm(dyl, w_nk, out=dx[start:stop])
         if need_dscale:
-            partials.append(partial)
-    partial = (partials[0] if len(partials) == 1 else torch.cat(partials)) if need_dscale else None
-    return dx, partial
+            chunk_sum = partial.sum(0)
+            total = chunk_sum if total is None else total + chunk_sum
+    return dx, total
 
 
 def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out: bool,
@@ -462,7 +463,7 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
     return y, u
 
 
-def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_fan_out: bool,
+def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, fan_in_fan_out: bool,
                         need_dx: bool, need_dscale: bool, need_dbias: bool, need_dweight: bool,
                         x_dtype: torch.dtype, traceable: bool = False):
     """Gradients (dx, dscale, dbias, dweight); entries not asked for are None."""
@@ -480,6 +481,10 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
             dweight = torch.zeros_like(weight)
         return dx, dscale, dbias, dweight
     dy = dy.to(weight.dtype)
+    if not feedforward and need_dscale and (preact is None or preact.numel() == 0):
+        # The op was called with save_preact=False yet l's gradient is wanted (direct op users,
+        # opcheck): recompute u = x W^T + b rather than fail. ia3_linear always saves u instead.
+        preact = _cublas_linear(x.to(weight.dtype), weight if fan_in_fan_out else weight.t(), bias)
     if feedforward:
         if need_dx or need_dscale:
             if _use_cublas("ff_bwd", M, N, weight.dtype, dy.device):
@@ -510,10 +515,10 @@ def dense_backward_impl(dy, x, weight, scale, preact, feedforward: bool, fan_in_
                 _, partial = _launch_scale_reduce(dy, aux=preact, traceable=traceable)
                 dscale = _reduce_partials(partial, scale)
         elif need_dx or need_dscale:
-            dx, partial = _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out,
-                                                     need_dx, need_dscale, traceable)
+            dx, total = _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out,
+                                                   need_dx, need_dscale, traceable)
             if need_dscale:
-                dscale = _reduce_partials(partial, scale)
+                dscale = _reduce_partials(total[None], scale)
         if need_dbias:
             dbias = (dy.sum(0, dtype=torch.float32) * scale.reshape(-1).float()).to(weight.dtype)
         if need_dweight:
@@ -542,37 +547,41 @@ def _dense_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 @triton_op("ia3_kernels::dense_linear_backward", mutates_args=())
 def _dense_linear_backward_op(
-        dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-        preact: torch.Tensor, feedforward: bool, fan_in_fan_out: bool, need_dx: bool,
+        dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+        scale: torch.Tensor, preact: torch.Tensor, feedforward: bool, fan_in_fan_out: bool, need_dx: bool,
         need_dscale: bool, need_dbias: bool, need_dweight: bool,
         x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Custom ops cannot return None: gradients not asked for come back as empty tensors.
-    grads = dense_backward_impl(dy, x, weight, scale, preact, feedforward, fan_in_fan_out,
+    grads = dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
                                 need_dx, need_dscale, need_dbias, need_dweight, x_dtype,
                                 traceable=True)
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
-def _saved_for_backward(x, weight, scale, preact, feedforward):
-    # x is only needed by the feedforward dl (and by dW); u only by the attention dl.
-    return (x if feedforward or weight.requires_grad else None, weight, scale, preact)
+def _saved_for_backward(x, weight, bias, scale, preact, feedforward, save_preact):
+    # x is needed by the feedforward dl and by dW; u by the attention dl (or, when the caller
+    # did not save it, x and the bias to recompute it).
+    keep_x = feedforward or weight.requires_grad or not save_preact
+    return (x if keep_x else None, weight, None if save_preact else bias, scale, preact)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, feedforward, fan_in_fan_out, _save_preact = inputs
-    ctx.save_for_backward(*_saved_for_backward(x, weight, scale, output[1], feedforward))
+    x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact = inputs
+    ctx.save_for_backward(*_saved_for_backward(x, weight, bias, scale, output[1], feedforward,
+                                               save_preact or feedforward))
     ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
 
 
 def _backward(ctx, dy, _dpreact):
-    x, weight, scale, preact = ctx.saved_tensors
+    x, weight, bias, scale, preact = ctx.saved_tensors
     feedforward, fan_in_fan_out, x_dtype = ctx.flags
     need = ctx.needs_input_grad
     if x is None:
         x = dy.new_empty(0)
     wanted = (need[0], need[3], need[2], need[1])
     grads = torch.ops.ia3_kernels.dense_linear_backward(
-        dy.contiguous(), x, weight, scale, preact, feedforward, fan_in_fan_out, *wanted, x_dtype)
+        dy.contiguous(), x, weight, bias, scale, preact, feedforward, fan_in_fan_out, *wanted,
+        x_dtype)
     dx, dscale, dbias, dweight = (g if w else None for g, w in zip(grads, wanted))
     return dx, dweight, dbias, dscale, None, None, None
 
@@ -590,17 +599,18 @@ class _DenseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact):
         y, preact = dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out,
                                        save_preact)
-        ctx.save_for_backward(*_saved_for_backward(x, weight, scale, preact, feedforward))
+        ctx.save_for_backward(*_saved_for_backward(x, weight, bias, scale, preact, feedforward,
+                                                   save_preact or feedforward))
         ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, scale, preact = ctx.saved_tensors
+        x, weight, bias, scale, preact = ctx.saved_tensors
         feedforward, fan_in_fan_out, x_dtype = ctx.flags
         need = ctx.needs_input_grad
         dx, dscale, dbias, dweight = dense_backward_impl(
-            dy.contiguous(), x, weight, scale, preact, feedforward, fan_in_fan_out,
+            dy.contiguous(), x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
             need[0], need[3], need[2], need[1], x_dtype)
         return dx, dweight, dbias, dscale, None, None, None
 

@@ -169,3 +169,18 @@ def test_chunked_cublas_attention_backward(triton_backend, monkeypatch):
     for has_bias in (True, False):
         check_against_reference(70, 48, 130, False, False, has_bias, torch.float32, "cublas")
         check_against_reference(70, 48, 130, False, True, has_bias, torch.float16, "cublas")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_dscale_without_saved_preact(triton_backend, path):
+    """The attention op called with save_preact=False still gives l its gradient (recomputes u)."""
+    from ia3_kernels import dense
+
+    x, w, b, scale = make_case(9, 40, 24, False, False, True, torch.float32)
+    s = scale.clone().requires_grad_()
+    with ia3_kernels.dense_path(path):
+        y = dense._DenseLinearFunction.apply(x, w, b, s, False, False, False)
+    y.square().sum().backward()
+    sr = scale.double().requires_grad_()
+    ia3_kernels.torch_ia3_linear(x.double(), w.double(), b.double(), sr, False).square().sum().backward()
+    torch.testing.assert_close(s.grad.double(), sr.grad, rtol=1e-5, atol=1e-6)

@@ -140,7 +140,7 @@ def test_dispatch_keeps_scratch_within_the_memory_budget():
 
 def test_attention_training_peak_memory_within_one_output():
     """Extra peak of an attention layer's training step over the bare layer's: u (one M x N)
-    plus an eighth of one for the chunked dy*l, never a second full M x N."""
+    plus one row chunk of dy*l (an eighth of one), never a second full M x N."""
     from benchmarks.layers import Shape, build_layers, peak_mib, step_fn
 
     shape, M = Shape("Llama-3-8B", "q/o_proj", 4096, 4096), 8192
@@ -149,4 +149,5 @@ def test_attention_training_peak_memory_within_one_output():
     dy = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
     extra = peak_mib(step_fn(ours, x, "fwd+bwd", dy)) - peak_mib(step_fn(bare, x, "fwd+bwd", dy))
     one_output = M * 4096 * 2 / 2**20
-    assert extra <= one_output * (1 + 1 / dense.ATTN_BWD_CHUNKS) + 1, (extra, one_output)
+    # + 2 MiB: dl's fp32 partial rows and allocator rounding.
+    assert extra <= one_output * (1 + 1 / dense.ATTN_BWD_CHUNKS) + 2, (extra, one_output)
