@@ -207,10 +207,13 @@ FF_BWD_CUBLAS_MIN_M = 128
 # - attention forward: cuBLAS's x W^T + b then one pass writing y = u*l, from M = 128
 #   (4096->1024 at M = 128: 17 us against 29 for the fused kernel's 64 output tiles).
 ATTN_FWD_CUBLAS_MIN_M = 128
-# - attention backward: cuBLAS's (dy*l) W is faster at every M, but dy*l is scratch: used where
-#   it stays under 1 MiB (small M) or in 8 row chunks of >= 512 rows (M >= 4096); between,
-#   the fused kernel scales the dy tile in registers and needs no scratch.
+# - attention backward: cuBLAS's (dy*l) W is faster on the GPU at every M, but dy*l is scratch:
+#   used where it stays under 1 MiB (small M) or in 8 row chunks of >= 512 rows (M >= 4096),
+#   and there only for GEMMs of >= 2**35 flop (~50 us): the chunk loop issues ~20 launches,
+#   ~1.5 ms of host time on the H100 host, which a T5-sized layer (768x768, M = 8192) cannot
+#   hide. Elsewhere the fused kernel scales the dy tile in registers and needs no scratch.
 SMALL_SCRATCH_BYTES = 1 << 20
+ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 35
 
 
 @contextlib.contextmanager
@@ -226,8 +229,9 @@ def dense_path(path: str):
         _path_override["path"] = old
 
 
-def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """phase: "ff_fwd", "ff_bwd", "attn_fwd" or "attn_bwd"; N = out_features."""
+def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.device,
+                K: int = 0) -> bool:
+    """phase: "ff_fwd", "ff_bwd", "attn_fwd" or "attn_bwd"; N = out_features, K = in_features."""
     forced = _path_override["path"]
     if forced != "auto":
         return forced == "cublas"
@@ -240,7 +244,8 @@ def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.de
         return fits and (M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32)
     if phase == "attn_bwd":
         return (M * N * _ELEM_SIZE[dtype] <= SMALL_SCRATCH_BYTES
-                or M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS)
+                or (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
+                    and 2 * M * N * K >= ATTN_BWD_CHUNKED_MIN_FLOP))
     if dtype == torch.float32:
         # An fp32 tl.dot is either tf32 (3e-4 relative error, 10x PEFT's exact fp32 cuBLAS) or
         # ieee FMAs (far slower than cuBLAS): cuBLAS wins both ways.
@@ -417,9 +422,12 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
     if need_dx and M * N * dy.element_size() > SMALL_SCRATCH_BYTES:
         rows = max(ATTN_BWD_MIN_CHUNK_ROWS, triton.cdiv(M, ATTN_BWD_CHUNKS))
     total = None
+    # One scratch buffer serves every chunk (the stream orders each chunk's pass after the
+    # previous chunk's GEMM has read it).
+    scratch = torch.empty((rows, N), device=dy.device, dtype=dy.dtype) if need_dx else None
     for start in range(0, M, rows):
         stop = min(M, start + rows)
-        dyl = torch.empty((stop - start, N), device=dy.device, dtype=dy.dtype) if need_dx else None
+        dyl = scratch[: stop - start] if need_dx else None
         _, partial = _launch_scale_reduce(
             dy[start:stop], scale=scale, scale_axis=1, out=dyl,
             aux=preact[start:stop] if need_dscale else None, traceable=traceable)
@@ -508,7 +516,7 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             xs = (x.to(scale.dtype) * scale.reshape(-1)).to(weight.dtype)
             dweight = dy.t().mm(xs)  # (N, K)
     else:
-        if need_dx and not _use_cublas("attn_bwd", M, N, weight.dtype, dy.device):
+        if need_dx and not _use_cublas("attn_bwd", M, N, weight.dtype, dy.device, K):
             dx, _, _ = _launch_matmul(dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
                                       weight.dtype, scale_a=scale, traceable=traceable)
             if need_dscale:

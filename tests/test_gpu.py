@@ -134,8 +134,10 @@ def test_dispatch_keeps_scratch_within_the_memory_budget():
     assert not dense._use_cublas("ff_fwd", 16, 1024, bf16, cuda)
     # Attention backward's dy*l scratch: tiny (<= 1 MiB) or an eighth of M x N (M >= 4096).
     assert dense._use_cublas("attn_bwd", 16, 4096, bf16, cuda)
-    assert not dense._use_cublas("attn_bwd", 1024, 4096, bf16, cuda)
-    assert dense._use_cublas("attn_bwd", 8192, 4096, bf16, cuda)
+    assert not dense._use_cublas("attn_bwd", 1024, 4096, bf16, cuda, 4096)
+    assert dense._use_cublas("attn_bwd", 8192, 4096, bf16, cuda, 4096)
+    # ... and only where the GEMM hides the chunk loop's launches (T5's 768x768 does not).
+    assert not dense._use_cublas("attn_bwd", 8192, 768, bf16, cuda, 768)
 
 
 def test_attention_training_peak_memory_within_one_output():
