@@ -25,7 +25,51 @@ def host_us(fn, calls=2000) -> float:
     return elapsed / calls * 1e6
 
 
+def breakdown() -> None:
+    """Host us of each layer of our eager stack, bottom up, for a feedforward forward."""
+    import torch.nn.functional as F
+
+    from ia3_kernels import dense
+
+    shape = Shape("T5-base", "q/k/v/o", 768, 768)
+    bare, _, ours = build_layers(shape, "ff", torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
+    w, b = bare.weight, bare.bias
+    s = ours.ia3_l["default"].detach()
+    y = torch.empty(16, 768, device="cuda", dtype=torch.bfloat16)
+    cfg = dense._matmul_config(16, 768, 768, 2, dense._sm_count(x.device), False)
+    bm, bn, bk, split, warps, stages = cfg
+    grid = (triton_cdiv(16, bm) * triton_cdiv(768, bn), split)
+
+    def raw_launch():
+        dense._ia3_matmul_kernel[grid](
+            x, w, y, s, None, b, None, None, None, None, None, 16, 768, 768,
+            x.stride(0), x.stride(1), w.stride(1), w.stride(0), y.stride(0), y.stride(1), 0, 0,
+            SCALE_A=True, HAS_BIAS=True, REDUCE_AUX=False, STORE_PREACT=False, SCALE_C=False,
+            STORE_C=True, SPLIT_K=split, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            GROUP_M=8, num_warps=warps, num_stages=stages)
+
+    steps = {
+        "torch.empty": lambda: torch.empty(16, 768, device="cuda", dtype=torch.bfloat16),
+        "F.linear (bare op)": lambda: F.linear(x, w, b),
+        "raw Triton launch": raw_launch,
+        "dense_forward_impl": lambda: dense.dense_forward_impl(x, w, b, s, True, False, False),
+        "autograd.Function.apply": lambda: dense._DenseLinearFunction.apply(x, w, b, s, True, False, False),
+        "ia3_linear": lambda: dense.ia3_linear(x, w, b, s, True),
+        "ia3.Linear layer": lambda: ours(x),
+        "nn.Linear layer": lambda: bare(x),
+    }
+    with torch.no_grad():
+        for name, fn in steps.items():
+            print(f"breakdown host us/call: {name:<26} {host_us(fn):7.1f}")
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
 def main() -> int:
+    breakdown()
     shape = Shape("T5-base", "q/k/v/o", 768, 768)
     for mode in ("ff", "attn"):
         bare, peft_layer, ours = build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)

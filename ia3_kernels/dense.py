@@ -199,7 +199,8 @@ if _path_override["path"] not in _PATHS:
 
 # Where cuBLAS + a Triton pass replaces the fused Triton GEMM, per phase, from H100 timings of
 # both strategies under CUDA graphs (benchmarks/results/paths-*.json, README "Design"):
-# - feedforward forward needs the N x K scratch W*l; the fused kernel holds to M = 2048;
+# - feedforward forward multiplies by W*l, built in chunks of at most M output rows (so the
+#   scratch never outgrows x); the fused kernel holds to M = 2048;
 FF_FWD_CUBLAS_MIN_M = 2048
 # - feedforward backward: cuBLAS's g = dy W scaled in place wins from M = 128 (4096x4096:
 #   37 us against 48 at M = 512);
@@ -209,11 +210,11 @@ FF_BWD_CUBLAS_MIN_M = 128
 ATTN_FWD_CUBLAS_MIN_M = 128
 # - attention backward: cuBLAS's (dy*l) W is faster on the GPU at every M, but dy*l is scratch:
 #   used where it stays under 1 MiB (small M) or in 8 row chunks of >= 512 rows (M >= 4096),
-#   and there only for GEMMs of >= 2**35 flop (~50 us): the chunk loop issues ~20 launches,
-#   ~1.5 ms of host time on the H100 host, which a T5-sized layer (768x768, M = 8192) cannot
-#   hide. Elsewhere the fused kernel scales the dy tile in registers and needs no scratch.
+#   and there only for GEMMs of >= 2**39 flop (~0.8 ms): the chunk loop costs ~2 ms of host
+#   time on the H100 host (4096->1024 at M = 8192: 2.3 ms against 0.2 ms bare), which only
+#   the largest GEMMs hide. Elsewhere the fused kernel scales the dy tile in registers.
 SMALL_SCRATCH_BYTES = 1 << 20
-ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 35
+ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 39
 
 
 @contextlib.contextmanager
@@ -238,10 +239,7 @@ def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.de
     if device.type != "cuda":
         return False
     if phase == "ff_fwd":
-        # W*l (N x K) only where it is no larger than x (N <= M): the forward never peaks
-        # above the backward's dx.
-        fits = N <= M
-        return fits and (M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32)
+        return M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32
     if phase == "attn_bwd":
         return (M * N * _ELEM_SIZE[dtype] <= SMALL_SCRATCH_BYTES
                 or (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
@@ -370,6 +368,30 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     return out, partial
 
 
+def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceable):
+    """y = x (W diag(l))^T + b by cuBLAS. W*l is built for at most M output features at a time
+    (M x K, the size of x), each chunk's GEMM writing its columns of y in place (cuBLAS takes
+    the row stride N as the leading dimension: no copy), so the scratch never outgrows x and
+    the forward never peaks above the backward's dx."""
+    M = x.shape[0]
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    cols = N if N <= M else max(1, triton.cdiv(N, triton.cdiv(N, M)))
+    if cols == N:
+        w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
+        return _cublas_linear(x, w_scaled if fan_in_fan_out else w_scaled.t(), bias)
+    y = torch.empty((M, N), device=x.device, dtype=weight.dtype)
+    for start in range(0, N, cols):
+        stop = min(N, start + cols)
+        part = weight[:, start:stop] if fan_in_fan_out else weight[start:stop]
+        w_scaled = _scaled_weight(part, scale, True, fan_in_fan_out, traceable)
+        w_kn = w_scaled if fan_in_fan_out else w_scaled.t()
+        if bias is None:
+            torch.mm(x, w_kn, out=y[:, start:stop])
+        else:
+            torch.addmm(bias[start:stop], x, w_kn, out=y[:, start:stop])
+    return y
+
+
 def _scaled_weight(weight, scale, scale_in_features: bool, fan_in_fan_out: bool, traceable: bool):
     """A fresh copy of the stored weight with l folded in: feedforward W diag(l) (l along
     in-features), attention diag(l) W (l along out-features). Keeps the stored layout."""
@@ -455,9 +477,8 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
         # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
         # forward never peaks above the backward's dx.
         if _use_cublas("ff_fwd", M, N, weight.dtype, x.device):
-            w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
-            w_scaled_kn = w_scaled if fan_in_fan_out else w_scaled.t()
-            return _cublas_linear(x.to(out_dtype), w_scaled_kn, bias), None
+            return _feedforward_forward_cublas(x.to(out_dtype), weight, bias, scale,
+                                               fan_in_fan_out, traceable), None
         y, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
                                  scale_a=scale, bias=bias, traceable=traceable)
         return y, None

@@ -58,6 +58,25 @@ def tiny_llama_bf16(fused: bool):
     return ia3.fuse(model) if fused else model
 
 
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_torch_compile_cublas_path(feedforward):
+    """The cuBLAS strategy (chunked W*l, in-place passes) also compiles without a break."""
+    x, w, b, s = make_case(64, 256, 640, feedforward, False, True, torch.bfloat16, device="cuda")
+    s.requires_grad_()
+    xg = x.clone().requires_grad_()
+
+    def step(x, s):
+        y = ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+        return torch.autograd.grad(y.float().square().sum(), [x, s])
+
+    with ia3_kernels.dense_path("cublas"):
+        eager = step(xg, s)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True)(xg, s)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_torch_compile_fullgraph_no_graph_break():
     model = tiny_llama_bf16(fused=True)
     eager_losses, eager_grads = train(copy.deepcopy(model), "llama", steps=2)
@@ -128,14 +147,14 @@ def test_autocast_with_fp32_weights_matches_peft():
 
 def test_dispatch_keeps_scratch_within_the_memory_budget():
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
-    # Feedforward forward builds W*l (N x K) only when N <= M: never more than x itself.
+    # Feedforward forward: cuBLAS on W*l from M = 2048 (built in chunks no larger than x).
     assert dense._use_cublas("ff_fwd", 8192, 4096, bf16, cuda)
-    assert not dense._use_cublas("ff_fwd", 2048, 14336, bf16, cuda)
+    assert dense._use_cublas("ff_fwd", 2048, 14336, bf16, cuda)
     assert not dense._use_cublas("ff_fwd", 16, 1024, bf16, cuda)
     # Attention backward's dy*l scratch: tiny (<= 1 MiB) or an eighth of M x N (M >= 4096).
     assert dense._use_cublas("attn_bwd", 16, 4096, bf16, cuda)
     assert not dense._use_cublas("attn_bwd", 1024, 4096, bf16, cuda, 4096)
-    assert dense._use_cublas("attn_bwd", 8192, 4096, bf16, cuda, 4096)
+    assert dense._use_cublas("attn_bwd", 8192, 4096, bf16, cuda, 14336)
     # ... and only where the GEMM hides the chunk loop's launches (T5's 768x768 does not).
     assert not dense._use_cublas("attn_bwd", 8192, 768, bf16, cuda, 768)
 
@@ -145,11 +164,11 @@ def test_attention_training_peak_memory_within_one_output():
     plus one row chunk of dy*l (an eighth of one), never a second full M x N."""
     from benchmarks.layers import Shape, build_layers, peak_mib, step_fn
 
-    shape, M = Shape("Llama-3-8B", "q/o_proj", 4096, 4096), 8192
+    shape, M = Shape("Llama-3-8B", "down_proj", 14336, 4096), 8192  # takes the chunked path
     bare, _, ours = build_layers(shape, "attn", torch.device("cuda"), torch.bfloat16)
-    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, shape.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, shape.n, device="cuda", dtype=torch.bfloat16)
     extra = peak_mib(step_fn(ours, x, "fwd+bwd", dy)) - peak_mib(step_fn(bare, x, "fwd+bwd", dy))
-    one_output = M * 4096 * 2 / 2**20
+    one_output = M * shape.n * 2 / 2**20
     # + 2 MiB: dl's fp32 partial rows and allocator rounding.
     assert extra <= one_output * (1 + 1 / dense.ATTN_BWD_CHUNKS) + 2, (extra, one_output)
