@@ -149,7 +149,8 @@ def test_dispatch_keeps_scratch_within_the_memory_budget():
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     # Feedforward forward: cuBLAS on W*l from M = 2048 (built in chunks no larger than x).
     assert dense._use_cublas("ff_fwd", 8192, 4096, bf16, cuda)
-    assert dense._use_cublas("ff_fwd", 2048, 14336, bf16, cuda)
+    assert dense._use_cublas("ff_fwd", 8192, 14336, bf16, cuda)  # 2 chunks of 7168 features
+    assert not dense._use_cublas("ff_fwd", 2048, 14336, bf16, cuda)  # 7 chunks: fused wins
     assert not dense._use_cublas("ff_fwd", 16, 1024, bf16, cuda)
     # Attention backward's dy*l scratch: tiny (<= 1 MiB) or an eighth of M x N (M >= 4096).
     assert dense._use_cublas("attn_bwd", 16, 4096, bf16, cuda)
