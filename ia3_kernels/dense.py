@@ -387,11 +387,22 @@ def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceabl
         part = weight[:, start:stop] if fan_in_fan_out else weight[start:stop]
         w_scaled = _scaled_weight(part, scale, True, fan_in_fan_out, traceable)
         w_kn = w_scaled if fan_in_fan_out else w_scaled.t()
-        if bias is None:
-            torch.mm(x, w_kn, out=y[:, start:stop])
-        else:
-            torch.addmm(bias[start:stop], x, w_kn, out=y[:, start:stop])
+        _gemm_into(y[:, start:stop], x, w_kn, None if bias is None else bias[start:stop],
+                   traceable)
     return y
+
+
+def _gemm_into(out_view, a, b, bias, traceable):
+    """out_view = a @ b (+ bias). Eager: cuBLAS writes into the view (a row or column slice,
+    BLAS-compatible strides, no copy). Traced: AOTAutograd mis-functionalizes mm's out= on a
+    column slice (opcheck: eager and traced outputs differ), so compute then copy_ (a
+    chunk-sized temporary, what functionalization handles)."""
+    if traceable:
+        out_view.copy_(_cublas_linear(a, b, bias))
+    elif bias is None:
+        torch.mm(a, b, out=out_view)
+    else:
+        torch.addmm(bias, a, b, out=out_view)
 
 
 def _scaled_weight(weight, scale, scale_in_features: bool, fan_in_fan_out: bool, traceable: bool):
@@ -456,7 +467,7 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
             dy[start:stop], scale=scale, scale_axis=1, out=dyl,
             aux=preact[start:stop] if need_dscale else None, traceable=traceable)
         if need_dx:
-            torch.mm(dyl, w_nk, out=dx[start:stop])
+            _gemm_into(dx[start:stop], dyl, w_nk, None, traceable)
         if need_dscale:
             chunk_sum = partial.sum(0)
             total = chunk_sum if total is None else total + chunk_sum

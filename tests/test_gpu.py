@@ -62,17 +62,20 @@ def tiny_llama_bf16(fused: bool):
 def test_torch_compile_cublas_path(feedforward):
     """The cuBLAS strategy (chunked W*l, in-place passes) also compiles without a break."""
     x, w, b, s = make_case(64, 256, 640, feedforward, False, True, torch.bfloat16, device="cuda")
-    s.requires_grad_()
-    xg = x.clone().requires_grad_()
 
-    def step(x, s):
-        y = ia3_kernels.ia3_linear(x, w, b, s, feedforward)
-        return torch.autograd.grad(y.float().square().sum(), [x, s])
+    def layer(x, s):
+        return ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+
+    def fwd_bwd(fn):
+        xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
+        y = fn(xg, sg)
+        y.float().square().sum().backward()  # the compiled backward graph runs here
+        return y, xg.grad, sg.grad
 
     with ia3_kernels.dense_path("cublas"):
-        eager = step(xg, s)
+        eager = fwd_bwd(layer)
         torch._dynamo.reset()
-        compiled = torch.compile(step, fullgraph=True)(xg, s)
+        compiled = fwd_bwd(torch.compile(layer, fullgraph=True))
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=2e-2)
 
