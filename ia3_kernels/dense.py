@@ -485,7 +485,6 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
     if M == 0:
         empty = x.new_empty((0, N), dtype=out_dtype)
         return empty, (x.new_empty((0, N), dtype=out_dtype) if save_preact else None)
-    w_kn = weight if fan_in_fan_out else weight.t()  # view as (K, N) for cuBLAS
     if feedforward:
         # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
         # forward never peaks above the backward's dx.
@@ -496,7 +495,7 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
                                  scale_a=scale, bias=bias, traceable=traceable)
         return y, None
     if _use_cublas("attn_fwd", M, N, weight.dtype, x.device):
-        u = _cublas_linear(x.to(out_dtype), w_kn, bias)
+        u = _cublas_linear(x.to(out_dtype), weight if fan_in_fan_out else weight.t(), bias)
         y = torch.empty_like(u)
         _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y, traceable=traceable)
         return y, (u if save_preact else None)
