@@ -209,11 +209,11 @@ FF_BWD_CUBLAS_MIN_M = 128
 #   (4096->1024 at M = 128: 17 us against 29 for the fused kernel's 64 output tiles).
 ATTN_FWD_CUBLAS_MIN_M = 128
 # - attention backward: cuBLAS's (dy*l) W is faster on the GPU at every M, but dy*l is scratch:
-#   used where it stays under 1 MiB (small M) or in 8 row chunks of >= 512 rows (M >= 4096),
+#   used where it stays under 256 KiB (small M) or in 8 row chunks of >= 512 rows (M >= 4096),
 #   and there only for GEMMs of >= 2**39 flop (~0.8 ms): the chunk loop costs ~2 ms of host
 #   time on the H100 host (4096->1024 at M = 8192: 2.3 ms against 0.2 ms bare), which only
 #   the largest GEMMs hide. Elsewhere the fused kernel scales the dy tile in registers.
-SMALL_SCRATCH_BYTES = 1 << 20
+SMALL_SCRATCH_BYTES = 256 << 10
 ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 39
 
 
@@ -274,6 +274,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+SPLIT_K_WORKSPACE_BYTES = 512 << 10
+
+
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket."""
     if interpret:
@@ -299,9 +302,11 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
     split_k = 1
     if tiles < 2 * n_sm and M <= 64 and (interpret or N * K * elem_size >= 2 << 20):
         # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
-        # Only at small M, where the fp32 workspace (splits x M x N) stays a few MB, and for
-        # weights of 2 MB or more: below that the launch, not the bandwidth, is the cost.
-        split_k = max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16))
+        # Only at small M and for weights of 2 MB or more (below that the launch, not the
+        # bandwidth, is the cost), with the fp32 workspace (splits x M x N) capped at 512 KiB so
+        # the training step's peak stays the bare layer's.
+        split_k = max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16,
+                             SPLIT_K_WORKSPACE_BYTES // max(1, 4 * M * N)))
     return bm, bn, bk, split_k, warps, stages
 
 
@@ -389,6 +394,7 @@ def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceabl
         w_kn = w_scaled if fan_in_fan_out else w_scaled.t()
         _gemm_into(y[:, start:stop], x, w_kn, None if bias is None else bias[start:stop],
                    traceable)
+        del w_scaled, w_kn  # else the next chunk is allocated while this one is still alive
     return y
 
 
