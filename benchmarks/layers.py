@@ -156,11 +156,17 @@ def time_cpu(fn, min_seconds=0.2) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def bench_case(shape: Shape, m: int, mode: str, device, dtype, graphs: bool) -> list[Row]:
-    bare, peft_layer, ours = build_layers(shape, mode, device, dtype)
+def case_inputs(shape: Shape, m: int, device, dtype):
+    """The input x (m x in) and upstream gradient dy (m x out) of one case, seeded."""
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(m, shape.k, device=device, dtype=dtype, generator=g)
     dy = torch.randn(m, shape.n, device=device, dtype=dtype, generator=g)
+    return x, dy
+
+
+def bench_case(shape: Shape, m: int, mode: str, device, dtype, graphs: bool) -> list[Row]:
+    bare, peft_layer, ours = build_layers(shape, mode, device, dtype)
+    x, dy = case_inputs(shape, m, device, dtype)
     rows = []
     for phase in ("fwd", "fwd+bwd"):
         xin = x.clone().requires_grad_(phase == "fwd+bwd")
@@ -190,9 +196,7 @@ def compare_paths(shape: Shape, m: int, mode: str, device, dtype) -> list[dict]:
     """Time our op with each strategy forced: where does cuBLAS + pass beat the fused GEMM?
     CUDA graphs at every M, so that only GPU time decides."""
     _, _, ours = build_layers(shape, mode, device, dtype)
-    g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(m, shape.k, device=device, dtype=dtype, generator=g)
-    dy = torch.randn(m, shape.n, device=device, dtype=dtype, generator=g)
+    x, dy = case_inputs(shape, m, device, dtype)
     out = []
     for phase in ("fwd", "fwd+bwd"):
         xin = x.clone().requires_grad_(phase == "fwd+bwd")

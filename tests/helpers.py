@@ -52,3 +52,11 @@ def peft_and_fused(seed=0, dtype=torch.float32, device=DEVICE, **config):
 
 def ia3_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if "ia3_l" in n and p.grad is not None}
+
+
+def add_random_adapter(models, name, seed, config=None):
+    """Add adapter `name` (random vectors) to each model and make it the active one."""
+    for model in models:
+        model.add_adapter(name, config or ia3_config())
+        randomize_ia3(model, seed=seed)
+        model.set_adapter(name)

@@ -4,7 +4,7 @@ import torch
 
 import ia3
 from conftest import DEVICE
-from helpers import ia3_config, ia3_grads, peft_and_fused, randomize_ia3
+from helpers import add_random_adapter, ia3_config, ia3_grads, peft_and_fused, randomize_ia3
 from peft.tuners.ia3 import layer as peft_layer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -63,10 +63,7 @@ def test_several_active_adapters(triton_backend):
 
 def test_set_adapter_switches_vectors(triton_backend):
     peft_model, fused = peft_and_fused()
-    for model in (peft_model, fused):
-        model.add_adapter("other", ia3_config())
-        randomize_ia3(model, seed=3)
-        model.set_adapter("other")
+    add_random_adapter((peft_model, fused), "other", seed=3)
     x = inputs()
     torch.testing.assert_close(fused(x), peft_model(x), **TOL)
     fused.set_adapter("default")
@@ -116,10 +113,8 @@ def test_add_weighted_adapter(triton_backend):
 
 def test_delete_adapter(triton_backend):
     peft_model, fused = peft_and_fused()
+    add_random_adapter((peft_model, fused), "b", seed=5)
     for model in (peft_model, fused):
-        model.add_adapter("b", ia3_config())
-        randomize_ia3(model, seed=5)
-        model.set_adapter("b")
         model.delete_adapter("default")
     assert not any("default" in n for n, _ in fused.named_parameters())
     assert_same_training_signal(peft_model, fused, inputs())
