@@ -12,10 +12,11 @@ Feedforward layers scale the input, `y = (x*l) W^T + b`; attention layers scale 
   in a fixed order, so the result does not change from run to run.
 * "cublas": cuBLAS does the GEMM and one Triton pass applies what IA3 adds. At large M the
   textbook Triton GEMM is 25-32% behind cuBLAS on an H100 (../shared/anchors/triton-gemm-h100.md)
-  while a bandwidth-bound pass over an N x K weight or an M x N output costs a few percent, so
-  the weight-side forms are used: feedforward `y = x (W diag(l))^T + b`, attention backward
-  `dx = dy (diag(l) W)`. The scaled weight is only built when it is no larger than the
-  activation it serves (N <= M), so peak memory stays at the bare layer's.
+  while a bandwidth-bound pass costs a few percent: the feedforward forward multiplies by
+  W diag(l) (built in at most two chunks of <= M output features, so the scratch never outgrows
+  x), the feedforward backward scales cuBLAS's dy W in place, the attention forward scales
+  cuBLAS's x W^T + b, the attention backward forms dy*l in row chunks of an eighth of M x N.
+  Which strategy runs is decided per phase and M by `_use_cublas`, from measurements.
 
 Backward, both paths: feedforward `g = dy W`, `dx = g*l`, `dl = sum_rows g*x` (the reduction is
 an epilogue of the dx GEMM, or of the pass that scales cuBLAS's g in place); attention

@@ -10,7 +10,7 @@ import ia3_kernels
 from ia3_kernels import dense
 from peft import IA3Config, get_peft_model
 from test_dense_op import check_against_reference, make_case
-from test_models import batch, llama, train
+from test_models import batch, gpt2, llama, t5, train
 from helpers import randomize_ia3
 
 pytestmark = pytest.mark.gpu
@@ -51,9 +51,9 @@ def test_opcheck(path, feedforward, save_preact, has_bias):
                               op_args(feedforward, has_bias, save_preact))
 
 
-def tiny_llama_bf16(fused: bool):
+def tiny_model_bf16(family: str, fused: bool):
     torch.manual_seed(0)
-    base, config = llama()
+    base, config = {"llama": llama, "gpt2": gpt2, "t5": t5}[family]()
     model = randomize_ia3(get_peft_model(base.to("cuda", torch.bfloat16), config))
     return ia3.fuse(model) if fused else model
 
@@ -81,7 +81,7 @@ def test_torch_compile_cublas_path(feedforward):
 
 
 def test_torch_compile_fullgraph_no_graph_break():
-    model = tiny_llama_bf16(fused=True)
+    model = tiny_model_bf16("llama", fused=True)
     eager_losses, eager_grads = train(copy.deepcopy(model), "llama", steps=2)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
@@ -126,10 +126,11 @@ def test_cuda_graph_capture(feedforward):
     assert not torch.equal(out, expected)
 
 
-def test_tiny_llama_bf16_trains_like_peft():
-    stock, fused = tiny_llama_bf16(fused=False), tiny_llama_bf16(fused=True)
-    losses_s, _ = train(stock, "llama", steps=4)
-    losses_f, _ = train(fused, "llama", steps=4)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_tiny_model_bf16_trains_like_peft(family):
+    stock, fused = tiny_model_bf16(family, fused=False), tiny_model_bf16(family, fused=True)
+    losses_s, _ = train(stock, family, steps=4)
+    losses_f, _ = train(fused, family, steps=4)
     torch.testing.assert_close(torch.tensor(losses_f), torch.tensor(losses_s), rtol=1e-2, atol=1e-2)
 
 
