@@ -1,0 +1,116 @@
+"""What users do around the layers: special values in the vectors, gradient checkpointing,
+copies and pickles, dtype moves, inference mode."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import ia3
+import ia3_kernels
+from conftest import DEVICE
+from helpers import peft_and_fused
+from test_dense_op import PATHS, make_case
+from test_models import batch, llama, train
+from helpers import randomize_ia3
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_special_values_in_the_vector_match_the_reference(triton_backend, feedforward, path):
+    """Zeros, negatives, inf and NaN in l: NaN exactly where the reference has NaN, same values
+    elsewhere (forward and every gradient)."""
+    x, w, b, scale = make_case(7, 40, 24, feedforward, False, True, torch.float32)
+    scale[0], scale[1], scale[2], scale[3] = 0.0, -1.5, float("inf"), float("nan")
+    dy = torch.randn(7, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = []
+    for fn, dense_path in ((ia3_kernels.ia3_linear, path), (ia3_kernels.torch_ia3_linear, "auto")):
+        xg, sg = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        with ia3_kernels.dense_path(dense_path):
+            y = fn(xg, w, b, sg, feedforward)
+        y.backward(dy)
+        results.append((y, xg.grad, sg.grad))
+    for ours, ref, name in zip(results[0], results[1], ("y", "dx", "dl")):
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref)), name
+        finite = torch.isfinite(ref)
+        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def tiny_llama_pair():
+    torch.manual_seed(0)
+    base, config = llama()
+    from peft import get_peft_model
+    stock = randomize_ia3(get_peft_model(base.to(DEVICE), config))
+    return stock, ia3.fuse(copy.deepcopy(stock))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(triton_backend, kernel_calls, reentrant):
+    stock, fused = tiny_llama_pair()
+    for model in (stock, fused):
+        model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.base_model.model.enable_input_require_grads()
+    losses_s, grads_s = train(stock, "llama", steps=2)
+    losses_f, grads_f = train(fused, "llama", steps=2)
+    assert kernel_calls["forward"] > 0
+    torch.testing.assert_close(torch.tensor(losses_f), torch.tensor(losses_s), rtol=1e-5, atol=1e-6)
+    for name in grads_s[-1]:
+        torch.testing.assert_close(grads_f[-1][name], grads_s[-1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_deepcopy_pickle_and_state_dict_round_trip(triton_backend):
+    _, fused = peft_and_fused()
+    x = torch.randn(3, 24, device=DEVICE)
+    expected = fused(x)
+    clone = copy.deepcopy(fused)
+    assert any(type(m) is ia3.Linear for m in clone.modules())
+    torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    assert any(type(m) is ia3.Linear for m in unpickled.modules())
+    torch.testing.assert_close(unpickled(x), expected, rtol=0, atol=0)
+    assert pickle.loads(pickle.dumps(fused.state_dict())).keys() == fused.state_dict().keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_model_dtype_moves(triton_backend, dtype):
+    """model.to(dtype) keeps fused layers working; float64 runs the reference (warned once)."""
+    peft_model, fused = peft_and_fused()
+    peft_model, fused = peft_model.to(dtype), fused.to(dtype)
+    x = torch.randn(3, 24, device=DEVICE, dtype=dtype)
+    if dtype == torch.float64:
+        with pytest.warns(RuntimeWarning, match="float64"):
+            y = fused(x)
+    else:
+        y = fused(x)
+    assert y.dtype == dtype
+    tol = 1e-2 if dtype == torch.float16 else 1e-12
+    torch.testing.assert_close(y, peft_model(x), rtol=tol, atol=tol)
+
+
+def test_no_grad_and_inference_mode(triton_backend, kernel_calls):
+    peft_model, fused = peft_and_fused()
+    x = torch.randn(3, 24, device=DEVICE)
+    with torch.no_grad():
+        y_nograd = fused(x)
+    with torch.inference_mode():
+        y_inf = fused(x)
+    assert not y_nograd.requires_grad and not y_inf.requires_grad
+    torch.testing.assert_close(y_inf, y_nograd, rtol=0, atol=0)
+    torch.testing.assert_close(y_nograd, peft_model(x).detach(), rtol=1e-5, atol=1e-5)
+    assert kernel_calls["forward"] == 8
+
+
+def test_frozen_adapters_get_no_gradient(triton_backend):
+    _, fused = peft_and_fused()
+    for name, p in fused.named_parameters():
+        if "ia3_l" in name:
+            p.requires_grad_(False)
+    x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
+    fused(x).square().sum().backward()
+    assert x.grad is not None
+    assert all(p.grad is None for n, p in fused.named_parameters() if "ia3_l" in n)
