@@ -65,22 +65,22 @@ def _fresh_state():
     ia3_kernels.set_strict(strict)
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref|| in float64 (0 when both are empty)."""
-    a, ref = a.double(), ref.double()
-    denom = ref.norm().item()
-    if ref.numel() == 0:
-        return 0.0
-    return (a - ref).norm().item() / max(denom, 1e-30)
-
-
 # The numerics rule: error against a float64 reference at most twice PEFT's own path in the same
-# dtype, plus a tiny floor (a fraction of the dtype's rounding unit) for near-exact results.
-ERR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# dtype, plus a floor. The floor is the dtype's unit roundoff for 16-bit results (a correctly
+# rounded value carries that much; fuzzing found M=K=N=1 fp16 where PEFT's double rounding landed
+# closer by luck) and 1e-6 for fp32, times the problem's own error scale: the float64 reference
+# run on the absolute values of every input, i.e. sum |terms| of each output. Without it a
+# cancelling sum fails by luck of order (fuzzing: a 31-term dl with sum|t| / |sum t| = 285).
+ERR_FLOOR = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
-def assert_within_peft_bar(ours: torch.Tensor, peft: torch.Tensor, ref: torch.Tensor, dtype, what=""):
-    e_ours, e_peft = rel_err(ours, ref), rel_err(peft, ref)
-    assert torch.isfinite(ours.double()).all() or not torch.isfinite(ref).all(), f"{what}: non-finite"
-    bar = 2 * e_peft + ERR_FLOOR[dtype]
-    assert e_ours <= bar, f"{what}: error {e_ours:.3e} > 2 x PEFT's {e_peft:.3e} + floor"
+def assert_within_peft_bar(ours, peft, ref, dtype, what="", magnitude=None):
+    """||ours - ref|| <= 2 ||peft - ref|| + floor * ||magnitude||, with magnitude the reference on
+    absolute inputs (defaults to ref itself). NaN never passes where the reference is finite."""
+    ours, peft, ref = ours.double(), peft.double(), ref.double()
+    assert torch.isfinite(ours).all() or not torch.isfinite(ref).all(), f"{what}: non-finite"
+    scale = (ref if magnitude is None else magnitude.double()).norm().item()
+    e_ours, e_peft = (ours - ref).norm().item(), (peft - ref).norm().item()
+    bar = 2 * e_peft + ERR_FLOOR[dtype] * scale
+    assert e_ours <= bar, (f"{what}: error {e_ours:.3e} > 2 x PEFT's {e_peft:.3e} + "
+                           f"{ERR_FLOOR[dtype]:.1e} x {scale:.3e} (relative to |ref| = {ref.norm().item():.3e})")
