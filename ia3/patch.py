@@ -64,7 +64,15 @@ def _swap(model: nn.Module, mapping: dict[type, type]) -> nn.Module:
 
 def fuse(model: nn.Module) -> nn.Module:
     """Swap every PEFT IA3 layer of `model` for its fused twin, in place; returns the model.
-    Calling it twice is harmless."""
+    Calling it twice is harmless. For a PeftModel, its IA3 configs are checked on the way
+    (check_feedforward_modules: a feedforward pattern that matches nothing warns)."""
+    from peft.tuners.ia3.config import IA3Config
+
+    from .training import check_feedforward_modules
+
+    for config in getattr(model, "peft_config", {}).values():
+        if isinstance(config, IA3Config):
+            check_feedforward_modules(config, model)
     return _swap(model, FUSED_CLASSES)
 
 
