@@ -16,6 +16,16 @@ from ia3_kernels import config, ia3_linear
 # Base layers whose forward is exactly `x W^T + b` (nn.Linear) or `x W + b` (GPT-2's Conv1D).
 _PLAIN_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 
+# merge(keep_original=None) follows this switch (set_keep_original_on_merge).
+_merge_defaults = {"keep_original": False}
+
+
+def set_keep_original_on_merge(keep: bool) -> None:
+    """Make every ia3.Linear.merge keep a copy of the original weight and bias (as non-persistent
+    buffers: moved by .to(), absent from state dicts), so that unmerge restores them bit for
+    bit instead of PEFT's division by l + 1e-8. Costs one weight-sized copy per merged layer."""
+    _merge_defaults["keep_original"] = bool(keep)
+
 
 def active_scaling(layer: peft_ia3_layer.IA3Layer) -> Optional[torch.Tensor]:
     """The product of the active adapters' vectors that the layer holds (PEFT skips active
@@ -42,6 +52,37 @@ def _unfusable_reason(base: nn.Module) -> Optional[str]:
 
 class Linear(peft_ia3_layer.Linear):
     """Drop-in for `peft.tuners.ia3.layer.Linear` (nn.Linear and GPT-2 Conv1D bases)."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+              keep_original: Optional[bool] = None) -> None:
+        """PEFT's merge; with keep_original (default: set_keep_original_on_merge's switch) the
+        pre-merge weight and bias are kept so that unmerge() restores them exactly."""
+        keep = _merge_defaults["keep_original"] if keep_original is None else keep_original
+        if keep and not self.merged and getattr(self, "ia3_original_weight", None) is None:
+            base = self.get_base_layer()
+            self.register_buffer("ia3_original_weight", base.weight.data.clone(), persistent=False)
+            bias = base.bias.data.clone() if base.bias is not None else None
+            self.register_buffer("ia3_original_bias", bias, persistent=False)
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        if not self.merged:
+            self._drop_original()  # nothing was merged: nothing to restore
+
+    def unmerge(self) -> None:
+        """Exact when merge kept the original weights, else PEFT's (approximate) unmerge."""
+        original = getattr(self, "ia3_original_weight", None)
+        if original is None or not self.merged:
+            return super().unmerge()
+        base = self.get_base_layer()
+        base.weight.data = original
+        if self.ia3_original_bias is not None:
+            base.bias.data = self.ia3_original_bias
+        self.merged_adapters.clear()
+        self._drop_original()
+
+    def _drop_original(self) -> None:
+        for name in ("ia3_original_weight", "ia3_original_bias"):
+            if name in self._buffers:
+                del self._buffers[name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._disable_adapters or self.merged_adapters or args or kwargs:

@@ -143,3 +143,44 @@ def test_base_layer_with_hook_falls_back_to_peft_once(triton_backend):
     ia3.set_strict(True)
     with pytest.raises(ia3.IA3FallbackError, match="forward hooks"):
         fused(x)
+
+
+@pytest.mark.parametrize("how", ["argument", "switch"])
+def test_merge_keep_original_unmerges_bit_for_bit(triton_backend, how):
+    _, fused = peft_and_fused()
+    layers = [m for m in fused.modules() if isinstance(m, ia3.Linear)]
+    before = [(m.get_base_layer().weight.clone(), None if m.get_base_layer().bias is None
+               else m.get_base_layer().bias.clone()) for m in layers]
+    keys = list(fused.state_dict())
+    x = inputs()
+    y_adapted = fused(x).detach()
+    try:
+        if how == "switch":
+            ia3.set_keep_original_on_merge(True)
+        for m in layers:
+            m.merge(keep_original=True if how == "argument" else None)
+    finally:
+        ia3.set_keep_original_on_merge(False)
+    assert all(m.merged for m in layers)
+    assert list(fused.state_dict()) == keys  # the kept copies are not state
+    torch.testing.assert_close(fused(x), y_adapted, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(m.get_base_layer().weight, w) for m, (w, _) in zip(layers, before))
+    for m in layers:
+        m.unmerge()
+    for m, (w, b) in zip(layers, before):
+        assert not m.merged
+        assert torch.equal(m.get_base_layer().weight, w)
+        assert b is None or torch.equal(m.get_base_layer().bias, b)
+        assert "ia3_original_weight" not in m._buffers
+    torch.testing.assert_close(fused(x), y_adapted, rtol=0, atol=0)
+
+
+def test_merge_without_keep_original_is_peft_approximate_unmerge(triton_backend):
+    _, fused = peft_and_fused()
+    layer = next(m for m in fused.modules() if isinstance(m, ia3.Linear))
+    weight = layer.get_base_layer().weight.clone()
+    layer.merge()
+    assert "ia3_original_weight" not in layer._buffers
+    with pytest.warns(UserWarning, match="inaccurate"):
+        layer.unmerge()
+    torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=1e-5, atol=1e-6)
