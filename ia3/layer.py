@@ -79,6 +79,11 @@ class Linear(peft_ia3_layer.Linear):
         self.merged_adapters.clear()
         self._drop_original()
 
+    def _describe(self) -> str:
+        kind = "feedforward" if self.is_feedforward else "attention"
+        return (f"ia3.Linear({type(self.get_base_layer()).__name__} {self.in_features}->"
+                f"{self.out_features}, {kind}, active adapters {list(self.active_adapters)})")
+
     def _drop_original(self) -> None:
         for name in ("ia3_original_weight", "ia3_original_bias"):
             if name in self._buffers:
@@ -100,4 +105,4 @@ class Linear(peft_ia3_layer.Linear):
         if scaling is None:
             return self.base_layer(x)
         return ia3_linear(x, base.weight, base.bias, scaling, feedforward=self.is_feedforward,
-                          fan_in_fan_out=self.fan_in_fan_out)
+                          fan_in_fan_out=self.fan_in_fan_out, describe=self._describe)

@@ -684,34 +684,41 @@ def torch_ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out):
-    """Clear errors before anything launches."""
+def _where(describe) -> str:
+    """Who raises: the layer's description (only computed on error) or the op."""
+    return describe() if describe is not None else "ia3_linear"
+
+
+def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=None):
+    """Clear errors before anything launches, prefixed with describe() (the layer) if given."""
     if weight.dim() != 2:
-        raise ValueError(f"ia3_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
+        raise ValueError(f"{_where(describe)}: weight must be 2-D, got shape {tuple(weight.shape)}")
     K, N = (weight.shape if fan_in_fan_out else weight.shape[::-1])
-    layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
     if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"ia3_linear: x's last dimension must be in_features={K} (weight "
+        layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
+        raise ValueError(f"{_where(describe)}: x's last dimension must be in_features={K} (weight "
                          f"{tuple(weight.shape)} stored {layout}), got x of shape {tuple(x.shape)}")
     expected = K if feedforward else N
-    kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
     if scale.numel() != expected:
-        raise ValueError(f"ia3_linear: a {kind} layer needs {expected} scaling values, got a vector "
-                         f"of shape {tuple(scale.shape)}")
+        kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
+        raise ValueError(f"{_where(describe)}: a {kind} layer needs {expected} scaling values, "
+                         f"got a vector of shape {tuple(scale.shape)}")
     if bias is not None and bias.numel() != N:
-        raise ValueError(f"ia3_linear: bias must have out_features={N} elements, got "
+        raise ValueError(f"{_where(describe)}: bias must have out_features={N} elements, got "
                          f"{tuple(bias.shape)}")
     # Plain comparisons: this runs on every call and a small layer's whole budget is ~20 us.
     device = x.device
-    if weight.device != device or scale.device != device or (bias is not None and bias.device != device):
+    if (weight.device != device or scale.device != device
+            or (bias is not None and bias.device != device)):
         devices = {"x": device, "weight": weight.device, "scale": scale.device,
                    "bias": None if bias is None else bias.device}
-        raise ValueError(f"ia3_linear: all tensors must be on one device, got {devices}")
+        raise ValueError(f"{_where(describe)}: all tensors must be on one device, got {devices}")
     if not (x.is_floating_point() and weight.is_floating_point() and scale.is_floating_point()
             and (bias is None or bias.is_floating_point())):
         for name, t in (("x", x), ("weight", weight), ("scale", scale), ("bias", bias)):
             if t is not None and not t.is_floating_point():
-                raise TypeError(f"ia3_linear: {name} must be a floating-point tensor, got {t.dtype}")
+                raise TypeError(f"{_where(describe)}: {name} must be a floating-point tensor, "
+                                f"got {t.dtype}")
 
 
 def _kernel_refusal(x, weight, bias, scale) -> Optional[str]:
@@ -742,16 +749,17 @@ def _use_kernels(x, weight, bias, scale) -> bool:
 
 
 def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool = False) -> torch.Tensor:
+               scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool = False, *,
+               describe=None) -> torch.Tensor:
     """(IA)^3 linear. x: (..., in_features); weight (out, in), or (in, out) with
     fan_in_fan_out=True (GPT-2's Conv1D); bias (out,) or None; scale: the product of the
     active IA3 vectors, in_features values (feedforward) or out_features (attention).
 
     Feedforward: `(x*l) W^T + b`; attention: `(x W^T + b) * l`. Result dtype: the weight's
     compute dtype (x's dtype without autocast), as nn.Linear. Differentiable in x, scale,
-    bias and weight.
+    bias and weight. `describe`: optional callable naming the caller (a layer) in error messages.
     """
-    _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out)
+    _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe)
     if not _use_kernels(x, weight, bias, scale):
         return torch_ia3_linear(x, weight, bias, scale, feedforward, fan_in_fan_out)
     device_type = x.device.type
@@ -762,10 +770,10 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         weight = weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
     elif x.dtype != weight.dtype:
-        raise TypeError(f"ia3_linear: x is {x.dtype} but weight is {weight.dtype}; nn.Linear needs "
-                        "them equal outside autocast")
+        raise TypeError(f"{_where(describe)}: x is {x.dtype} but weight is {weight.dtype}; "
+                        "nn.Linear needs them equal outside autocast")
     if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"ia3_linear: bias is {bias.dtype} but weight is {weight.dtype}")
+        raise TypeError(f"{_where(describe)}: bias is {bias.dtype} but weight is {weight.dtype}")
     # The kernels index the scaling vector by its flat position: PEFT's (1, in) and (out, 1)
     # parameters go in as they are (no view op per call) and get gradients of their own shape.
     if not scale.is_contiguous():

@@ -184,3 +184,15 @@ def test_merge_without_keep_original_is_peft_approximate_unmerge(triton_backend)
     with pytest.warns(UserWarning, match="inaccurate"):
         layer.unmerge()
     torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_error_names_the_layer(triton_backend, kernel_calls):
+    _, fused = peft_and_fused()
+    layer = fused.base_model.model.ff
+    with pytest.raises(ValueError, match=r"ia3.Linear\(Linear 40->24, feedforward, active adapters "
+                                         r"\['default'\]\): x's last dimension must be in_features=40"):
+        layer(torch.randn(3, 39, device=DEVICE))
+    with pytest.raises(ValueError, match=r"ia3.Linear\(Linear 40->24.*all tensors must be on one "
+                                         r"device, got \{'x': device\(type='meta'\)"):
+        layer(torch.randn(3, 40, device="meta"))
+    assert kernel_calls["forward"] == 0
