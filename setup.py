@@ -20,6 +20,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["matplotlib", "tabulate"],
+        "bench": ["matplotlib"],
     },
 )

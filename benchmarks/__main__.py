@@ -89,6 +89,13 @@ def main(argv=None) -> int:
             print(f"  {p['model']:<10} {p['layer']:<16} M={p['m']:<5} {p['mode']:<4} {p['phase']:<7} "
                   f"fused {p['fused_us']:8.1f}  cublas {p['cublas_us']:8.1f}  -> {best}")
     print(f"\nwrote {json_path} and {md_path}")
+    if cuda:
+        try:
+            from .plots import plot
+            for png in plot(json_path):
+                print(f"wrote {png}")
+        except ImportError:
+            print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
     return 0
 
 
