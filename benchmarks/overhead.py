@@ -9,6 +9,7 @@ import sys
 import time
 
 import torch
+import triton
 
 from .layers import Shape, build_layers
 
@@ -39,7 +40,7 @@ def breakdown() -> None:
     y = torch.empty(16, 768, device="cuda", dtype=torch.bfloat16)
     cfg = dense._matmul_config(16, 768, 768, 2, dense._sm_count(x.device), False)
     bm, bn, bk, split, warps, stages = cfg
-    grid = (triton_cdiv(16, bm) * triton_cdiv(768, bn), split)
+    grid = (triton.cdiv(16, bm) * triton.cdiv(768, bn), split)
 
     def raw_launch():
         dense._ia3_matmul_kernel[grid](
@@ -62,10 +63,6 @@ def breakdown() -> None:
     with torch.no_grad():
         for name, fn in steps.items():
             print(f"breakdown host us/call: {name:<26} {host_us(fn):7.1f}")
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def main() -> int:

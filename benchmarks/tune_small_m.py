@@ -28,10 +28,7 @@ def main() -> int:
                 results = []
                 for bn, bk, warps, stages in CANDIDATES:
                     def config(M, N, K, elem, n_sm, interpret, _c=(bn, bk, warps, stages)):
-                        _, _, _, split, _, _ = real(M, N, K, elem, n_sm, interpret)
-                        tiles = triton_cdiv(N, _c[0])
-                        split = 1 if tiles >= 2 * n_sm else max(1, min(triton_cdiv(2 * n_sm, tiles),
-                                                                       K // (2 * _c[1]), 16))
+                        split = dense.split_k_for(M, N, K, 16, _c[0], _c[1], elem, n_sm, interpret)
                         return 16, _c[0], _c[1], split, _c[2], _c[3]
                     dense._matmul_config = config
                     try:
@@ -47,9 +44,6 @@ def main() -> int:
                 print(f"{shape.k}->{shape.n} M={m} {mode}: bare {bare_us:.1f} | best {line}", flush=True)
     return 0
 
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 if __name__ == "__main__":

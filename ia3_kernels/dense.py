@@ -244,7 +244,7 @@ def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.de
         # a GEMM launch; 7 chunks (4096->14336 at M = 2048) measured 1.0 ms against 0.66 fused.
         return N <= 2 * M and (M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32)
     if phase == "attn_bwd":
-        return (M * N * _ELEM_SIZE[dtype] <= SMALL_SCRATCH_BYTES
+        return (M * N * dtype.itemsize <= SMALL_SCRATCH_BYTES
                 or (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
                     and 2 * M * N * K >= ATTN_BWD_CHUNKED_MIN_FLOP))
     if dtype == torch.float32:
@@ -253,8 +253,6 @@ def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.de
         return True
     return M >= (FF_BWD_CUBLAS_MIN_M if phase == "ff_bwd" else ATTN_FWD_CUBLAS_MIN_M)
 
-
-_ELEM_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
 @functools.lru_cache(maxsize=16)
@@ -299,16 +297,20 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if elem_size == 4 and not interpret:
         bk, stages = 32, min(stages, 3)  # fp32 tiles are twice the bytes: stay inside 227 KB smem
+    return bm, bn, bk, split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret), warps, stages
+
+
+def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
+    """How many ways to split the K-loop for a BLOCK_M x BLOCK_N x BLOCK_K tiling."""
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    split_k = 1
-    if tiles < 2 * n_sm and M <= 64 and (interpret or N * K * elem_size >= 2 << 20):
-        # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
-        # Only at small M and for weights of 2 MB or more (below that the launch, not the
-        # bandwidth, is the cost), with the fp32 workspace (splits x M x N) capped at 512 KiB so
-        # the training step's peak stays the bare layer's.
-        split_k = max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16,
-                             SPLIT_K_WORKSPACE_BYTES // max(1, 4 * M * N)))
-    return bm, bn, bk, split_k, warps, stages
+    if tiles >= 2 * n_sm or M > 64 or (not interpret and N * K * elem_size < 2 << 20):
+        return 1
+    # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
+    # Only at small M and for weights of 2 MB or more (below that the launch, not the
+    # bandwidth, is the cost), with the fp32 workspace (splits x M x N) capped at 512 KiB so
+    # the training step's peak stays the bare layer's.
+    return max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16,
+                      SPLIT_K_WORKSPACE_BYTES // max(1, 4 * M * N)))
 
 
 def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
@@ -606,30 +608,38 @@ def _dense_linear_backward_op(
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
-def _saved_for_backward(x, weight, bias, scale, preact, feedforward, save_preact):
-    # x is needed by the feedforward dl and by dW; u by the attention dl (or, when the caller
-    # did not save it, x and the bias to recompute it).
-    keep_x = feedforward or weight.requires_grad or not save_preact
-    return (x if keep_x else None, weight, None if save_preact else bias, scale, preact)
+def _save_for_backward(ctx, x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
+                       save_preact):
+    """What both entry points keep: x for the feedforward dl and for dW; u for the attention dl
+    (or, when the caller did not save it, x and the bias to recompute it)."""
+    kept_u = save_preact or feedforward
+    keep_x = feedforward or weight.requires_grad or not kept_u
+    ctx.save_for_backward(x if keep_x else None, weight, None if kept_u else bias, scale, preact)
+    ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
+
+
+def _backward_args(ctx, dy):
+    """(positional args of dense_backward_impl, wanted): `wanted` orders the input-grad flags
+    as (dx, dscale, dbias, dweight) from the op's (x, weight, bias, scale, ...)."""
+    x, weight, bias, scale, preact = ctx.saved_tensors
+    feedforward, fan_in_fan_out, x_dtype = ctx.flags
+    need = ctx.needs_input_grad
+    wanted = (need[0], need[3], need[2], need[1])
+    return (dy.contiguous(), x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
+            *wanted, x_dtype), wanted
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact = inputs
-    ctx.save_for_backward(*_saved_for_backward(x, weight, bias, scale, output[1], feedforward,
-                                               save_preact or feedforward))
-    ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
+    _save_for_backward(ctx, x, weight, bias, scale, output[1], feedforward, fan_in_fan_out,
+                       save_preact)
 
 
 def _backward(ctx, dy, _dpreact):
-    x, weight, bias, scale, preact = ctx.saved_tensors
-    feedforward, fan_in_fan_out, x_dtype = ctx.flags
-    need = ctx.needs_input_grad
-    if x is None:
-        x = dy.new_empty(0)
-    wanted = (need[0], need[3], need[2], need[1])
-    grads = torch.ops.ia3_kernels.dense_linear_backward(
-        dy.contiguous(), x, weight, bias, scale, preact, feedforward, fan_in_fan_out, *wanted,
-        x_dtype)
+    args, wanted = _backward_args(ctx, dy)
+    if args[1] is None:
+        args = (args[0], dy.new_empty(0)) + args[2:]  # custom ops take no None tensors for x
+    grads = torch.ops.ia3_kernels.dense_linear_backward(*args)
     dx, dscale, dbias, dweight = (g if w else None for g, w in zip(grads, wanted))
     return dx, dweight, dbias, dscale, None, None, None
 
@@ -647,19 +657,14 @@ class _DenseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact):
         y, preact = dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out,
                                        save_preact)
-        ctx.save_for_backward(*_saved_for_backward(x, weight, bias, scale, preact, feedforward,
-                                                   save_preact or feedforward))
-        ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
+        _save_for_backward(ctx, x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
+                           save_preact)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, scale, preact = ctx.saved_tensors
-        feedforward, fan_in_fan_out, x_dtype = ctx.flags
-        need = ctx.needs_input_grad
-        dx, dscale, dbias, dweight = dense_backward_impl(
-            dy.contiguous(), x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
-            need[0], need[3], need[2], need[1], x_dtype)
+        args, _ = _backward_args(ctx, dy)
+        dx, dscale, dbias, dweight = dense_backward_impl(*args)
         return dx, dweight, dbias, dscale, None, None, None
 
 

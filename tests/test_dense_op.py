@@ -187,3 +187,23 @@ def test_attention_dscale_without_saved_preact(triton_backend, path):
     sr = scale.double().requires_grad_()
     ia3_kernels.torch_ia3_linear(x.double(), w.double(), b.double(), sr, False).square().sum().backward()
     torch.testing.assert_close(s.grad.double(), sr.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("save_preact", [True, False])
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_custom_op_autograd_matches_eager_function(triton_backend, feedforward, save_preact):
+    """The registered op's autograd (what torch.compile uses) gives the same gradients as the
+    eager autograd.Function, including the attention op called without saving u."""
+    from ia3_kernels import dense
+
+    x, w, b, scale = make_case(9, 40, 24, feedforward, False, True, torch.float32)
+    dy = torch.randn(9, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    save = save_preact and not feedforward
+    results = []
+    for call in (lambda *a: torch.ops.ia3_kernels.dense_linear(*a)[0],
+                 dense._DenseLinearFunction.apply):
+        xg, sg, bg = (t.clone().requires_grad_() for t in (x, scale, b))
+        y = call(xg, w, bg, sg, feedforward, False, save)
+        results.append([y] + list(torch.autograd.grad(y, [xg, sg, bg], dy)))
+    for op_result, eager_result in zip(*results):
+        torch.testing.assert_close(op_result, eager_result, rtol=1e-6, atol=1e-6)
