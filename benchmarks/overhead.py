@@ -1,15 +1,16 @@
 """python -m benchmarks.overhead: host (CPU) time per eager layer call — bare, PEFT, ours — on a
-layer small enough that the GPU never holds the CPU back, plus a cProfile of ours. Eager timings
-of small layers measure exactly this."""
+layer small enough that the GPU never holds the CPU back, a breakdown of our stack, and
+cProfiles of ours (forward, and forward+backward with autograd's device threads off so that the
+profiler sees the backward). Eager timings of small layers measure exactly this."""
 from __future__ import annotations
 
 import cProfile
+import contextlib
 import pstats
 import sys
 import time
 
 import torch
-import triton
 
 from .layers import Shape, build_layers
 
@@ -31,6 +32,7 @@ def breakdown() -> None:
     import torch.nn.functional as F
 
     from ia3_kernels import dense
+    from ia3_kernels.launch import FastKernel
 
     shape = Shape("T5-base", "q/k/v/o", 768, 768)
     bare, _, ours = build_layers(shape, "ff", torch.device("cuda"), torch.bfloat16)
@@ -38,24 +40,26 @@ def breakdown() -> None:
     w, b = bare.weight, bare.bias
     s = ours.ia3_l["default"].detach()
     y = torch.empty(16, 768, device="cuda", dtype=torch.bfloat16)
-    cfg = dense._matmul_config(16, 768, 768, 2, dense._sm_count(x.device), False)
-    bm, bn, bk, split, warps, stages = cfg
-    grid = (triton.cdiv(16, bm) * triton.cdiv(768, bn), split)
+    bm, bn, bk, split, warps, stages = dense._matmul_config(16, 768, 768, 2, dense._sm_count(x.device), False)
+    grid = (dense.cdiv(16, bm) * dense.cdiv(768, bn), split)
+    counters = torch.zeros(grid[0], device="cuda", dtype=torch.int32)
+    work = torch.empty(split * 16 * 768, device="cuda", dtype=torch.float32)
+    fast = FastKernel(dense._ia3_matmul_kernel)
 
-    def raw_launch():
-        dense._ia3_matmul_kernel[grid](
-            x, w, y, s, None, b, None, None, None, None, None, 16, 768, 768,
-            x.stride(0), x.stride(1), w.stride(1), w.stride(0), y.stride(0), y.stride(1), 0, 0,
-            SCALE_A=True, HAS_BIAS=True, REDUCE_AUX=False, STORE_PREACT=False, SCALE_C=False,
-            STORE_C=True, SPLIT_K=split, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            GROUP_M=8, num_warps=warps, num_stages=stages)
+    def launch(kernel):
+        kernel[grid](
+            x, w, y, s, None, b, None, None, None, None, None, work, counters, 16, 768, 768,
+            x.stride(0), x.stride(1), w.stride(1), w.stride(0), y.stride(0), y.stride(1), 0, 0, 0, 0,
+            SCALE_A=True, REDUCE_A_AUX=False, HAS_BIAS=True, REDUCE_AUX=False, STORE_PREACT=False,
+            SCALE_C=False, STORE_C=True, SPLIT_K=split, DOT_PRECISION="tf32", BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
     steps = {
         "torch.empty": lambda: torch.empty(16, 768, device="cuda", dtype=torch.bfloat16),
         "F.linear (bare op)": lambda: F.linear(x, w, b),
-        "raw Triton launch": raw_launch,
+        "Triton kernel[grid](...)": lambda: launch(dense._ia3_matmul_kernel),
+        "FastKernel launch": lambda: launch(fast),
         "dense_forward_impl": lambda: dense.dense_forward_impl(x, w, b, s, True, False, False),
-        "autograd.Function.apply": lambda: dense._DenseLinearFunction.apply(x, w, b, s, True, False, False),
         "ia3_linear": lambda: dense.ia3_linear(x, w, b, s, True),
         "ia3.Linear layer": lambda: ours(x),
         "nn.Linear layer": lambda: bare(x),
@@ -63,6 +67,15 @@ def breakdown() -> None:
     with torch.no_grad():
         for name, fn in steps.items():
             print(f"breakdown host us/call: {name:<26} {host_us(fn):7.1f}")
+
+
+@contextlib.contextmanager
+def autograd_threads(enabled: bool):
+    torch.autograd.set_multithreading_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.autograd.set_multithreading_enabled(True)
 
 
 def main() -> int:
@@ -78,12 +91,16 @@ def main() -> int:
                 fwd = host_us(lambda: layer(x))
             params = [xg] + [p for p in layer.parameters() if p.requires_grad]
             fb = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
-            print(f"{mode:<4} {name:<5} host us/call: forward {fwd:7.1f}   forward+backward {fb:7.1f}")
-        if mode == "ff":
-            prof = cProfile.Profile()
-            with torch.no_grad():
-                prof.runcall(lambda: [ours(x) for _ in range(500)])
-            pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(18)
+            with autograd_threads(False):
+                fb1 = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
+            print(f"{mode:<4} {name:<5} host us/call: forward {fwd:7.1f}   forward+backward "
+                  f"{fb:7.1f}   (autograd device threads off: {fb1:7.1f})")
+        params = [xg] + [p for p in ours.parameters() if p.requires_grad]
+        prof = cProfile.Profile()
+        with autograd_threads(False):
+            prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(300)])
+        print(f"--- cProfile, ours, {mode}, forward+backward x 300 (autograd threads off)")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(22)
     return 0
 
 

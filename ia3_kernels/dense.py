@@ -37,6 +37,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import config
+from .launch import FastKernel, cdiv, current_stream_handle
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -47,10 +48,12 @@ from . import config
 def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
-    workspace_ptr, counter_ptr,
+    a_aux_ptr, a_partial_ptr, workspace_ptr, counter_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
+    stride_a_auxm, stride_a_auxk,
     SCALE_A: tl.constexpr,  # multiply column k of the A tile by scale_a[k] before the dot
+    REDUCE_A_AUX: tl.constexpr,  # a_partial[pid_m, k] = sum over the tile's rows of A * a_aux
     HAS_BIAS: tl.constexpr,  # u = acc + bias[n]
     REDUCE_AUX: tl.constexpr,  # partial[pid_m, n] = sum over the tile's rows of u * aux
     STORE_PREACT: tl.constexpr,  # write u (M x N, contiguous) before the output scaling
@@ -93,6 +96,15 @@ def _ia3_matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if REDUCE_A_AUX:
+            # The attention backward's dl = sum_rows dy*u rides on the dx GEMM's dy tiles: the
+            # first column block of CTAs also reads u and reduces over its rows (split-K splits
+            # own disjoint k ranges), so dl costs no launch and no second pass over dy.
+            if pid_n == 0:
+                a_aux = tl.load(a_aux_ptr + rm[:, None] * stride_a_auxm + rk[None, :] * stride_a_auxk,
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                a_part = tl.sum(a.to(tl.float32) * a_aux.to(tl.float32), axis=0)
+                tl.store(a_partial_ptr + pid_m * K + rk, a_part, mask=mask_k)
         if SCALE_A:
             s = tl.load(scale_a_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             a = a.to(tl.float32) * s[None, :]
@@ -103,14 +115,17 @@ def _ia3_matmul_kernel(
     is_last = True
     if SPLIT_K > 1:
         # Deterministic split-K: every split parks its fp32 partial, the CTA that arrives last
-        # (counters start at zero each launch) sums all of them in split order 0..SPLIT_K-1, the
-        # same order whoever is last, then runs the epilogue: one launch, no order-dependent adds.
+        # sums all of them in split order 0..SPLIT_K-1, the same order whoever is last, then
+        # runs the epilogue: one launch, no order-dependent adds. The counters are zero when a
+        # launch starts, and the last CTA of each tile puts its counter back to zero, so a
+        # buffer kept per stream needs no memset launch before the next kernel.
         tile = pid_m * num_pid_n + pid_n
         tl.store(workspace_ptr + pid_k * M * N + offs_2d, acc, mask=mask_2d)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
         is_last = arrived == SPLIT_K - 1
         if is_last:
+            tl.store(counter_ptr + tile, 0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(SPLIT_K):
                 acc += tl.load(workspace_ptr + s * M * N + offs_2d, mask=mask_2d, other=0.0,
@@ -185,7 +200,8 @@ def _ia3_scale_reduce_kernel(
 # higher-order op, measured at 400-800 us of CPU per layer call on the H100 host (a bf16
 # nn.Linear costs 8 us there).
 _KERNELS = {
-    False: (_ia3_matmul_kernel, _ia3_scale_reduce_kernel),
+    False: ((_ia3_matmul_kernel, _ia3_scale_reduce_kernel) if config.triton_interpreted()
+            else (FastKernel(_ia3_matmul_kernel), FastKernel(_ia3_scale_reduce_kernel))),
     True: (wrap_triton(_ia3_matmul_kernel), wrap_triton(_ia3_scale_reduce_kernel)),
 }
 
@@ -216,6 +232,10 @@ ATTN_FWD_CUBLAS_MIN_M = 128
 #   the largest GEMMs hide. Elsewhere the fused kernel scales the dy tile in registers.
 SMALL_SCRATCH_BYTES = 256 << 10
 ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 39
+# - attention backward at M <= 64: the fused kernel also reduces dl from its dy tiles, so the
+#   whole backward is one launch where the cuBLAS route takes three (pass, GEMM, sum), each
+#   ~2-3 us of GPU time that a 768-wide layer's ~12 us cannot hide.
+ATTN_BWD_FUSED_MAX_M = 64
 
 
 @contextlib.contextmanager
@@ -244,6 +264,8 @@ def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.de
         # a GEMM launch; 7 chunks (4096->14336 at M = 2048) measured 1.0 ms against 0.66 fused.
         return N <= 2 * M and (M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32)
     if phase == "attn_bwd":
+        if M <= ATTN_BWD_FUSED_MAX_M and dtype != torch.float32:
+            return False
         return (M * N * dtype.itemsize <= SMALL_SCRATCH_BYTES
                 or (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
                     and 2 * M * N * K >= ATTN_BWD_CHUNKED_MIN_FLOP))
@@ -302,22 +324,24 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
 
 def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
     """How many ways to split the K-loop for a BLOCK_M x BLOCK_N x BLOCK_K tiling."""
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     if tiles >= 2 * n_sm or M > 64 or (not interpret and N * K * elem_size < 2 << 20):
         return 1
     # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
     # Only at small M and for weights of 2 MB or more (below that the launch, not the
     # bandwidth, is the cost), with the fp32 workspace (splits x M x N) capped at 512 KiB so
     # the training step's peak stays the bare layer's.
-    return max(1, min(triton.cdiv(2 * n_sm, tiles), K // (2 * bk), 16,
+    return max(1, min(cdiv(2 * n_sm, tiles), K // (2 * bk), 16,
                       SPLIT_K_WORKSPACE_BYTES // max(1, 4 * M * N)))
 
 
 def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
-                   bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True):
+                   bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True,
+                   a_aux=None):
     """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
 
-    Returns (c, preact, partial). partial: (row blocks, N) fp32 sums of u*aux, or None.
+    Returns (c, preact, partial, a_partial): partial (row blocks, N) fp32 sums of u*aux, and
+    a_partial (row blocks, K) fp32 sums of a*a_aux (a before scale_a), or None.
     """
     M, K = a.shape
     N = out_shape[1]
@@ -326,30 +350,52 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
     bm, bn, bk, split_k, warps, stages = _matmul_config(
         M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted())
-    num_pid_m = triton.cdiv(M, bm)
+    num_pid_m = cdiv(M, bm)
+    tiles = num_pid_m * cdiv(N, bn)
     partial = (torch.empty((num_pid_m, N), device=device, dtype=torch.float32)
                if reduce_aux else None)
+    a_partial = (torch.empty((num_pid_m, K), device=device, dtype=torch.float32)
+                 if a_aux is not None else None)
     if split_k > 1:
         workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
-        counters = torch.zeros((num_pid_m * triton.cdiv(N, bn),), device=device, dtype=torch.int32)
+        counters = _split_k_counters(tiles, device, traceable)
     else:
         workspace = counters = None
     aux_strides = aux.stride() if aux is not None else (0, 0)
-    grid = (num_pid_m * triton.cdiv(N, bn), split_k)
+    a_aux_strides = a_aux.stride() if a_aux is not None else (0, 0)
     # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
-    _KERNELS[traceable][0][grid](
-        a, b, c, scale_a, scale_c, bias, aux, preact, partial, workspace, counters,
-        M, N, K,
+    _KERNELS[traceable][0][(tiles, split_k)](
+        a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial, workspace,
+        counters, M, N, K,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
-        aux_strides[0], aux_strides[1],
-        SCALE_A=scale_a is not None, HAS_BIAS=bias is not None, REDUCE_AUX=reduce_aux,
-        STORE_PREACT=store_preact, SCALE_C=scale_c is not None, STORE_C=store_c,
-        SPLIT_K=split_k, DOT_PRECISION=_dot_precision(b.dtype),
+        aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
+        SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
+        REDUCE_AUX=reduce_aux, STORE_PREACT=store_preact, SCALE_C=scale_c is not None,
+        STORE_C=store_c, SPLIT_K=split_k, DOT_PRECISION=_dot_precision(b.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )
-    return c, preact, partial
+    return c, preact, partial, a_partial
+
+
+# Split-K tile counters kept per (device, stream): the kernel leaves them at zero, so eager
+# launches skip a memset (a launch of its own: ~20 us of host time on the H100 host, ~2 us of
+# GPU time in a CUDA graph). Per stream, because kernels on one stream never overlap.
+# Traced calls (torch.compile) allocate zeros instead: a buffer shared across calls is state
+# that a functional graph must not have.
+_counter_buffers: dict = {}
+
+
+def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torch.Tensor:
+    if traceable or device.type != "cuda":
+        return torch.zeros((tiles,), device=device, dtype=torch.int32)
+    key = (device.index, current_stream_handle(device.index))
+    buf = _counter_buffers.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros((max(tiles, 1024),), device=device, dtype=torch.int32)
+        _counter_buffers[key] = buf
+    return buf
 
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None):
@@ -358,12 +404,12 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     R, C = src.shape
     device = src.device
     block_r, block_c = (16, 32) if config.triton_interpreted() else (32, 128)
-    col_programs = triton.cdiv(C, block_c)
+    col_programs = cdiv(C, block_c)
     # Rows split over enough programs for ~8 CTAs an SM (a bandwidth-bound pass needs many
     # loads in flight); with a reduction each program writes one fp32 partial row.
-    row_programs = max(1, min(triton.cdiv(R, block_r), (8 * _sm_count(device)) // col_programs))
-    rows_per_program = triton.cdiv(triton.cdiv(max(R, 1), row_programs), block_r) * block_r
-    row_programs = triton.cdiv(max(R, 1), rows_per_program)
+    row_programs = max(1, min(cdiv(R, block_r), (8 * _sm_count(device)) // col_programs))
+    rows_per_program = cdiv(cdiv(max(R, 1), row_programs), block_r) * block_r
+    row_programs = cdiv(max(R, 1), rows_per_program)
     partial = (torch.empty((row_programs, C), device=device, dtype=torch.float32)
                if aux is not None else None)
     out_strides = out.stride() if out is not None else (0, 0)
@@ -385,7 +431,7 @@ def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceabl
     the forward never peaks above the backward's dx."""
     M = x.shape[0]
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    cols = N if N <= M else max(1, triton.cdiv(N, triton.cdiv(N, M)))
+    cols = N if N <= M else max(1, cdiv(N, cdiv(N, M)))
     if cols == N:
         w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
         return _cublas_linear(x, w_scaled if fan_in_fan_out else w_scaled.t(), bias)
@@ -464,7 +510,7 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
     dx = torch.empty((M, w_nk.shape[1]), device=dy.device, dtype=weight.dtype) if need_dx else None
     rows = M
     if need_dx and M * N * dy.element_size() > SMALL_SCRATCH_BYTES:
-        rows = max(ATTN_BWD_MIN_CHUNK_ROWS, triton.cdiv(M, ATTN_BWD_CHUNKS))
+        rows = max(ATTN_BWD_MIN_CHUNK_ROWS, cdiv(M, ATTN_BWD_CHUNKS))
     total = None
     # One scratch buffer serves every chunk (the stream orders each chunk's pass after the
     # previous chunk's GEMM has read it).
@@ -500,7 +546,7 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
         if _use_cublas("ff_fwd", M, N, weight.dtype, x.device):
             return _feedforward_forward_cublas(x.to(out_dtype), weight, bias, scale,
                                                fan_in_fan_out, traceable), None
-        y, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
+        y, _, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
                                  scale_a=scale, bias=bias, traceable=traceable)
         return y, None
     if _use_cublas("attn_fwd", M, N, weight.dtype, x.device):
@@ -508,7 +554,7 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
         y = torch.empty_like(u)
         _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y, traceable=traceable)
         return y, (u if save_preact else None)
-    y, u, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
+    y, u, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
                              scale_c=scale, bias=bias, store_preact=save_preact, traceable=traceable)
     return y, u
 
@@ -546,7 +592,7 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
                                                   traceable=traceable)
                 dx = g if need_dx else None
             else:
-                dx, _, partial = _launch_matmul(
+                dx, _, partial, _ = _launch_matmul(
                     dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                     scale_c=scale, aux=x if need_dscale else None, reduce_aux=need_dscale,
                     store_c=need_dx, traceable=traceable)
@@ -559,11 +605,13 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             dweight = dy.t().mm(xs)  # (N, K)
     else:
         if need_dx and not _use_cublas("attn_bwd", M, N, weight.dtype, dy.device, K):
-            dx, _, _ = _launch_matmul(dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
-                                      weight.dtype, scale_a=scale, traceable=traceable)
+            # One launch: dx = (dy*l) W with dy scaled in registers, dl = sum_rows dy*u
+            # reduced from the same dy tiles.
+            dx, _, _, a_partial = _launch_matmul(
+                dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
+                scale_a=scale, a_aux=preact if need_dscale else None, traceable=traceable)
             if need_dscale:
-                _, partial = _launch_scale_reduce(dy, aux=preact, traceable=traceable)
-                dscale = _reduce_partials(partial, scale)
+                dscale = _reduce_partials(a_partial, scale)
         elif need_dx or need_dscale:
             dx, total = _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out,
                                                    need_dx, need_dscale, traceable)
@@ -784,11 +832,17 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if not scale.is_contiguous():
         scale = scale.contiguous()
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    save_preact = (not feedforward) and scale.requires_grad and torch.is_grad_enabled()
+    grad_mode = torch.is_grad_enabled()
+    save_preact = (not feedforward) and scale.requires_grad and grad_mode
     if torch.compiler.is_compiling():
         y, _ = torch.ops.ia3_kernels.dense_linear(x2d, weight, bias, scale, feedforward,
                                                   fan_in_fan_out, save_preact)
-    else:
+    elif grad_mode and (x.requires_grad or scale.requires_grad or weight.requires_grad
+                        or (bias is not None and bias.requires_grad)):
         y = _DenseLinearFunction.apply(x2d, weight, bias, scale, feedforward, fan_in_fan_out,
                                        save_preact)
+    else:
+        # Nothing to differentiate (serving, no_grad): autograd.Function.apply alone costs
+        # ~5 us of Python, a quarter of a small layer's eager call.
+        y, _ = dense_forward_impl(x2d, weight, bias, scale, feedforward, fan_in_fan_out, False)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

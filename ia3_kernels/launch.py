@@ -1,0 +1,153 @@
+"""Eager kernel launches that skip most of Triton's per-call Python.
+
+Why: on the H100 host a `kernel[grid](...)` call costs ~45 us of CPU against ~26 us for a
+whole `F.linear` (benchmarks/results/host-overhead-h100.log): Triton's `run()` parses options,
+binds and specialises every argument, builds a string cache key, checks globals and builds
+launch metadata on every call. An eager layer at M <= 512 is bound by that host time, not by
+the GPU, and a training step pays it for every launch of every layer.
+
+`FastKernel(jit_fn)[grid](*args, **kwargs)` is a drop-in for `jit_fn[grid](...)`. The first
+call of each specialisation goes through Triton (compiling if needed) and keeps the
+`CompiledKernel` it returns under a key of our own; later calls with the same key call the
+compiled kernel's C launcher directly. The key holds everything Triton specialises on, or
+more (a finer key only costs a cache entry, never a wrong kernel):
+  - constexpr parameters and ints: their values (Triton keys ints on == 1, divisibility by
+    16 and the int32 range);
+  - tensors: dtype and 16-byte alignment of the data pointer; None: None;
+  - num_warps, num_stages and the current device.
+Other launch options, an argument without a dtype (floats, tuples, descriptors), launch hooks
+set by a profiler, or a Triton whose compiled kernels do not expose the launcher (checked once)
+send the call through Triton's own path. `IA3_FAST_LAUNCH=0` turns the shortcut off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_ENABLED = os.environ.get("IA3_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")
+
+try:  # triton >= 3.4: hooks live in knobs (HookChain objects, empty unless a profiler adds one)
+    from triton import knobs as _knobs
+
+    def _launch_hooks_active() -> bool:
+        runtime = _knobs.runtime
+        return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
+except ImportError:  # triton 3.3: class attributes of CompiledKernel, None unless set
+    from triton.compiler.compiler import CompiledKernel as _CompiledKernel
+
+    def _launch_hooks_active() -> bool:
+        return (_CompiledKernel.launch_enter_hook is not None
+                or _CompiledKernel.launch_exit_hook is not None)
+
+
+def _hook_active(hook) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division. Not triton.cdiv: since Triton 3.6 that is a constexpr_function
+    whose call costs ~4 us of Python (5 calls per launch were a tenth of a layer's budget)."""
+    return -(-a // b)
+
+
+_driver_calls: dict = {}
+
+
+def _driver():
+    """Triton's active driver's device and stream getters (what its run() asks), resolved once."""
+    if not _driver_calls:
+        from triton.runtime import driver
+        _driver_calls["device"] = driver.active.get_current_device
+        _driver_calls["stream"] = driver.active.get_current_stream
+    return _driver_calls["device"], _driver_calls["stream"]
+
+
+def current_stream_handle(device_index: int) -> int:
+    """The current CUDA stream's handle, as Triton's launcher takes it (no Stream object)."""
+    return _driver()[1](device_index)
+
+
+_TENSOR_KEY = "(None if {0} is None else ({0}.dtype, not {0}.data_ptr() & 15))"
+_INT_KEY = "{0}"
+
+
+def _make_binder(params, example_args: dict):
+    """A function with the kernel's own signature (Python binds positional and keyword
+    arguments in C) that returns (key, every argument in signature order, num_warps,
+    num_stages, other options). The key expression of each runtime parameter follows the kind
+    of value it had in `example_args`:
+      - int: the value itself. Triton specialises ints on == 1, divisibility by 16 and the
+        int32 range; keying on the value is finer (one entry per distinct M, say), and costs
+        nothing to compute, where three comparisons for each of ~10 ints cost ~1.5 us;
+      - anything else (a tensor or None): None, or (dtype, 16-byte alignment of the data).
+        A value without .dtype raises AttributeError: Triton's own path takes that call.
+    A tensor passed later where an int was keys by its identity: a miss, never a wrong kernel.
+    """
+    names = [p.name for p in params]
+    keys = []
+    for name, p in zip(names, params):
+        if p.is_constexpr or type(example_args[name]) is int:
+            keys.append(_INT_KEY.format(name))
+        else:
+            keys.append(_TENSOR_KEY.format(name))
+    source = (f"def bind({', '.join(names)}, num_warps=4, num_stages=3, **options):\n"
+              f"    return (({', '.join(keys)}, num_warps, num_stages), ({', '.join(names)},), "
+              f"num_warps, num_stages, options)\n")
+    namespace: dict = {}
+    exec(source, namespace)  # noqa: S102 - names come from a triton.jit signature
+    return namespace["bind"]
+
+
+# Distinct keys kept per kernel before the cache is cleared (each miss costs one Triton launch).
+_MAX_ENTRIES = 4096
+
+
+class FastKernel:
+    """Wraps a `triton.jit` function; index it with a grid and call it like the original."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", repr(fn))
+        self._names = [p.name for p in fn.params]
+        self._bind = None  # built on the first call, from the kinds of its arguments
+        self._compiled: dict = {}
+        self._usable = _ENABLED
+        self._current_device = self._current_stream = None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        if not self._usable or _launch_hooks_active():
+            return self.fn[grid](*args, **kwargs)
+        if self._bind is None:
+            self._first_call_setup(args, kwargs)
+        try:
+            key, full, num_warps, num_stages, options = self._bind(*args, **kwargs)
+        except (AttributeError, TypeError):  # an argument we cannot key, or a defaulted one
+            return self.fn[grid](*args, **kwargs)
+        if options:  # launch options beyond warps and stages: Triton's path
+            return self.fn[grid](*args, **kwargs)
+        device = self._current_device()
+        key = (device, key)
+        kernel = self._compiled.get(key)
+        if kernel is None:
+            kernel = self.fn[grid](*full, num_warps=num_warps, num_stages=num_stages)
+            if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+                if len(self._compiled) >= _MAX_ENTRIES:
+                    self._compiled.clear()
+                self._compiled[key] = kernel
+            else:
+                self._usable = False  # a Triton whose launch API we do not know: its own path
+            return kernel
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                   self._current_stream(device), kernel.function, kernel.packed_metadata, None,
+                   None, None, *full)
+        return kernel
+
+    def _first_call_setup(self, args, kwargs):
+        example = dict(zip(self._names, args))
+        example.update(kwargs)
+        self._bind = _make_binder(self.fn.params, example)
+        self._current_device, self._current_stream = _driver()

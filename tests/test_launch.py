@@ -1,0 +1,108 @@
+"""The eager launch shortcut (ia3_kernels.launch.FastKernel): keys that tell apart every
+specialisation Triton compiles, and on the GPU the same results as Triton's own launch."""
+import pytest
+import torch
+
+from ia3_kernels import dense, launch
+
+
+def _params(kernel):
+    """The kernel's parameters (under TRITON_INTERPRET=1 triton.jit gives an interpreter
+    wrapper without them: rebuild the JITFunction from the Python function)."""
+    if not hasattr(kernel, "params"):
+        from triton.runtime.jit import JITFunction
+        kernel = JITFunction(kernel.fn)
+    return kernel.params
+
+
+def _binder_for(kernel, args, kwargs):
+    params = _params(kernel)
+    example = dict(zip([p.name for p in params], args))
+    example.update(kwargs)
+    return launch._make_binder(params, example)
+
+
+def _scale_args(src, scale, out):
+    R, C = src.shape
+    args = (src, scale, out, None, None, R, C, R, src.stride(0), src.stride(1), out.stride(0),
+            out.stride(1), 0, 0)
+    kwargs = dict(SCALE_AXIS=1, STORE_OUT=True, REDUCE_AUX=False, BLOCK_R=16, BLOCK_C=32,
+                  num_warps=4)
+    return args, kwargs
+
+
+def test_cdiv():
+    assert [launch.cdiv(a, 16) for a in (0, 1, 15, 16, 17, 33)] == [0, 1, 1, 1, 2, 3]
+
+
+def test_key_separates_what_triton_specialises():
+    src = torch.randn(33, 40)
+    args, kwargs = _scale_args(src, torch.rand(40), torch.empty(33, 40))
+    bind = _binder_for(dense._ia3_scale_reduce_kernel, args, kwargs)
+    key, full, warps, stages, options = bind(*args, **kwargs)
+    assert full[:len(args)] == args and warps == 4 and stages == 3 and options == {}
+    assert len(full) == len(_params(dense._ia3_scale_reduce_kernel))
+
+    def key_of(*a, **k):
+        return bind(*a, **{**kwargs, **k})[0]
+
+    # A view 4 bytes into the buffer is not 16-byte aligned: another specialisation.
+    shifted = torch.randn(33 * 40 + 1)[1:].view(33, 40)
+    assert key_of(shifted, *args[1:]) != key
+    assert key_of(src.half(), *args[1:]) != key  # dtype
+    assert key_of(*args[:5], 1, *args[6:]) != key  # an int that becomes 1
+    assert key_of(*args[:5], 32, *args[6:]) != key  # divisible by 16
+    assert key_of(*args, num_warps=8)[-2:] != key[-2:]  # launch options
+    assert key_of(*args, BLOCK_C=64) != key  # constexpr values
+    assert key_of(*args) == key  # and the same call keys the same
+    with pytest.raises(AttributeError):  # no dtype: the caller takes Triton's path
+        bind(1.5, *args[1:], **kwargs)
+
+
+@pytest.mark.gpu
+def test_fast_launch_matches_triton_and_skips_it_when_cached(monkeypatch):
+    fast = launch.FastKernel(dense._ia3_scale_reduce_kernel)
+    scale = torch.rand(40, device="cuda")
+    base = torch.randn(33 * 40 + 1, device="cuda")
+    for src in (base[:-1].view(33, 40), base[1:].view(33, 40)):  # aligned, then not
+        out = torch.empty_like(src)
+        args, kwargs = _scale_args(src, scale, out)
+        grid = (3, 2)
+        fast[grid](*args, **kwargs)  # first call: through Triton, kept
+        torch.testing.assert_close(out, src * scale, rtol=0, atol=0)
+        out.fill_(float("nan"))
+        calls = {"triton": 0}
+        real = fast.fn
+
+        class Counting:
+            def __getitem__(self, g):
+                calls["triton"] += 1
+                return real[g]
+
+        monkeypatch.setattr(fast, "fn", Counting())
+        fast[grid](*args, **kwargs)  # cached: the C launcher directly
+        monkeypatch.setattr(fast, "fn", real)
+        assert calls["triton"] == 0
+        torch.testing.assert_close(out, src * scale, rtol=0, atol=0)
+    assert len(fast._compiled) == 2  # one entry per alignment
+
+
+@pytest.mark.gpu
+def test_launch_hooks_send_calls_through_triton(monkeypatch):
+    fast = launch.FastKernel(dense._ia3_scale_reduce_kernel)
+    src = torch.randn(8, 32, device="cuda")
+    out = torch.empty_like(src)
+    args, kwargs = _scale_args(src, torch.rand(32, device="cuda"), out)
+    fast[(1, 1)](*args, **kwargs)
+    monkeypatch.setattr(launch, "_launch_hooks_active", lambda: True)
+    calls = {"triton": 0}
+    real = fast.fn
+
+    class Counting:
+        def __getitem__(self, g):
+            calls["triton"] += 1
+            return real[g]
+
+    monkeypatch.setattr(fast, "fn", Counting())
+    fast[(1, 1)](*args, **kwargs)
+    assert calls["triton"] == 1
