@@ -69,6 +69,23 @@ def breakdown() -> None:
             print(f"breakdown host us/call: {name:<26} {host_us(fn):7.1f}")
 
 
+def backward_breakdown() -> None:
+    """Host us of our backward impl called directly (no autograd engine), per mode."""
+    from ia3_kernels import dense
+
+    shape = Shape("T5-base", "q/k/v/o", 768, 768)
+    for mode in ("ff", "attn"):
+        bare, _, ours = build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)
+        s = ours.ia3_l["default"].detach()
+        x = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
+        ff = mode == "ff"
+        _, u = dense.dense_forward_impl(x, bare.weight, bare.bias, s, ff, False, not ff)
+        fn = lambda: dense.dense_backward_impl(dy, x, bare.weight, bare.bias, s, u, ff, False,  # noqa: E731
+                                               True, True, False, False, torch.bfloat16)
+        print(f"backward impl host us/call ({mode}, l {s.dtype}): {host_us(fn):7.1f}")
+
+
 @contextlib.contextmanager
 def autograd_threads(enabled: bool):
     torch.autograd.set_multithreading_enabled(enabled)
@@ -80,6 +97,7 @@ def autograd_threads(enabled: bool):
 
 def main() -> int:
     breakdown()
+    backward_breakdown()
     shape = Shape("T5-base", "q/k/v/o", 768, 768)
     for mode in ("ff", "attn"):
         bare, peft_layer, ours = build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)

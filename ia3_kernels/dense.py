@@ -97,10 +97,12 @@ def _ia3_matmul_kernel(
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if REDUCE_A_AUX:
-            # The attention backward's dl = sum_rows dy*u rides on the dx GEMM's dy tiles: the
-            # first column block of CTAs also reads u and reduces over its rows (split-K splits
-            # own disjoint k ranges), so dl costs no launch and no second pass over dy.
-            if pid_n == 0:
+            # The attention backward's dl = sum_rows dy*u rides on the dx GEMM's dy tiles, so
+            # dl costs no launch and no second pass over dy. Each k block is reduced by one
+            # column block of CTAs, dealt round-robin (split-K splits own disjoint k ranges):
+            # leaving every block to pid_n == 0 made that column read all of u alone and
+            # doubled the backward at 4096->14336, M = 16 (H100, CUDA graphs).
+            if (k0 // BLOCK_K) % num_pid_n == pid_n:
                 a_aux = tl.load(a_aux_ptr + rm[:, None] * stride_a_auxm + rk[None, :] * stride_a_auxk,
                                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 a_part = tl.sum(a.to(tl.float32) * a_aux.to(tl.float32), axis=0)
@@ -199,10 +201,19 @@ def _ia3_scale_reduce_kernel(
 # Eager calls launch the raw kernels: outside a triton_op, a wrap_triton launch dispatches a
 # higher-order op, measured at 400-800 us of CPU per layer call on the H100 host (a bf16
 # nn.Linear costs 8 us there).
+def _traceable(kernel):
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        # torch < 2.13 refuses interpreter-wrapped kernels (TRITON_INTERPRET=1): the traced op
+        # then launches them directly (torch.compile over interpreted kernels is not a use).
+        return kernel
+
+
 _KERNELS = {
     False: ((_ia3_matmul_kernel, _ia3_scale_reduce_kernel) if config.triton_interpreted()
             else (FastKernel(_ia3_matmul_kernel), FastKernel(_ia3_scale_reduce_kernel))),
-    True: (wrap_triton(_ia3_matmul_kernel), wrap_triton(_ia3_scale_reduce_kernel)),
+    True: (_traceable(_ia3_matmul_kernel), _traceable(_ia3_scale_reduce_kernel)),
 }
 
 # --------------------------------------------------------------------------------------------
