@@ -143,5 +143,20 @@ def write(out_dir: Path, stem: str, env: dict, rows: list[dict], summary: list[d
     if extra:
         payload.update(extra)
     json_path.write_text(json.dumps(payload, indent=1))
-    md_path.write_text(markdown(env, rows, summary, note))
+    text = markdown(env, rows, summary, note)
+    if extra and extra.get("compare_paths"):
+        text += paths_markdown(extra["compare_paths"])
+    md_path.write_text(text)
     return json_path, md_path
+
+
+def paths_markdown(path_rows: list[dict]) -> str:
+    """Our op with each strategy forced, CUDA graphs at every M (--compare-paths)."""
+    lines = ["", "## Strategy comparison (our op, each strategy forced, CUDA graphs)", "",
+             "| model | layer | M | mode | phase | fused us | cublas us | faster |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in path_rows:
+        best = "cublas" if p["cublas_us"] < p["fused_us"] else "fused"
+        lines.append(f"| {p['model']} | {p['layer']} | {p['m']} | {p['mode']} | {p['phase']} | "
+                     f"{p['fused_us']:.1f} | {p['cublas_us']:.1f} | {best} |")
+    return "\n".join(lines) + "\n"

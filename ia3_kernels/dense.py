@@ -243,10 +243,14 @@ ATTN_FWD_CUBLAS_MIN_M = 128
 #   the largest GEMMs hide. Elsewhere the fused kernel scales the dy tile in registers.
 SMALL_SCRATCH_BYTES = 256 << 10
 ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 39
-# - attention backward at M <= 64: the fused kernel also reduces dl from its dy tiles, so the
-#   whole backward is one launch where the cuBLAS route takes three (pass, GEMM, sum), each
-#   ~2-3 us of GPU time that a 768-wide layer's ~12 us cannot hide.
+# - attention backward at M <= 64 and N <= 1024: the fused kernel also reduces dl from its dy
+#   tiles, so the whole backward is one launch where the cuBLAS route takes three (pass, GEMM,
+#   sum). H100, CUDA graphs, fwd+bwd at M = 1/16: fused 24.9/25.3 us against 26.3/27.0 on
+#   4096->1024 and 21.7/22.5 against 24.7/25.9 on 3072->768, but 158-177 against 107-110 where
+#   the GEMM reduces over N = 4096 or 14336 (4096->14336, 14336->4096), 57-62 against 46-49 on
+#   4096->4096 (benchmarks/results/paths-small-attn-h100.md).
 ATTN_BWD_FUSED_MAX_M = 64
+ATTN_BWD_FUSED_MAX_N = 1024
 
 
 @contextlib.contextmanager
@@ -275,7 +279,7 @@ def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.de
         # a GEMM launch; 7 chunks (4096->14336 at M = 2048) measured 1.0 ms against 0.66 fused.
         return N <= 2 * M and (M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32)
     if phase == "attn_bwd":
-        if M <= ATTN_BWD_FUSED_MAX_M and dtype != torch.float32:
+        if M <= ATTN_BWD_FUSED_MAX_M and N <= ATTN_BWD_FUSED_MAX_N and dtype != torch.float32:
             return False
         return (M * N * dtype.itemsize <= SMALL_SCRATCH_BYTES
                 or (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
@@ -348,11 +352,12 @@ def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
 
 def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
                    bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True,
-                   a_aux=None):
+                   a_aux=None, sum_dtype=torch.float32):
     """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
 
-    Returns (c, preact, partial, a_partial): partial (row blocks, N) fp32 sums of u*aux, and
-    a_partial (row blocks, K) fp32 sums of a*a_aux (a before scale_a), or None.
+    Returns (c, preact, partial, a_partial): partial (row blocks, N) sums of u*aux, and
+    a_partial (row blocks, K) sums of a*a_aux (a before scale_a), or None. Sums are fp32, or
+    `sum_dtype` where one row block makes them final (no cast launch afterwards).
     """
     M, K = a.shape
     N = out_shape[1]
@@ -363,9 +368,10 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted())
     num_pid_m = cdiv(M, bm)
     tiles = num_pid_m * cdiv(N, bn)
-    partial = (torch.empty((num_pid_m, N), device=device, dtype=torch.float32)
+    partial_dtype = sum_dtype if num_pid_m == 1 else torch.float32
+    partial = (torch.empty((num_pid_m, N), device=device, dtype=partial_dtype)
                if reduce_aux else None)
-    a_partial = (torch.empty((num_pid_m, K), device=device, dtype=torch.float32)
+    a_partial = (torch.empty((num_pid_m, K), device=device, dtype=partial_dtype)
                  if a_aux is not None else None)
     if split_k > 1:
         workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
@@ -409,9 +415,11 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
     return buf
 
 
-def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None):
+def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
+                         sum_dtype=torch.float32):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
-    partial = per-row-block sums of src * aux. Returns (out, partial)."""
+    partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
+    Returns (out, partial)."""
     R, C = src.shape
     device = src.device
     block_r, block_c = (16, 32) if config.triton_interpreted() else (32, 128)
@@ -421,7 +429,8 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     row_programs = max(1, min(cdiv(R, block_r), (8 * _sm_count(device)) // col_programs))
     rows_per_program = cdiv(cdiv(max(R, 1), row_programs), block_r) * block_r
     row_programs = cdiv(max(R, 1), rows_per_program)
-    partial = (torch.empty((row_programs, C), device=device, dtype=torch.float32)
+    partial = (torch.empty((row_programs, C), device=device,
+                           dtype=sum_dtype if row_programs == 1 else torch.float32)
                if aux is not None else None)
     out_strides = out.stride() if out is not None else (0, 0)
     aux_strides = aux.stride() if aux is not None else (0, 0)
@@ -499,9 +508,10 @@ def _cublas_linear(x, w_kn, bias):
 
 
 def _reduce_partials(partial, like):
-    """Per-block fp32 partial sums -> a gradient shaped and typed like `like` (fixed order)."""
+    """Per-block partial sums -> a gradient shaped and typed like `like` (fixed order). One
+    block is already final, in like's dtype (the kernels were given it as sum_dtype)."""
     total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
-    return total.to(like.dtype).view(like.shape)
+    return total.to(like.dtype).view(like.shape)  # .to is free where the dtype already is
 
 
 # The cuBLAS attention backward needs dy*l as a GEMM operand. Built for all M rows at once it
@@ -514,8 +524,9 @@ ATTN_BWD_MIN_CHUNK_ROWS = 512
 def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_dx, need_dscale,
                                traceable):
     """dx = (dy*l) W by cuBLAS over row chunks; the pass that forms each chunk of dy*l also
-    reduces its rows of dy*u. Returns (dx, dl as an fp32 vector): chunk sums are added in chunk
-    order (deterministic) so only one chunk's partial rows are alive at a time."""
+    reduces its rows of dy*u. Returns (dx, partial sums of dy*u for _reduce_partials): one
+    chunk's row blocks as they are, or several chunks' sums added in chunk order (deterministic)
+    as one fp32 row, so that only one chunk's partial rows are alive at a time."""
     M, N = dy.shape
     w_nk = weight.t() if fan_in_fan_out else weight
     dx = torch.empty((M, w_nk.shape[1]), device=dy.device, dtype=weight.dtype) if need_dx else None
@@ -531,13 +542,16 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
         dyl = scratch[: stop - start] if need_dx else None
         _, partial = _launch_scale_reduce(
             dy[start:stop], scale=scale, scale_axis=1, out=dyl,
-            aux=preact[start:stop] if need_dscale else None, traceable=traceable)
+            aux=preact[start:stop] if need_dscale else None,
+            sum_dtype=scale.dtype if rows == M else torch.float32, traceable=traceable)
         if need_dx:
             _gemm_into(dx[start:stop], dyl, w_nk, None, traceable)
         if need_dscale:
+            if rows == M:
+                return dx, partial  # one chunk: its partial rows are what the caller sums
             chunk_sum = partial.sum(0)
             total = chunk_sum if total is None else total + chunk_sum
-    return dx, total
+    return dx, (None if total is None else total[None])
 
 
 def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out: bool,
@@ -600,13 +614,13 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
                 _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
                                                   out=g if need_dx else None,
                                                   aux=x if need_dscale else None,
-                                                  traceable=traceable)
+                                                  sum_dtype=scale.dtype, traceable=traceable)
                 dx = g if need_dx else None
             else:
                 dx, _, partial, _ = _launch_matmul(
                     dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                     scale_c=scale, aux=x if need_dscale else None, reduce_aux=need_dscale,
-                    store_c=need_dx, traceable=traceable)
+                    store_c=need_dx, sum_dtype=scale.dtype, traceable=traceable)
             if need_dscale:
                 dscale = _reduce_partials(partial, scale)
         if need_dbias:
@@ -620,14 +634,15 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             # reduced from the same dy tiles.
             dx, _, _, a_partial = _launch_matmul(
                 dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
-                scale_a=scale, a_aux=preact if need_dscale else None, traceable=traceable)
+                scale_a=scale, a_aux=preact if need_dscale else None, sum_dtype=scale.dtype,
+                traceable=traceable)
             if need_dscale:
                 dscale = _reduce_partials(a_partial, scale)
         elif need_dx or need_dscale:
-            dx, total = _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out,
-                                                   need_dx, need_dscale, traceable)
+            dx, partial = _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out,
+                                                     need_dx, need_dscale, traceable)
             if need_dscale:
-                dscale = _reduce_partials(total[None], scale)
+                dscale = _reduce_partials(partial, scale)
         if need_dbias:
             dbias = (dy.sum(0, dtype=torch.float32) * scale.reshape(-1).float()).to(weight.dtype)
         if need_dweight:

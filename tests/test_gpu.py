@@ -156,9 +156,11 @@ def test_dispatch_keeps_scratch_within_the_memory_budget():
     assert dense._use_cublas("ff_fwd", 8192, 14336, bf16, cuda)  # 2 chunks of 7168 features
     assert not dense._use_cublas("ff_fwd", 2048, 14336, bf16, cuda)  # 7 chunks: fused wins
     assert not dense._use_cublas("ff_fwd", 16, 1024, bf16, cuda)
-    # Attention backward: one fused launch up to M = 64 (dl reduced from the dx kernel's dy
-    # tiles); beyond, cuBLAS on a dy*l scratch that is tiny (<= 256 KiB) or an eighth of M x N.
-    assert not dense._use_cublas("attn_bwd", 16, 4096, bf16, cuda)
+    # Attention backward: one fused launch at M <= 64 and N <= 1024 (dl reduced from the dx
+    # kernel's dy tiles); else cuBLAS on a dy*l scratch that is tiny (<= 256 KiB) or an
+    # eighth of M x N.
+    assert not dense._use_cublas("attn_bwd", 16, 1024, bf16, cuda)
+    assert dense._use_cublas("attn_bwd", 16, 4096, bf16, cuda)
     assert dense._use_cublas("attn_bwd", 65, 1024, bf16, cuda)
     assert not dense._use_cublas("attn_bwd", 128, 4096, bf16, cuda, 14336)  # 1 MiB of scratch
     assert not dense._use_cublas("attn_bwd", 1024, 4096, bf16, cuda, 4096)
