@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         for p in path_rows:
             best = "cublas" if p["cublas_us"] < p["fused_us"] else "fused"
             print(f"  {p['model']:<10} {p['layer']:<16} M={p['m']:<5} {p['mode']:<4} {p['phase']:<7} "
-                  f"fused {p['fused_us']:8.1f}  cublas {p['cublas_us']:8.1f}  -> {best}")
+                  f"bare {p['bare_us']:8.1f}  fused {p['fused_us']:8.1f}  cublas {p['cublas_us']:8.1f}"
+                  f"  -> {best}")
     print(f"\nwrote {json_path} and {md_path}")
     if cuda:
         try:

@@ -195,14 +195,14 @@ def bench_case(shape: Shape, m: int, mode: str, device, dtype, graphs: bool) -> 
 def compare_paths(shape: Shape, m: int, mode: str, device, dtype) -> list[dict]:
     """Time our op with each strategy forced: where does cuBLAS + pass beat the fused GEMM?
     CUDA graphs at every M, so that only GPU time decides."""
-    _, _, ours = build_layers(shape, mode, device, dtype)
+    bare, _, ours = build_layers(shape, mode, device, dtype)
     x, dy = case_inputs(shape, m, device, dtype)
     out = []
     for phase in ("fwd", "fwd+bwd"):
         xin = x.clone().requires_grad_(phase == "fwd+bwd")
         fn = step_fn(ours, xin, phase, dy)
         entry = dict(model=shape.model, layer=shape.layer, k=shape.k, n=shape.n, m=m, mode=mode,
-                     phase=phase)
+                     phase=phase, bare_us=time_graph(step_fn(bare, xin, phase, dy)))
         for path in ("fused", "cublas"):
             with ia3_kernels.dense_path(path):
                 entry[f"{path}_us"] = time_graph(fn)

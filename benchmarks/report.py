@@ -153,10 +153,11 @@ def write(out_dir: Path, stem: str, env: dict, rows: list[dict], summary: list[d
 def paths_markdown(path_rows: list[dict]) -> str:
     """Our op with each strategy forced, CUDA graphs at every M (--compare-paths)."""
     lines = ["", "## Strategy comparison (our op, each strategy forced, CUDA graphs)", "",
-             "| model | layer | M | mode | phase | fused us | cublas us | faster |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | layer | M | mode | phase | bare us | fused us | cublas us | faster |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in path_rows:
         best = "cublas" if p["cublas_us"] < p["fused_us"] else "fused"
+        bare = f"{p['bare_us']:.1f}" if "bare_us" in p else "-"
         lines.append(f"| {p['model']} | {p['layer']} | {p['m']} | {p['mode']} | {p['phase']} | "
-                     f"{p['fused_us']:.1f} | {p['cublas_us']:.1f} | {best} |")
+                     f"{bare} | {p['fused_us']:.1f} | {p['cublas_us']:.1f} | {best} |")
     return "\n".join(lines) + "\n"
