@@ -251,6 +251,13 @@ ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 39
 #   4096->4096 (benchmarks/results/paths-small-attn-h100.md).
 ATTN_BWD_FUSED_MAX_M = 64
 ATTN_BWD_FUSED_MAX_N = 1024
+# The rules above come from GPU time alone (CUDA graphs). In eager mode every extra launch of
+# the cuBLAS route (pass, sums, chunks) costs 20-25 us of CPU on the H100 host, which is about
+# what a bf16 GEMM of 2**34 flop takes on the GPU. Below that size the single fused kernel
+# wins the eager step even where cuBLAS + a pass wins under graphs by up to ~17 us (T5-base
+# 768->768 at M = 8192): T5-base training, 8 x 512 tokens, fused 1.41x the no-adapter floor
+# against 1.80x with cuBLAS + passes (benchmarks/results/e2e-t5-{fused,cublas}-h100.md).
+SMALL_GEMM_FLOP = 1 << 34
 
 
 @contextlib.contextmanager
@@ -266,30 +273,36 @@ def dense_path(path: str):
         _path_override["path"] = old
 
 
-def _use_cublas(phase: str, M: int, N: int, dtype: torch.dtype, device: torch.device,
-                K: int = 0) -> bool:
+def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
+                device: torch.device) -> bool:
     """phase: "ff_fwd", "ff_bwd", "attn_fwd" or "attn_bwd"; N = out_features, K = in_features."""
     forced = _path_override["path"]
     if forced != "auto":
         return forced == "cublas"
     if device.type != "cuda":
         return False
+    small_gemm = dtype != torch.float32 and 2 * M * N * K < SMALL_GEMM_FLOP
     if phase == "ff_fwd":
         # W*l in at most 2 column chunks of <= M features (N <= 2M): each chunk costs a pass and
         # a GEMM launch; 7 chunks (4096->14336 at M = 2048) measured 1.0 ms against 0.66 fused.
-        return N <= 2 * M and (M >= FF_FWD_CUBLAS_MIN_M or dtype == torch.float32)
+        return N <= 2 * M and (dtype == torch.float32
+                               or (M >= FF_FWD_CUBLAS_MIN_M and not small_gemm))
     if phase == "attn_bwd":
-        if M <= ATTN_BWD_FUSED_MAX_M and N <= ATTN_BWD_FUSED_MAX_N and dtype != torch.float32:
-            return False
-        return (M * N * dtype.itemsize <= SMALL_SCRATCH_BYTES
-                or (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
-                    and 2 * M * N * K >= ATTN_BWD_CHUNKED_MIN_FLOP))
+        small_scratch = M * N * dtype.itemsize <= SMALL_SCRATCH_BYTES
+        chunked = (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
+                   and 2 * M * N * K >= ATTN_BWD_CHUNKED_MIN_FLOP)
+        if dtype == torch.float32:
+            return small_scratch or chunked
+        if M <= ATTN_BWD_FUSED_MAX_M:
+            return N > ATTN_BWD_FUSED_MAX_N and small_scratch
+        return chunked  # beyond M = 64 a dy*l that fits the small scratch is a small GEMM's
     if dtype == torch.float32:
         # An fp32 tl.dot is either tf32 (3e-4 relative error, 10x PEFT's exact fp32 cuBLAS) or
         # ieee FMAs (far slower than cuBLAS): cuBLAS wins both ways.
         return True
+    if small_gemm:
+        return False
     return M >= (FF_BWD_CUBLAS_MIN_M if phase == "ff_bwd" else ATTN_FWD_CUBLAS_MIN_M)
-
 
 
 @functools.lru_cache(maxsize=16)
@@ -568,13 +581,13 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
     if feedforward:
         # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
         # forward never peaks above the backward's dx.
-        if _use_cublas("ff_fwd", M, N, weight.dtype, x.device):
+        if _use_cublas("ff_fwd", M, N, K, weight.dtype, x.device):
             return _feedforward_forward_cublas(x.to(out_dtype), weight, bias, scale,
                                                fan_in_fan_out, traceable), None
         y, _, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
                                  scale_a=scale, bias=bias, traceable=traceable)
         return y, None
-    if _use_cublas("attn_fwd", M, N, weight.dtype, x.device):
+    if _use_cublas("attn_fwd", M, N, K, weight.dtype, x.device):
         u = _cublas_linear(x.to(out_dtype), weight if fan_in_fan_out else weight.t(), bias)
         y = torch.empty_like(u)
         _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y, traceable=traceable)
@@ -608,7 +621,7 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
         preact = _cublas_linear(x.to(weight.dtype), weight if fan_in_fan_out else weight.t(), bias)
     if feedforward:
         if need_dx or need_dscale:
-            if _use_cublas("ff_bwd", M, N, weight.dtype, dy.device):
+            if _use_cublas("ff_bwd", M, N, K, weight.dtype, dy.device):
                 w_nk = weight.t() if fan_in_fan_out else weight
                 g = torch.matmul(dy, w_nk)  # (M, K): becomes dx in place
                 _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
@@ -629,7 +642,7 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             xs = (x.to(scale.dtype) * scale.reshape(-1)).to(weight.dtype)
             dweight = dy.t().mm(xs)  # (N, K)
     else:
-        if need_dx and not _use_cublas("attn_bwd", M, N, weight.dtype, dy.device, K):
+        if need_dx and not _use_cublas("attn_bwd", M, N, K, weight.dtype, dy.device):
             # One launch: dx = (dy*l) W with dy scaled in registers, dl = sum_rows dy*u
             # reduced from the same dy tiles.
             dx, _, _, a_partial = _launch_matmul(

@@ -152,21 +152,27 @@ def test_autocast_with_fp32_weights_matches_peft():
 def test_dispatch_keeps_scratch_within_the_memory_budget():
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     # Feedforward forward: cuBLAS on W*l from M = 2048 (built in chunks no larger than x).
-    assert dense._use_cublas("ff_fwd", 8192, 4096, bf16, cuda)
-    assert dense._use_cublas("ff_fwd", 8192, 14336, bf16, cuda)  # 2 chunks of 7168 features
-    assert not dense._use_cublas("ff_fwd", 2048, 14336, bf16, cuda)  # 7 chunks: fused wins
-    assert not dense._use_cublas("ff_fwd", 16, 1024, bf16, cuda)
+    assert dense._use_cublas("ff_fwd", 8192, 4096, 4096, bf16, cuda)
+    assert dense._use_cublas("ff_fwd", 8192, 14336, 4096, bf16, cuda)  # 2 chunks of 7168
+    assert not dense._use_cublas("ff_fwd", 2048, 14336, 4096, bf16, cuda)  # 7 chunks: fused wins
+    assert not dense._use_cublas("ff_fwd", 16, 1024, 4096, bf16, cuda)
+    # GEMMs under 2**34 flop stay on the single fused kernel (eager launches cost more than
+    # cuBLAS saves): T5-base 768->768 at 4096 tokens, not Llama-3.2-1B's down_proj at 8192.
+    for phase in ("ff_fwd", "ff_bwd", "attn_fwd", "attn_bwd"):
+        assert not dense._use_cublas(phase, 4096, 768, 768, bf16, cuda)
+    assert dense._use_cublas("ff_bwd", 8192, 2048, 8192, bf16, cuda)
+    assert dense._use_cublas("attn_fwd", 8192, 512, 2048, bf16, cuda)
     # Attention backward: one fused launch at M <= 64 and N <= 1024 (dl reduced from the dx
-    # kernel's dy tiles); else cuBLAS on a dy*l scratch that is tiny (<= 256 KiB) or an
-    # eighth of M x N.
-    assert not dense._use_cublas("attn_bwd", 16, 1024, bf16, cuda)
-    assert dense._use_cublas("attn_bwd", 16, 4096, bf16, cuda)
-    assert dense._use_cublas("attn_bwd", 65, 1024, bf16, cuda)
-    assert not dense._use_cublas("attn_bwd", 128, 4096, bf16, cuda, 14336)  # 1 MiB of scratch
-    assert not dense._use_cublas("attn_bwd", 1024, 4096, bf16, cuda, 4096)
-    assert dense._use_cublas("attn_bwd", 8192, 4096, bf16, cuda, 14336)
+    # kernel's dy tiles); at M <= 64 and wider N, cuBLAS on a dy*l scratch of <= 256 KiB;
+    # at M >= 4096 and >= 2**39 flop, cuBLAS over row chunks of dy*l (an eighth of M x N).
+    assert not dense._use_cublas("attn_bwd", 16, 1024, 4096, bf16, cuda)
+    assert dense._use_cublas("attn_bwd", 16, 4096, 4096, bf16, cuda)
+    assert not dense._use_cublas("attn_bwd", 64, 4096, 4096, bf16, cuda)  # 512 KiB of scratch
+    assert not dense._use_cublas("attn_bwd", 128, 4096, 14336, bf16, cuda)
+    assert not dense._use_cublas("attn_bwd", 1024, 4096, 4096, bf16, cuda)
+    assert dense._use_cublas("attn_bwd", 8192, 4096, 14336, bf16, cuda)
     # ... and only where the GEMM hides the chunk loop's launches (T5's 768x768 does not).
-    assert not dense._use_cublas("attn_bwd", 8192, 768, bf16, cuda, 768)
+    assert not dense._use_cublas("attn_bwd", 8192, 768, 768, bf16, cuda)
 
 
 def test_attention_training_peak_memory_within_one_output():
