@@ -207,3 +207,13 @@ def test_custom_op_autograd_matches_eager_function(triton_backend, feedforward, 
         results.append([y] + list(torch.autograd.grad(y, [xg, sg, bg], dy)))
     for op_result, eager_result in zip(*results):
         torch.testing.assert_close(op_result, eager_result, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_dl_by_separate_pass_in_large_gemms(triton_backend, monkeypatch, dtype):
+    """Large GEMMs reduce the attention dl in a pass of its own instead of inside the dx
+    kernel: with the size bar at 0 every GEMM takes that route."""
+    from ia3_kernels import dense
+
+    monkeypatch.setattr(dense, "SMALL_GEMM_FLOP", 0)
+    check_against_reference(77, 96, 130, False, False, True, dtype, "fused")
