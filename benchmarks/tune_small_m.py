@@ -27,7 +27,8 @@ def main() -> int:
                 bare_us = time_graph(step_fn(bare, x, "fwd", None))
                 results = []
                 for bn, bk, warps, stages in CANDIDATES:
-                    def config(M, N, K, elem, n_sm, interpret, _c=(bn, bk, warps, stages)):
+                    def config(M, N, K, elem, n_sm, interpret, stores_preact=False,
+                               _c=(bn, bk, warps, stages)):
                         split = dense.split_k_for(M, N, K, 16, _c[0], _c[1], elem, n_sm, interpret)
                         return 16, _c[0], _c[1], split, _c[2], _c[3]
                     dense._matmul_config = config

@@ -326,7 +326,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 SPLIT_K_WORKSPACE_BYTES = 512 << 10
 
 
-def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool):
+def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool,
+                   stores_preact: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket."""
     if interpret:
         bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
@@ -343,6 +344,13 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
     elif M <= 256:
         bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+    elif not stores_preact and cdiv(M, 128) * cdiv(N, 256) >= n_sm:
+        # 128x256 tiles where they still fill the GPU. H100 sweep, fused strategy, CUDA graphs
+        # (benchmarks/results/tune-large-m-h100.log): the feedforward forward (x scaled in the
+        # K-loop) on 4096->4096 at M = 8192 takes 445 us against 703 with 128x128 (bare 356),
+        # forward+backward 1033 against 1412; 4096->1024 at M = 8192 324 against 419. The
+        # attention forward, which stores u and y, and grids under one wave keep 128x128.
+        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if elem_size == 4 and not interpret:
@@ -378,7 +386,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     c = torch.empty(out_shape, device=device, dtype=out_dtype) if store_c else None
     preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
     bm, bn, bk, split_k, warps, stages = _matmul_config(
-        M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted())
+        M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted(), store_preact)
     num_pid_m = cdiv(M, bm)
     tiles = num_pid_m * cdiv(N, bn)
     partial_dtype = sum_dtype if num_pid_m == 1 else torch.float32
