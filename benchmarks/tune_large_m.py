@@ -50,7 +50,7 @@ def main() -> int:
                     current = results[0][0]
                     results.sort(key=lambda r: (r[0] != r[0], r[0]))
                     line = "  ".join(f"{c}:{us:.1f}" for us, c in results[:3])
-                    print(f"{shape.k}->{shape.n} M={m} {mode} {phase}: bare {bare_us:.1f} current "
+                    print(f"{shape.k}->{shape.n} M={m} {mode} {phase}: bare {bare_us:.1f} 128x128 "
                           f"{current:.1f} | best {line}", flush=True)
     return 0
 
