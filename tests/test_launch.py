@@ -59,6 +59,20 @@ def test_key_separates_what_triton_specialises():
         bind(1.5, *args[1:], **kwargs)
 
 
+def _count_triton_launches(monkeypatch, fast):
+    """Route the wrapper's fallback through a counter; returns the count's dict."""
+    calls = {"triton": 0}
+    real = fast.fn
+
+    class Counting:
+        def __getitem__(self, g):
+            calls["triton"] += 1
+            return real[g]
+
+    monkeypatch.setattr(fast, "fn", Counting())
+    return calls
+
+
 @pytest.mark.gpu
 def test_fast_launch_matches_triton_and_skips_it_when_cached(monkeypatch):
     fast = launch.FastKernel(dense._ia3_scale_reduce_kernel)
@@ -71,15 +85,8 @@ def test_fast_launch_matches_triton_and_skips_it_when_cached(monkeypatch):
         fast[grid](*args, **kwargs)  # first call: through Triton, kept
         torch.testing.assert_close(out, src * scale, rtol=0, atol=0)
         out.fill_(float("nan"))
-        calls = {"triton": 0}
         real = fast.fn
-
-        class Counting:
-            def __getitem__(self, g):
-                calls["triton"] += 1
-                return real[g]
-
-        monkeypatch.setattr(fast, "fn", Counting())
+        calls = _count_triton_launches(monkeypatch, fast)
         fast[grid](*args, **kwargs)  # cached: the C launcher directly
         monkeypatch.setattr(fast, "fn", real)
         assert calls["triton"] == 0
@@ -95,14 +102,6 @@ def test_launch_hooks_send_calls_through_triton(monkeypatch):
     args, kwargs = _scale_args(src, torch.rand(32, device="cuda"), out)
     fast[(1, 1)](*args, **kwargs)
     monkeypatch.setattr(launch, "_launch_hooks_active", lambda: True)
-    calls = {"triton": 0}
-    real = fast.fn
-
-    class Counting:
-        def __getitem__(self, g):
-            calls["triton"] += 1
-            return real[g]
-
-    monkeypatch.setattr(fast, "fn", Counting())
+    calls = _count_triton_launches(monkeypatch, fast)
     fast[(1, 1)](*args, **kwargs)
     assert calls["triton"] == 1
