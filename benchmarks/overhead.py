@@ -40,7 +40,8 @@ def breakdown() -> None:
     w, b = bare.weight, bare.bias
     s = ours.ia3_l["default"].detach()
     y = torch.empty(16, 768, device="cuda", dtype=torch.bfloat16)
-    bm, bn, bk, split, warps, stages = dense._matmul_config(16, 768, 768, 2, dense._sm_count(x.device), False)
+    bm, bn, bk, split, warps, stages = dense._matmul_config(16, 768, 768, 2,
+                                                            dense._sm_count(x.device), False)
     grid = (dense.cdiv(16, bm) * dense.cdiv(768, bn), split)
     counters = torch.zeros(grid[0], device="cuda", dtype=torch.int32)
     work = torch.empty(split * 16 * 768, device="cuda", dtype=torch.float32)

@@ -16,12 +16,14 @@ Feedforward layers scale the input, `y = (x*l) W^T + b`; attention layers scale 
   W diag(l) (built in at most two chunks of <= M output features, so the scratch never outgrows
   x), the feedforward backward scales cuBLAS's dy W in place, the attention forward scales
   cuBLAS's x W^T + b, the attention backward forms dy*l in row chunks of an eighth of M x N.
-  Which strategy runs is decided per phase and M by `_use_cublas`, from measurements.
+  Which strategy runs is decided per phase, M and GEMM size by `_use_cublas`, from
+  measurements; GEMMs under SMALL_GEMM_FLOP stay fused, where eager launches cost the most.
 
 Backward, both paths: feedforward `g = dy W`, `dx = g*l`, `dl = sum_rows g*x` (the reduction is
 an epilogue of the dx GEMM, or of the pass that scales cuBLAS's g in place); attention
-`dx = (dy*l) W`, `dl = sum_rows dy*u`. Every `dl` is a per-block partial sum followed by a
-`torch.sum` over blocks: no atomics, bitwise reproducible.
+`dx = (dy*l) W`, `dl = sum_rows dy*u` (reduced from the dx kernel's own dy tiles in small
+GEMMs, else by a pass). Every `dl` is a per-block partial sum followed by a fixed-order sum
+over blocks (none where one block is final): no atomics, bitwise reproducible.
 """
 from __future__ import annotations
 

@@ -108,7 +108,6 @@ class FastKernel:
 
     def __init__(self, fn):
         self.fn = fn
-        self.__name__ = getattr(fn, "__name__", repr(fn))
         self._names = [p.name for p in fn.params]
         self._bind = None  # built on the first call, from the kinds of its arguments
         self._compiled: dict = {}
