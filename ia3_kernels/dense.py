@@ -50,7 +50,7 @@ from .launch import FastKernel, cdiv, current_stream_handle
 def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
-    a_aux_ptr, a_partial_ptr, workspace_ptr, counter_ptr,
+    a_aux_ptr, a_partial_ptr, workspace_ptr, counter_ptr, w_scale_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_a_auxm, stride_a_auxk,
@@ -63,6 +63,12 @@ def _ia3_matmul_kernel(
     STORE_C: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    # Quantized weights (B int8, LLM.int8's CB) are converted to A's dtype in registers; their
+    # per-output-feature scale w_scale[f] * W_SCALE_MUL (SCB / 127) applies along the GEMM axis
+    # that holds the output features: 1 = N (forward: acc * scale before the bias), 2 = K
+    # (dx = dy W: the dy tile is scaled before the dot, with scale_a if both); 0 = none.
+    W_SCALE_AXIS: tl.constexpr,
+    W_SCALE_MUL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = epilogue(prologue(A)[M, K] @ B[K, N]) with fp32 accumulation."""
@@ -112,6 +118,12 @@ def _ia3_matmul_kernel(
         if SCALE_A:
             s = tl.load(scale_a_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             a = a.to(tl.float32) * s[None, :]
+        if W_SCALE_AXIS == 2:
+            ws = tl.load(w_scale_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            a = a.to(tl.float32) * (ws * W_SCALE_MUL)[None, :]
+        if W_SCALE_AXIS != 0:
+            # int8 codes -127..127 are exact in fp16 and bf16: the conversion loses nothing.
+            b = b.to(a_ptr.dtype.element_ty)
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
 
     offs_2d = rm[:, None] * N + rn[None, :]
@@ -137,6 +149,9 @@ def _ia3_matmul_kernel(
 
     if is_last:
         u = acc
+        if W_SCALE_AXIS == 1:
+            ws = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            u = u * (ws * W_SCALE_MUL)[None, :]
         if HAS_BIAS:
             u += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if REDUCE_AUX:
@@ -156,10 +171,13 @@ def _ia3_matmul_kernel(
 
 @triton.jit
 def _ia3_scale_reduce_kernel(
-    src_ptr, scale_ptr, out_ptr, aux_ptr, partial_ptr,
+    src_ptr, scale_ptr, out_ptr, aux_ptr, partial_ptr, row_scale_ptr,
     R, C, rows_per_program,
     stride_sr, stride_sc, stride_or, stride_oc, stride_ar, stride_ac,
     SCALE_AXIS: tl.constexpr,  # 1: out = src * scale[col]; 0: out = src * scale[row]
+    # Dequantization of an int8 weight: out = src * row_scale[row] * ROW_SCALE_MUL (and then
+    # the scaling above, if any): LLM.int8's CB * SCB / 127 with IA3's vector folded in.
+    ROW_SCALE: tl.constexpr, ROW_SCALE_MUL: tl.constexpr,
     STORE_OUT: tl.constexpr,
     REDUCE_AUX: tl.constexpr,  # partial[pid_r, col] = sum over the program's rows of src * aux
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -172,7 +190,7 @@ def _ia3_scale_reduce_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     rc = offs_c.to(tl.int64)
-    if STORE_OUT and SCALE_AXIS == 1:
+    if STORE_OUT and SCALE_AXIS == 1:  # SCALE_AXIS -1: no scaling vector
         col_scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     part = tl.zeros((BLOCK_C,), dtype=tl.float32)
     row_start = pid_r * rows_per_program
@@ -189,10 +207,15 @@ def _ia3_scale_reduce_kernel(
                           other=0.0).to(tl.float32)
             part += tl.sum(tl.where(mask, v * aux, 0.0), axis=0)
         if STORE_OUT:
+            if ROW_SCALE:
+                rs = tl.load(row_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+                v = v * (rs * ROW_SCALE_MUL)[:, None]
             if SCALE_AXIS == 1:
                 o = v * col_scale[None, :]
-            else:
+            elif SCALE_AXIS == 0:
                 o = v * tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+            else:
+                o = v
             tl.store(out_ptr + rr[:, None] * stride_or + rc[None, :] * stride_oc,
                      o.to(out_ptr.dtype.element_ty), mask=mask)
     if REDUCE_AUX:
@@ -326,6 +349,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 SPLIT_K_WORKSPACE_BYTES = 512 << 10
+# LLM.int8 stores W ~= CB * SCB / 127 (a row's absmax maps to 127).
+INT8_SCALE_MUL = 1.0 / 127.0
 
 
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool,
@@ -375,8 +400,10 @@ def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
 
 def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
                    bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True,
-                   a_aux=None, sum_dtype=torch.float32):
+                   a_aux=None, sum_dtype=torch.float32, w_scale=None, w_scale_axis=0):
     """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
+    An int8 b is dequantized in registers with w_scale / 127 along GEMM axis w_scale_axis
+    (1 = N, 2 = K; see the kernel's W_SCALE_AXIS).
 
     Returns (c, preact, partial, a_partial): partial (row blocks, N) sums of u*aux, and
     a_partial (row blocks, K) sums of a*a_aux (a before scale_a), or None. Sums are fp32, or
@@ -406,13 +433,15 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
     _KERNELS[traceable][0][(tiles, split_k)](
         a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial, workspace,
-        counters, M, N, K,
+        counters, w_scale, M, N, K,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
         aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
         SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
         REDUCE_AUX=reduce_aux, STORE_PREACT=store_preact, SCALE_C=scale_c is not None,
-        STORE_C=store_c, SPLIT_K=split_k, DOT_PRECISION=_dot_precision(b.dtype),
+        STORE_C=store_c, SPLIT_K=split_k,
+        DOT_PRECISION=_dot_precision(b.dtype if w_scale is None else a.dtype),
+        W_SCALE_AXIS=w_scale_axis if w_scale is not None else 0, W_SCALE_MUL=INT8_SCALE_MUL,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )
@@ -439,9 +468,10 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
 
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
-                         sum_dtype=torch.float32):
+                         sum_dtype=torch.float32, row_scale=None):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
+    row_scale: src is an int8 weight, dequantized as src * row_scale[row] / 127 first.
     Returns (out, partial)."""
     R, C = src.shape
     device = src.device
@@ -459,9 +489,10 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     aux_strides = aux.stride() if aux is not None else (0, 0)
     grid = (row_programs, col_programs)
     _KERNELS[traceable][1][grid](
-        src, scale, out, aux, partial, R, C, rows_per_program,
+        src, scale, out, aux, partial, row_scale, R, C, rows_per_program,
         src.stride(0), src.stride(1), out_strides[0], out_strides[1], aux_strides[0], aux_strides[1],
-        SCALE_AXIS=scale_axis, STORE_OUT=out is not None, REDUCE_AUX=aux is not None,
+        SCALE_AXIS=scale_axis if scale is not None else -1, STORE_OUT=out is not None,
+        REDUCE_AUX=aux is not None, ROW_SCALE=row_scale is not None, ROW_SCALE_MUL=INT8_SCALE_MUL,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out, partial

@@ -1,0 +1,376 @@
+"""(IA)^3 on LLM.int8 weights (bitsandbytes Linear8bitLt): launchers, the pure-PyTorch reference
+and the custom op. The kernels are dense.py's, with the int8 flags on (W_SCALE_AXIS, ROW_SCALE).
+
+bitsandbytes stores W ~= CB * SCB[:, None] / 127: CB int8 (out, in), SCB one float32 per output
+row. Our op is a weight-only dequantize-matmul: the activations stay 16-bit, CB is converted to
+x's dtype in registers (int8 codes are exact in fp16/bf16) and SCB/127 is applied in fp32, in the
+epilogue of the forward (it scales output features) and on the dy tile of dx = dy W. bnb's own
+LLM.int8 matmul also quantizes the activations to int8 per row (outlier columns above
+`threshold` kept in fp16), so ours is closer to the float model than bnb's, whatever the
+threshold (README "8-bit" shows both errors).
+
+Paths, as in dense.py: "fused" (one Triton GEMM reading CB as stored) up to mid-size M; at large
+M, where cuBLAS's bf16 GEMM is 25-30% ahead of a Triton GEMM, "cublas": a Triton pass
+dequantizes a chunk of W (SCB and, where exact, l folded in) into a scratch no larger than x or
+dy, and cuBLAS multiplies it. bnb's own backward holds a full dequantized N x K copy, so the
+chunked scratch never raises the peak above bnb's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from . import config
+from .dense import (SMALL_GEMM_FLOP, _gemm_into, _launch_matmul, _launch_scale_reduce,
+                    _path_override, _reduce_partials, _where)
+from .launch import cdiv
+
+_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Where dequantize-to-scratch + cuBLAS replaces the fused GEMM, by M (GEMMs of >= SMALL_GEMM_FLOP
+# only). Placeholder rule until the H100 sweep below sets it (benchmarks/results/int8-paths-*).
+INT8_CUBLAS_MIN_M = 1024
+# The attention backward reduces dl from the dx kernel's dy tiles (one launch) only where the
+# dense kernel measured it a win (dense.ATTN_BWD_FUSED_MAX_*): M <= 64 and N <= 1024.
+ATTN_DL_IN_KERNEL_MAX_M = 64
+ATTN_DL_IN_KERNEL_MAX_N = 1024
+
+
+def _use_cublas(M: int, N: int, K: int, device: torch.device) -> bool:
+    forced = _path_override["path"]
+    if forced != "auto":
+        return forced == "cublas"
+    return (device.type == "cuda" and M >= INT8_CUBLAS_MIN_M
+            and 2 * M * N * K >= SMALL_GEMM_FLOP)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = CB * SCB / 127 computed in float32, rounded once to `dtype`."""
+    return (cb.float() * (scb.float()[:, None] / 127.0)).to(dtype)
+
+
+def torch_ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                          bias: Optional[torch.Tensor], scale: torch.Tensor,
+                          feedforward: bool) -> torch.Tensor:
+    """Pure-PyTorch reference: PEFT's IA3 arithmetic (dense.torch_ia3_linear) on the dequantized
+    weight, in the compute dtype (autocast's, else x's). The ground truth of the tests and the
+    CPU path. Differentiable in x, scale and bias."""
+    from .dense import torch_ia3_linear
+
+    dtype = _compute_dtype(x)
+    w = dequantize_int8(cb, scb, dtype if x.dtype != torch.float64 else torch.float64)
+    xw = x if x.dtype == torch.float64 else x.to(dtype)
+    b = None if bias is None else bias.to(w.dtype)
+    return torch_ia3_linear(xw, w, b, scale, feedforward)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """bnb's Linear8bitLt returns x's dtype; under autocast, the autocast dtype (as F.linear)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _dequantize_into(cb_part, scb_part, out, scale=None, scale_axis=1, traceable=False):
+    """out = CB_part * SCB_part[:, None] / 127 (* scale along scale_axis): one Triton pass."""
+    _launch_scale_reduce(cb_part, scale=scale, scale_axis=scale_axis, out=out, row_scale=scb_part,
+                         traceable=traceable)
+    return out
+
+
+def _chunk(total: int, limit: int) -> int:
+    """Chunk length that splits `total` into equal pieces of at most max(limit, 1)."""
+    return total if total <= limit else cdiv(total, cdiv(total, max(1, limit)))
+
+
+def int8_forward_impl(x, cb, scb, bias, scale, feedforward: bool, save_preact: bool,
+                      traceable: bool = False):
+    """x: (M, K) in the compute dtype, any strides; cb (N, K) int8; scb (N,) fp32.
+    Returns (y, u): u = x W^T + b for attention layers when save_preact, else None."""
+    M, K = x.shape
+    N = cb.shape[0]
+    dtype = x.dtype
+    if M == 0:
+        empty = x.new_empty((0, N))
+        return empty, (x.new_empty((0, N)) if save_preact else None)
+    if not _use_cublas(M, N, K, x.device):
+        b_kn = (cb.stride(1), cb.stride(0))  # B[k, n] = CB[n, k]
+        if feedforward:
+            y, _, _, _ = _launch_matmul(x, b_kn, cb, (M, N), dtype, scale_a=scale, bias=bias,
+                                        w_scale=scb, w_scale_axis=1, traceable=traceable)
+            return y, None
+        y, u, _, _ = _launch_matmul(x, b_kn, cb, (M, N), dtype, scale_c=scale, bias=bias,
+                                    store_preact=save_preact, w_scale=scb, w_scale_axis=1,
+                                    traceable=traceable)
+        return y, u
+    # W (feedforward: W diag(l), exact) in row chunks of <= M output features, so the scratch
+    # never outgrows x; each chunk's GEMM writes its columns of the output in place.
+    out = torch.empty((M, N), device=x.device, dtype=dtype)
+    rows = _chunk(N, M)
+    scratch = torch.empty((rows, K), device=x.device, dtype=dtype)
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        w = _dequantize_into(cb[start:stop], scb[start:stop], scratch[: stop - start],
+                             scale=scale if feedforward else None, scale_axis=1,
+                             traceable=traceable)
+        _gemm_into(out[:, start:stop], x, w.t(), None if bias is None else bias[start:stop],
+                   traceable)
+    if feedforward:
+        return out, None
+    y = torch.empty_like(out)
+    _launch_scale_reduce(out, scale=scale, scale_axis=1, out=y, traceable=traceable)
+    return y, (out if save_preact else None)
+
+
+def int8_backward_impl(dy, x, cb, scb, scale, preact, feedforward: bool, need_dx: bool,
+                       need_dscale: bool, need_dbias: bool, x_dtype: torch.dtype,
+                       traceable: bool = False):
+    """Gradients (dx, dscale, dbias); entries not asked for are None. dy: (M, N) in the compute
+    dtype; x: what the forward multiplied (compute dtype); preact: u (attention)."""
+    M, N = dy.shape
+    K = cb.shape[1]
+    dtype = dy.dtype
+    dx = dscale = dbias = None
+    if M == 0:
+        if need_dx:
+            dx = dy.new_zeros((0, K), dtype=x_dtype)
+        if need_dscale:
+            dscale = torch.zeros_like(scale)
+        if need_dbias:
+            dbias = dy.new_zeros((N,))
+        return dx, dscale, dbias
+    cublas = _use_cublas(M, N, K, dy.device)
+    b_nk = (cb.stride(0), cb.stride(1))  # B[n, k] = CB[n, k]: dx = dy W reduces over N
+    partial = None
+    if feedforward and (need_dx or need_dscale):
+        # g = dy W; dx = g*l; dl = sum_rows g*x (from g in registers, or from cuBLAS's g).
+        if cublas:
+            g = torch.empty((M, K), device=dy.device, dtype=dtype)
+            cols = _chunk(K, M)  # W[:, chunk] is N x cols <= N x M, the size of dy
+            scratch = torch.empty((N, cols), device=dy.device, dtype=dtype)
+            for start in range(0, K, cols):
+                stop = min(K, start + cols)
+                w = _dequantize_into(cb[:, start:stop], scb, scratch[:, : stop - start],
+                                     traceable=traceable)
+                _gemm_into(g[:, start:stop], dy, w, None, traceable)
+            _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
+                                              out=g if need_dx else None,
+                                              aux=x if need_dscale else None,
+                                              sum_dtype=scale.dtype, traceable=traceable)
+            dx = g if need_dx else None
+        else:
+            dx, _, partial, _ = _launch_matmul(
+                dy, b_nk, cb, (M, K), dtype, scale_c=scale, aux=x if need_dscale else None,
+                reduce_aux=need_dscale, store_c=need_dx, sum_dtype=scale.dtype, w_scale=scb,
+                w_scale_axis=2, traceable=traceable)
+    elif not feedforward:
+        # dx = (dy*l) W = dy (diag(l) W); dl = sum_rows dy*u.
+        dl_in_kernel = False
+        if need_dx and cublas:
+            dx = torch.empty((M, K), device=dy.device, dtype=dtype)
+            cols = _chunk(K, M)
+            scratch = torch.empty((N, cols), device=dy.device, dtype=dtype)
+            for start in range(0, K, cols):
+                stop = min(K, start + cols)
+                w = _dequantize_into(cb[:, start:stop], scb, scratch[:, : stop - start],
+                                     scale=scale, scale_axis=0, traceable=traceable)
+                _gemm_into(dx[:, start:stop], dy, w, None, traceable)
+        elif need_dx:
+            dl_in_kernel = (need_dscale and M <= ATTN_DL_IN_KERNEL_MAX_M
+                            and N <= ATTN_DL_IN_KERNEL_MAX_N)
+            dx, _, _, partial = _launch_matmul(
+                dy, b_nk, cb, (M, K), dtype, scale_a=scale,
+                a_aux=preact if dl_in_kernel else None, sum_dtype=scale.dtype, w_scale=scb,
+                w_scale_axis=2, traceable=traceable)
+        if need_dscale and not dl_in_kernel:
+            _, partial = _launch_scale_reduce(dy, aux=preact, sum_dtype=scale.dtype,
+                                              traceable=traceable)
+    if need_dscale:
+        dscale = _reduce_partials(partial, scale)
+    if need_dbias:
+        dbias = dy.sum(0, dtype=torch.float32)
+        if not feedforward:
+            dbias = dbias * scale.reshape(-1).float()
+    if dx is not None and dx.dtype != x_dtype:
+        dx = dx.to(x_dtype)
+    return dx, dscale, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op (torch.compile) and the eager autograd entry point
+# --------------------------------------------------------------------------------------------
+
+
+@triton_op("ia3_kernels::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                    bias: Optional[torch.Tensor], scale: torch.Tensor, feedforward: bool,
+                    save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    y, preact = int8_forward_impl(x, cb, scb, bias, scale, feedforward, save_preact,
+                                  traceable=True)
+    return y, (x.new_empty(0) if preact is None else preact)
+
+
+@triton_op("ia3_kernels::int8_linear_backward", mutates_args=())
+def _int8_linear_backward_op(
+        dy: torch.Tensor, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+        scale: torch.Tensor, preact: torch.Tensor, feedforward: bool, need_dx: bool,
+        need_dscale: bool, need_dbias: bool,
+        x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = int8_backward_impl(dy, x, cb, scb, scale, preact, feedforward, need_dx, need_dscale,
+                               need_dbias, x_dtype, traceable=True)
+    return tuple(dy.new_empty(0) if g is None else g for g in grads)
+
+
+def _save(ctx, x, cb, scb, scale, preact, feedforward, bias):
+    """x for the feedforward dl; u for the attention dl, or, when the caller did not save u
+    (direct op users, opcheck), x and the bias to recompute it."""
+    kept_u = feedforward or (preact is not None and preact.numel() > 0)
+    ctx.save_for_backward(x if not (kept_u and not feedforward) else None, cb, scb, scale,
+                          None if feedforward else preact, None if kept_u else bias)
+    ctx.flags = (feedforward, x.dtype, None if bias is None else bias.dtype)
+
+
+def _backward_args(ctx, dy):
+    x, cb, scb, scale, preact, bias = ctx.saved_tensors
+    feedforward, x_dtype, _ = ctx.flags
+    need = ctx.needs_input_grad  # (x, cb, scb, bias, scale, ...)
+    wanted = (need[0], need[4], need[3])
+    if not feedforward and wanted[1] and (preact is None or preact.numel() == 0):
+        preact = int8_forward_impl(x, cb, scb, bias, scale, False, True)[1]
+    return (dy.contiguous(), x, cb, scb, scale, preact, feedforward, *wanted, x_dtype), wanted
+
+
+def _setup_context(ctx, inputs, output):
+    x, cb, scb, bias, scale, feedforward, _ = inputs
+    _save(ctx, x, cb, scb, scale, output[1], feedforward, bias)
+
+
+def _backward(ctx, dy, _dpreact):
+    args, wanted = _backward_args(ctx, dy)
+    args = tuple(dy.new_empty(0) if a is None else a for a in args[:6]) + args[6:]
+    dx, dscale, dbias = (g if w else None for g, w in
+                         zip(torch.ops.ia3_kernels.int8_linear_backward(*args), wanted))
+    bias_dtype = ctx.flags[2]
+    return dx, None, None, None if dbias is None else dbias.to(bias_dtype), dscale, None, None
+
+
+torch.library.register_autograd("ia3_kernels::int8_linear", _backward,
+                                setup_context=_setup_context)
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    """Eager twin of the custom op (an autograd.Function costs ~2.5 us of CPU against ~10 for
+    a custom op's dispatch: see dense._DenseLinearFunction)."""
+
+    @staticmethod
+    def forward(ctx, x, cb, scb, bias, scale, feedforward, save_preact):
+        y, preact = int8_forward_impl(x, cb, scb, bias, scale, feedforward, save_preact)
+        _save(ctx, x, cb, scb, scale, preact, feedforward, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        args, _ = _backward_args(ctx, dy)
+        dx, dscale, dbias = int8_backward_impl(*args)
+        bias_dtype = ctx.flags[2]
+        return dx, None, None, None if dbias is None else dbias.to(bias_dtype), dscale, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and the public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None):
+    """Clear errors before anything launches."""
+    where = _where(describe)
+    if cb.dim() != 2 or cb.dtype != torch.int8:
+        raise ValueError(f"{where}: the int8 weight (CB) must be a 2-D int8 tensor (out, in), got "
+                         f"{cb.dtype} of shape {tuple(cb.shape)}")
+    N, K = cb.shape
+    if scb.numel() != N or not scb.is_floating_point():
+        raise ValueError(f"{where}: SCB must hold one float scale per output row ({N}), got "
+                         f"{scb.dtype} of shape {tuple(scb.shape)}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{where}: x's last dimension must be in_features={K} (CB {tuple(cb.shape)}"
+                         f" stored (out, in)), got x of shape {tuple(x.shape)}")
+    expected = K if feedforward else N
+    if scale.numel() != expected:
+        kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
+        raise ValueError(f"{where}: a {kind} layer needs {expected} scaling values, got a vector of "
+                         f"shape {tuple(scale.shape)}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"{where}: bias must have out_features={N} elements, got {tuple(bias.shape)}")
+    device = x.device
+    if (cb.device != device or scb.device != device or scale.device != device
+            or (bias is not None and bias.device != device)):
+        devices = {"x": device, "CB": cb.device, "SCB": scb.device, "scale": scale.device,
+                   "bias": None if bias is None else bias.device}
+        raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
+    for name, t in (("x", x), ("scale", scale), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _kernel_refusal(x, dtype, scale) -> Optional[str]:
+    if dtype not in _ACTIVATION_DTYPES:
+        return f"int8 layer computing in {dtype} (kernels cover float16, bfloat16, float32)"
+    if scale.dtype not in _ACTIVATION_DTYPES:
+        return f"scaling vector dtype {scale.dtype} (kernels cover float16, bfloat16, float32)"
+    if x.device.type != "cuda" and not config.triton_interpreted():
+        return (f"backend 'triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 set before "
+                "import")
+    return None
+
+
+def ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                    bias: Optional[torch.Tensor], scale: torch.Tensor, feedforward: bool, *,
+                    describe=None) -> torch.Tensor:
+    """(IA)^3 linear on an LLM.int8 weight W = CB * SCB / 127. x: (..., in_features); cb int8
+    (out, in) and scb (out,) as bitsandbytes stores them (`weight.CB`/`weight.data`,
+    `weight.SCB` or `state.SCB`); bias (out,) or None; scale: the product of the active IA3
+    vectors. Returns the compute dtype (x's, or autocast's), as bnb's Linear8bitLt.
+    Differentiable in x, scale and bias (the int8 weight is frozen)."""
+    _check_inputs(x, cb, scb, bias, scale, feedforward, describe)
+    dtype = _compute_dtype(x)
+    backend = config.get_backend()
+    use_kernels = backend != "torch" and (backend == "triton" or x.device.type == "cuda")
+    if use_kernels:
+        reason = _kernel_refusal(x, dtype, scale)
+        if reason is not None:
+            config.fallback(reason)
+            use_kernels = False
+    if not use_kernels:
+        return torch_ia3_linear_int8(x, cb, scb, bias, scale, feedforward)
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    if scb.dtype != torch.float32 or not scb.is_contiguous():
+        scb = scb.float().contiguous()
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2d.dtype != dtype:
+        x2d = x2d.to(dtype)  # autocast: the kernels read x in the compute dtype
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)  # bnb casts its bias to x's dtype (in place); we cast a copy
+    grad_mode = torch.is_grad_enabled()
+    save_preact = (not feedforward) and scale.requires_grad and grad_mode
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.ia3_kernels.int8_linear(x2d, cb, scb, bias, scale, feedforward,
+                                                 save_preact)
+    elif grad_mode and (x.requires_grad or scale.requires_grad
+                        or (bias is not None and bias.requires_grad)):
+        y = _Int8LinearFunction.apply(x2d, cb, scb, bias, scale, feedforward, save_preact)
+    else:
+        y, _ = int8_forward_impl(x2d, cb, scb, bias, scale, feedforward, False)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
