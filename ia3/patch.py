@@ -6,36 +6,45 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from peft.tuners.ia3 import bnb as peft_ia3_bnb
 from peft.tuners.ia3 import layer as peft_ia3_layer
 from peft.tuners.ia3 import model as peft_ia3_model
 from torch import nn
 
+from . import bnb
 from .layer import Linear
 
 # PEFT layer class -> fused twin. Layer types not listed here stay PEFT's.
 FUSED_CLASSES: dict[type, type] = {peft_ia3_layer.Linear: Linear}
+# Where PEFT's IA3 tuner looks each class up when it builds a layer: `model` imports the dense
+# classes at import time; the bnb classes are imported from `peft.tuners.ia3.bnb` inside
+# `_create_new_module`, on every call.
+_LOOKUPS = [(peft_ia3_model, "Linear")]
+if bnb.HAS_BNB_8BIT:
+    FUSED_CLASSES[peft_ia3_bnb.Linear8bitLt] = bnb.Linear8bitLt
+    _LOOKUPS.append((peft_ia3_bnb, "Linear8bitLt"))
 _UNFUSED_CLASSES = {fused: peft for peft, fused in FUSED_CLASSES.items()}
 _lock = threading.Lock()
-_saved_originals: list[dict[str, type]] = []
+_saved_originals: list[list[tuple[object, str, type]]] = []
 
 
 def patch_peft() -> None:
     """Make PEFT's IA3 tuner build fused layers (get_peft_model, PeftModel.from_pretrained,
     load_adapter, add_weighted_adapter on new modules). Idempotent."""
     with _lock:
-        for peft_cls, fused_cls in FUSED_CLASSES.items():
-            name = peft_cls.__name__
-            if getattr(peft_ia3_model, name, None) is peft_cls:
-                setattr(peft_ia3_model, name, fused_cls)
+        for module, name in _LOOKUPS:
+            current = getattr(module, name, None)
+            if current in FUSED_CLASSES:
+                setattr(module, name, FUSED_CLASSES[current])
 
 
 def unpatch_peft() -> None:
     """Undo patch_peft: PEFT builds its own layers again. Idempotent."""
     with _lock:
-        for peft_cls, fused_cls in FUSED_CLASSES.items():
-            name = peft_cls.__name__
-            if getattr(peft_ia3_model, name, None) is fused_cls:
-                setattr(peft_ia3_model, name, peft_cls)
+        for module, name in _LOOKUPS:
+            current = getattr(module, name, None)
+            if current in _UNFUSED_CLASSES:
+                setattr(module, name, _UNFUSED_CLASSES[current])
 
 
 @contextlib.contextmanager
@@ -43,15 +52,14 @@ def patched_peft():
     """`with patched_peft(): model = get_peft_model(...)` builds fused layers inside the block
     and restores whatever was there before on exit (nesting is fine)."""
     with _lock:
-        _saved_originals.append({c.__name__: getattr(peft_ia3_model, c.__name__)
-                                 for c in FUSED_CLASSES})
+        _saved_originals.append([(m, n, getattr(m, n)) for m, n in _LOOKUPS])
     patch_peft()
     try:
         yield
     finally:
         with _lock:
-            for name, cls in _saved_originals.pop().items():
-                setattr(peft_ia3_model, name, cls)
+            for module, name, cls in _saved_originals.pop():
+                setattr(module, name, cls)
 
 
 def _swap(model: nn.Module, mapping: dict[type, type]) -> nn.Module:

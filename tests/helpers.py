@@ -60,3 +60,21 @@ def add_random_adapter(models, name, seed, config=None):
         model.add_adapter(name, config or ia3_config())
         randomize_ia3(model, seed=seed)
         model.set_adapter(name)
+
+
+def to_int8(model, device=DEVICE, threshold=6.0, has_fp16_weights=False, skip=("lm_head",)):
+    """Replace every nn.Linear of `model` (but `skip`) by a bitsandbytes Linear8bitLt holding the
+    same weights, quantized by bnb itself when moved to `device` (as transformers' load_in_8bit
+    does); marks the model `is_loaded_in_8bit` so that PEFT builds its 8-bit IA3 wrappers."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and name not in skip:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features,
+                                        bias=child.bias is not None,
+                                        has_fp16_weights=has_fp16_weights, threshold=threshold)
+                q.load_state_dict(child.state_dict())
+                setattr(parent, name, q.to(device))
+    model.is_loaded_in_8bit = True
+    return model

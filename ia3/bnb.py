@@ -1,0 +1,89 @@
+"""Fused IA3 layers on bitsandbytes bases: subclasses of PEFT's `peft.tuners.ia3.bnb` wrappers,
+so adapters, state-dict keys and saved files stay PEFT's; the forward becomes one fused op.
+
+Deliberate differences from PEFT's wrappers (../shared/design/semantics.md): the output has x's
+dtype (autocast's under autocast), as the bare bnb layer returns, where PEFT upcasts x to float32
+and returns float32 (which breaks a Llama training step without autocast); and the int8 matmul
+is weight-only (activations stay 16-bit), closer to the float model than LLM.int8.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners.ia3 import bnb as peft_ia3_bnb
+from torch import nn
+
+from ia3_kernels import config
+from ia3_kernels.int8 import ia3_linear_int8
+
+from .layer import active_scaling
+
+HAS_BNB_8BIT = hasattr(peft_ia3_bnb, "Linear8bitLt")
+
+
+def scaled_base_forward(layer, x: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+    """PEFT's IA3 math around the base layer's own forward, without PEFT's float32 upcast:
+    feedforward `base((x*l) in x's dtype)`, attention `(base(x) * l)` in the base's dtype. The
+    path for configurations the fused kernels do not cover."""
+    scaling = scaling.reshape(-1)
+    if layer.is_feedforward:
+        return layer.base_layer((x.to(scaling.dtype) * scaling).to(x.dtype))
+    out = layer.base_layer(x)
+    return (out * scaling).to(out.dtype)
+
+
+def _int8_unfusable_reason(base: nn.Module) -> Optional[str]:
+    import bitsandbytes as bnb
+
+    if type(base).forward is not bnb.nn.Linear8bitLt.forward:
+        return f"base layer {type(base).__name__} overrides Linear8bitLt.forward()"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
+    if base.state.has_fp16_weights:
+        return ("Linear8bitLt with has_fp16_weights=True keeps a 16-bit weight that bnb "
+                "re-quantizes on every call; the fused op reads stored int8 weights")
+    if base.weight.dtype != torch.int8:
+        return (f"Linear8bitLt weight is {base.weight.dtype}, not yet quantized to int8 (bnb "
+                "quantizes when the layer moves to its device)")
+    return None
+
+
+def int8_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB, SCB) as bitsandbytes keeps them: CB is the weight's int8 data; SCB sits on the weight
+    until bnb's first forward moves it to the layer's state (init_8bit_state)."""
+    weight = base.weight
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = base.state.SCB
+    return weight.data, scb
+
+
+if HAS_BNB_8BIT:
+
+    class Linear8bitLt(peft_ia3_bnb.Linear8bitLt):
+        """Drop-in for `peft.tuners.ia3.bnb.Linear8bitLt` (bnb `Linear8bitLt` bases with
+        `has_fp16_weights=False`, any `threshold`: the fused op never quantizes activations)."""
+
+        def _describe(self) -> str:
+            kind = "feedforward" if self.is_feedforward else "attention"
+            return (f"ia3.Linear8bitLt({self.in_features}->{self.out_features}, {kind}, active "
+                    f"adapters {list(self.active_adapters)})")
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.disable_adapters or args or kwargs:
+                return super().forward(x, *args, **kwargs)
+            scaling = active_scaling(self)
+            if scaling is None:
+                return self.base_layer(x)
+            base = self.get_base_layer()
+            reason = _int8_unfusable_reason(base)
+            if reason is not None:
+                config.fallback(reason)
+                return scaled_base_forward(self, x, scaling)
+            cb, scb = int8_weight(base)
+            if scb is None:
+                config.fallback("Linear8bitLt has int8 weights but no SCB scales")
+                return scaled_base_forward(self, x, scaling)
+            return ia3_linear_int8(x, cb, scb, base.bias, scaling, self.is_feedforward,
+                                   describe=self._describe)
