@@ -239,3 +239,12 @@ def test_tiny_int8_llama_trains_like_peft(triton_backend, int8_calls):
         for name in gs:
             torch.testing.assert_close(gf[name], gs[name], rtol=1e-3, atol=1e-5, msg=name)
     assert len(int8_calls) == 3 * 2 * 3  # steps x decoder layers x (k, v, down)
+
+
+def test_quantizer_of_these_tests_is_bnbs():
+    """make_case's quantize_rows is bnb's own row-wise int8 quantization (int8_vectorwise_quant)."""
+    w = torch.randn(30, 40) / 7
+    cb, scb = quantize_rows(w)
+    cb_bnb, scb_bnb, _ = bnb.functional.int8_vectorwise_quant(w.half())
+    torch.testing.assert_close(scb, scb_bnb.float(), rtol=1e-3, atol=0)
+    assert (cb.int() - cb_bnb.int()).abs().max() <= 1  # fp16 input rounding may move a code by 1

@@ -1,0 +1,305 @@
+"""python -m benchmarks.quant: IA3 on bitsandbytes 8-bit bases. The bare bnb Linear8bitLt (LLM.int8,
+threshold 6.0 as transformers loads it), the bare bf16 nn.Linear of the same weights, PEFT's IA3
+wrapper on bnb and ours: forward and forward+backward (x requires grad, the IA3 vector trains),
+extra peak memory, and at M <= 16 the share of the weight-bytes roofline (int8 CB + fp32 SCB
+over the measured copy bandwidth). L2 is flushed between timed calls (do_bench); M <= 16 is
+also timed as CUDA-graph replays, which leaves the kernels' time. Ratios come from one run.
+
+    python -m benchmarks.quant                 # every shape and M; JSON + markdown in results/
+    python -m benchmarks.quant --tune          # small-M kernel configurations (CUDA graphs)
+    python -m benchmarks.quant --compare-paths # fused GEMM vs dequantize + cuBLAS, by M
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import layers, report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [s for s in layers.SHAPES if not s.conv1d]  # bnb replaces nn.Linear layers only
+M_VALUES = [1, 16, 64, 128, 512, 2048, 8192]
+
+# Issue targets (H100, bf16): forward at M = 1 on 14336->4096 within 24 us of kernel time;
+# forward >= 5x faster than bare bnb at M <= 64 and <= 1.10x bare bf16 at M >= 2048;
+# forward+backward >= 3x faster than PEFT and faster than bare bnb; extra peak <= bare bnb's.
+M1_DOWN_PROJ_US = 24.0
+FWD_OVER_BNB_SMALL_M = 1 / 5
+FWD_OVER_BF16_LARGE_M = 1.10
+FWD_BWD_OVER_PEFT = 1 / 3
+
+
+@dataclass
+class QuantRow:
+    model: str
+    layer: str
+    k: int
+    n: int
+    m: int
+    mode: str
+    phase: str
+    timing: str
+    bnb_us: float
+    bf16_us: float
+    peft_us: float
+    ours_us: float
+    bnb_peak_mib: Optional[float] = None
+    bf16_peak_mib: Optional[float] = None
+    peft_peak_mib: Optional[float] = None
+    ours_peak_mib: Optional[float] = None
+    roofline_pct: Optional[float] = None
+
+
+def build_int8_layers(shape, mode: str, threshold: float = 6.0, seed: int = 0):
+    """(bare bnb Linear8bitLt, bare bf16 nn.Linear with the same float weights, PEFT's IA3
+    wrapper on the bnb layer, ours on a copy of it)."""
+    import bitsandbytes as bnb
+    from peft import IA3Config
+    from peft.tuners.ia3.bnb import Linear8bitLt as PeftLinear8bitLt
+
+    import ia3
+
+    torch.manual_seed(seed)
+    linear = nn.Linear(shape.k, shape.n).to(torch.bfloat16)
+    q = bnb.nn.Linear8bitLt(shape.k, shape.n, has_fp16_weights=False, threshold=threshold)
+    q.load_state_dict(linear.state_dict())
+    q = q.to("cuda").requires_grad_(False)
+    bf16 = linear.to("cuda").requires_grad_(False)
+    feedforward = mode == "ff"
+    config = IA3Config(target_modules=["x"], feedforward_modules=["x"] if feedforward else [])
+    wrappers = []
+    for base in (q, copy.deepcopy(q)):
+        layer = PeftLinear8bitLt(base, "default", config=config, is_feedforward=feedforward)
+        with torch.no_grad():
+            param = layer.ia3_l["default"]
+            param.copy_(torch.rand(param.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
+        wrappers.append(layer)
+    peft_layer, ours = wrappers
+    ia3.fuse(ours)
+    return q, bf16, peft_layer, ours
+
+
+def weight_bytes(shape) -> int:
+    return shape.n * shape.k + 4 * shape.n  # int8 CB + fp32 SCB
+
+
+def _safe(timer, fn) -> float:
+    try:
+        return timer(fn)
+    except Exception as exc:  # bnb's int8 path under CUDA-graph capture, say
+        print(f"\n  timing failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        return float("nan")
+
+
+def bench_case(shape, m: int, mode: str, copy_tb_per_s: float) -> list[QuantRow]:
+    bnb_layer, bf16, peft_layer, ours = build_int8_layers(shape, mode)
+    x, dy = layers.case_inputs(shape, m, torch.device("cuda"), torch.bfloat16)
+    rows = []
+    for phase in ("fwd", "fwd+bwd"):
+        xin = x.clone().requires_grad_(phase == "fwd+bwd")
+        fns = {name: layers.step_fn(layer, xin, phase, dy) for name, layer in
+               (("bnb", bnb_layer), ("bf16", bf16), ("peft", peft_layer), ("ours", ours))}
+        timings = ["eager"] + (["graph"] if m <= layers.GRAPH_MAX_M else [])
+        for timing in timings:
+            timer = layers.time_eager if timing == "eager" else layers.time_graph
+            us = {name: _safe(timer, fn) for name, fn in fns.items()}
+            row = QuantRow(shape.model, shape.layer, shape.k, shape.n, m, mode, phase, timing,
+                           us["bnb"], us["bf16"], us["peft"], us["ours"])
+            if phase == "fwd+bwd" and timing == "eager":
+                row.bnb_peak_mib, row.bf16_peak_mib, row.peft_peak_mib, row.ours_peak_mib = (
+                    layers.peak_mib(fns[k]) for k in ("bnb", "bf16", "peft", "ours"))
+            if phase == "fwd" and m <= 16:
+                roof_us = weight_bytes(shape) / (copy_tb_per_s * 1e12) * 1e6
+                row.roofline_pct = 100 * roof_us / row.ours_us
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+
+    def add(name, selected, key, limit, detail=""):
+        selected = [r for r in selected if key(r) == key(r)]  # drop NaN timings
+        if not selected:
+            return
+        w = max(selected, key=key)
+        misses = sum(key(r) > limit for r in selected)
+        out.append({"criterion": name, "worst": round(key(w), 3), "limit": round(limit, 3),
+                    "where": report.where({**w, "timing": w["timing"]}), "cases": len(selected),
+                    "misses": misses, "detail": detail})
+
+    judged = [r for r in rows if report.target_row_selected(r)]
+    fwd = [r for r in judged if r["phase"] == "fwd"]
+    fb = [r for r in judged if r["phase"] == "fwd+bwd"]
+    add("M=1 14336->4096 forward us", [r for r in fwd if r["m"] == 1 and r["k"] == 14336],
+        lambda r: r["ours_us"], M1_DOWN_PROJ_US, "CUDA graphs")
+    add("forward ours/bnb at M <= 64", [r for r in fwd if r["m"] <= 64],
+        lambda r: r["ours_us"] / r["bnb_us"], FWD_OVER_BNB_SMALL_M, "graphs at M <= 16")
+    add("forward ours/bf16 at M >= 2048", [r for r in fwd if r["m"] >= 2048],
+        lambda r: r["ours_us"] / r["bf16_us"], FWD_OVER_BF16_LARGE_M, "eager")
+    add("fwd+bwd ours/PEFT", fb, lambda r: r["ours_us"] / r["peft_us"], FWD_BWD_OVER_PEFT)
+    add("fwd+bwd ours/bnb", fb, lambda r: r["ours_us"] / r["bnb_us"], 1.0)
+    mem = [r for r in rows if r.get("ours_peak_mib") is not None]
+    add("extra peak MiB ours - bnb", mem, lambda r: r["ours_peak_mib"] - r["bnb_peak_mib"], 0.5,
+        "0.5 MiB slack for allocator rounding")
+    return out
+
+
+HEADER = ["model", "layer", "K->N", "M", "mode", "phase", "timing", "bnb us", "bf16 us", "PEFT us",
+          "ours us", "ours/bnb", "ours/bf16", "ours/PEFT", "bnb MiB", "PEFT MiB", "ours MiB",
+          "% roofline"]
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    f = report.fmt
+    return [[r["model"], r["layer"], f"{r['k']}->{r['n']}", str(r["m"]), r["mode"], r["phase"],
+             r["timing"], f(r["bnb_us"]), f(r["bf16_us"]), f(r["peft_us"]), f(r["ours_us"]),
+             f(r["ours_us"] / r["bnb_us"], 3), f(r["ours_us"] / r["bf16_us"], 2),
+             f(r["ours_us"] / r["peft_us"], 3), f(r["bnb_peak_mib"]), f(r["peft_peak_mib"]),
+             f(r["ours_peak_mib"]), f(r["roofline_pct"], 0)] for r in rows]
+
+
+def markdown(env, rows, summary, extra_sections="") -> str:
+    lines = ["# IA3 on bitsandbytes int8 (LLM.int8) bases: bare bnb vs bare bf16 vs PEFT vs ours", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", __doc__.split("\n\n")[0].replace("\n", " "), "", "## Targets", "",
+              "| criterion | worst | limit | misses / cases | where | timing |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {s['criterion']} | {s['worst']} | {s['limit']} | {s['misses']} / {s['cases']} | "
+              f"{s['where']} | {s['detail']} |" for s in summary]
+    lines += ["", "## All cases", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(b) + " |" for b in table(rows)]
+    return "\n".join(lines) + "\n" + extra_sections
+
+
+# ---- tuning aids -------------------------------------------------------------------------------
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) at BLOCK_M = 16 for M <= 16; split-K by the usual rule.
+SMALL_M_CANDIDATES = [(32, 512, 4, 3), (32, 512, 4, 4), (32, 1024, 4, 3), (32, 1024, 4, 2),
+                      (64, 512, 4, 3), (64, 256, 4, 4), (16, 1024, 4, 3), (64, 1024, 8, 3),
+                      (128, 256, 8, 3), (32, 256, 4, 4)]
+
+
+def tune_small_m() -> list[str]:
+    from ia3_kernels import dense
+
+    real = dense._matmul_config
+    lines = []
+    for shape in SHAPES[:4]:
+        for m in (1, 16):
+            for mode in ("ff", "attn"):
+                bnb_layer, bf16, _, ours = build_int8_layers(shape, mode)
+                x = torch.randn(m, shape.k, device="cuda", dtype=torch.bfloat16)
+                roof = weight_bytes(shape) / 3.0e12 * 1e6
+                results = []
+                for cand in SMALL_M_CANDIDATES:
+                    def config(M, N, K, elem, n_sm, interpret, stores_preact=False, _c=cand):
+                        split = dense.split_k_for(M, N, K, 16, _c[0], _c[1], elem, n_sm, interpret)
+                        return 16, _c[0], _c[1], split, _c[2], _c[3]
+                    dense._matmul_config = config
+                    try:
+                        us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
+                    except Exception as exc:
+                        us = float("nan")
+                        print(f"  {cand} failed: {type(exc).__name__}", flush=True)
+                    finally:
+                        dense._matmul_config = real
+                    results.append((us, cand))
+                results.sort(key=lambda r: (r[0] != r[0], r[0]))
+                default_us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
+                line = (f"{shape.k}->{shape.n} M={m} {mode}: roof(3TB/s) {roof:.1f} current "
+                        f"{default_us:.1f} | " + "  ".join(f"{c}:{u:.1f}" for u, c in results[:5]))
+                print(line, flush=True)
+                lines.append(line)
+    return lines
+
+
+def compare_paths(m_values=(64, 256, 512, 1024, 2048, 4096, 8192)) -> list[dict]:
+    import ia3_kernels
+
+    out = []
+    for shape in SHAPES[:4]:
+        for m in m_values:
+            for mode in ("ff", "attn"):
+                _, bf16, _, ours = build_int8_layers(shape, mode)
+                x, dy = layers.case_inputs(shape, m, torch.device("cuda"), torch.bfloat16)
+                for phase in ("fwd", "fwd+bwd"):
+                    xin = x.clone().requires_grad_(phase == "fwd+bwd")
+                    entry = dict(model=shape.model, layer=shape.layer, k=shape.k, n=shape.n, m=m,
+                                 mode=mode, phase=phase,
+                                 bare_us=layers.time_graph(layers.step_fn(bf16, xin, phase, dy)))
+                    for path in ("fused", "cublas"):
+                        with ia3_kernels.dense_path(path):
+                            entry[f"{path}_us"] = layers.time_graph(
+                                layers.step_fn(ours, xin, phase, dy))
+                    print(f"{shape.k}->{shape.n} M={m} {mode} {phase}: bf16 {entry['bare_us']:.1f} "
+                          f"fused {entry['fused_us']:.1f} cublas {entry['cublas_us']:.1f}", flush=True)
+                    out.append(entry)
+                torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", default="", help="comma-separated substrings of 'model layer'")
+    p.add_argument("--m", default="", help=f"comma-separated M values (default {M_VALUES})")
+    p.add_argument("--modes", default="ff,attn")
+    p.add_argument("--tune", action="store_true", help="small-M configuration sweep only")
+    p.add_argument("--compare-paths", action="store_true", help="fused vs cuBLAS sweep only")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--stem", default="int8-h100")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.quant needs a CUDA GPU (bitsandbytes' int8 kernels and ours); nothing to do.")
+        return 0
+    import logging
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "cast to float16" every call
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.tune:
+        (out_dir / f"{args.stem}-tune.log").write_text("\n".join(tune_small_m()) + "\n")
+        return 0
+    if args.compare_paths:
+        rows = compare_paths()
+        (out_dir / f"{args.stem}-paths.md").write_text(report.paths_markdown(rows))
+        (out_dir / f"{args.stem}-paths.json").write_text(json.dumps(rows, indent=1))
+        return 0
+    env = report.environment()
+    env["bitsandbytes"] = __import__("bitsandbytes").__version__
+    shapes = SHAPES
+    if args.layers:
+        keys = [k.strip().lower() for k in args.layers.split(",") if k.strip()]
+        shapes = [s for s in shapes if any(k in f"{s.model} {s.layer}".lower() for k in keys)]
+    m_values = [int(v) for v in args.m.split(",")] if args.m else M_VALUES
+    modes = [m for m in args.modes.split(",") if m]
+    cases = [(s, m, mode) for s in shapes for m in m_values for mode in modes]
+    rows = []
+    with layers.progress(len(cases)) as tick:
+        for shape, m, mode in cases:
+            tick(f"{shape.model} {shape.layer} M={m} {mode}")
+            rows += [asdict(r) for r in bench_case(shape, m, mode, env["copy_tb_per_s"])]
+            torch.cuda.empty_cache()
+    summary = summarize(rows)
+    for b in table(rows):
+        print("  ".join(b))
+    for s in summary:
+        print(f"{s['criterion']:<36} worst {s['worst']:>9} (limit {s['limit']}), "
+              f"{s['misses']}/{s['cases']} miss; at {s['where']}")
+    (out_dir / f"{args.stem}.json").write_text(json.dumps(
+        {"environment": env, "summary": summary, "rows": rows}, indent=1))
+    (out_dir / f"{args.stem}.md").write_text(markdown(env, rows, summary))
+    print(f"wrote {out_dir / (args.stem + '.json')} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
