@@ -134,11 +134,12 @@ def int8_forward_impl(x, cb, scb, bias, scale, feedforward: bool, save_preact: b
     return y, (out if save_preact else None)
 
 
-def int8_backward_impl(dy, x, cb, scb, scale, preact, feedforward: bool, need_dx: bool,
+def int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward: bool, need_dx: bool,
                        need_dscale: bool, need_dbias: bool, x_dtype: torch.dtype,
                        traceable: bool = False):
     """Gradients (dx, dscale, dbias); entries not asked for are None. dy: (M, N) in the compute
-    dtype; x: what the forward multiplied (compute dtype); preact: u (attention)."""
+    dtype; x: what the forward multiplied (compute dtype); preact: u (attention), or None/empty
+    when the forward did not save it (x and bias are then given to recompute it)."""
     M, N = dy.shape
     K = cb.shape[1]
     dtype = dy.dtype
@@ -151,6 +152,8 @@ def int8_backward_impl(dy, x, cb, scb, scale, preact, feedforward: bool, need_dx
         if need_dbias:
             dbias = dy.new_zeros((N,))
         return dx, dscale, dbias
+    if not feedforward and need_dscale and (preact is None or preact.numel() == 0):
+        preact = int8_forward_impl(x, cb, scb, bias, scale, False, True, traceable)[1]
     cublas = _use_cublas(M, N, K, dy.device)
     b_nk = (cb.stride(0), cb.stride(1))  # B[n, k] = CB[n, k]: dx = dy W reduces over N
     partial = None
@@ -225,11 +228,11 @@ def _int8_linear_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
 @triton_op("ia3_kernels::int8_linear_backward", mutates_args=())
 def _int8_linear_backward_op(
         dy: torch.Tensor, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
-        scale: torch.Tensor, preact: torch.Tensor, feedforward: bool, need_dx: bool,
-        need_dscale: bool, need_dbias: bool,
+        bias: Optional[torch.Tensor], scale: torch.Tensor, preact: torch.Tensor,
+        feedforward: bool, need_dx: bool, need_dscale: bool, need_dbias: bool,
         x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = int8_backward_impl(dy, x, cb, scb, scale, preact, feedforward, need_dx, need_dscale,
-                               need_dbias, x_dtype, traceable=True)
+    grads = int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward, need_dx,
+                               need_dscale, need_dbias, x_dtype, traceable=True)
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
@@ -247,9 +250,8 @@ def _backward_args(ctx, dy):
     feedforward, x_dtype, _ = ctx.flags
     need = ctx.needs_input_grad  # (x, cb, scb, bias, scale, ...)
     wanted = (need[0], need[4], need[3])
-    if not feedforward and wanted[1] and (preact is None or preact.numel() == 0):
-        preact = int8_forward_impl(x, cb, scb, bias, scale, False, True)[1]
-    return (dy.contiguous(), x, cb, scb, scale, preact, feedforward, *wanted, x_dtype), wanted
+    return (dy.contiguous(), x, cb, scb, bias, scale, preact, feedforward, *wanted,
+            x_dtype), wanted
 
 
 def _setup_context(ctx, inputs, output):
@@ -259,7 +261,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dpreact):
     args, wanted = _backward_args(ctx, dy)
-    args = tuple(dy.new_empty(0) if a is None else a for a in args[:6]) + args[6:]
+    # Custom ops take no None for tensors declared non-optional (x, preact): empty instead.
+    args = tuple(dy.new_empty(0) if a is None and i != 4 else a
+                 for i, a in enumerate(args[:7])) + args[7:]
     dx, dscale, dbias = (g if w else None for g, w in
                          zip(torch.ops.ia3_kernels.int8_linear_backward(*args), wanted))
     bias_dtype = ctx.flags[2]

@@ -248,3 +248,15 @@ def test_quantizer_of_these_tests_is_bnbs():
     cb_bnb, scb_bnb, _ = bnb.functional.int8_vectorwise_quant(w.half())
     torch.testing.assert_close(scb, scb_bnb.float(), rtol=1e-3, atol=0)
     assert (cb.int() - cb_bnb.int()).abs().max() <= 1  # fp16 input rounding may move a code by 1
+
+
+def test_attention_scale_grad_when_u_was_not_saved(triton_backend):
+    """A direct caller of the op that does not save u still gets dl (u is recomputed)."""
+    x, cb, scb, b, scale = make_case(9, 40, 30, False, True, torch.float32)
+    scale.requires_grad_()
+    y = int8._Int8LinearFunction.apply(x, cb, scb, b, scale, False, False)
+    (g,) = torch.autograd.grad(y, scale, torch.ones_like(y))
+    s = scale.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(int8.torch_ia3_linear_int8(x, cb, scb, b, s, False), s,
+                                   torch.ones_like(y))
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
