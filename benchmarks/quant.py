@@ -182,43 +182,46 @@ def markdown(env, rows, summary, extra_sections="") -> str:
 
 # ---- tuning aids -------------------------------------------------------------------------------
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) at BLOCK_M = 16 for M <= 16; split-K by the usual rule.
-SMALL_M_CANDIDATES = [(32, 512, 4, 3), (32, 512, 4, 4), (32, 1024, 4, 3), (32, 1024, 4, 2),
-                      (64, 512, 4, 3), (64, 256, 4, 4), (16, 1024, 4, 3), (64, 1024, 8, 3),
-                      (128, 256, 8, 3), (32, 256, 4, 4)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). M <= 8 runs the GEMV-style kernel (BLOCK_M = M
+# rounded up to a power of 2), M = 16 the tl.dot kernel at BLOCK_M = 16; split-K by the usual rule.
+GEMV_CANDIDATES = [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3),
+                   (64, 128, 4, 4), (32, 1024, 4, 2), (16, 1024, 4, 2), (128, 128, 8, 3),
+                   (64, 512, 8, 3), (32, 256, 2, 4), (16, 256, 2, 4)]
+DOT_CANDIDATES = [(32, 256, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3), (32, 512, 4, 3)]
 
 
-def tune_small_m() -> list[str]:
+def tune_small_m(m_values=(1, 4, 8, 16)) -> list[str]:
     from ia3_kernels import dense
 
     real = dense._matmul_config
     lines = []
     for shape in SHAPES[:4]:
-        for m in (1, 16):
-            for mode in ("ff", "attn"):
-                bnb_layer, bf16, _, ours = build_int8_layers(shape, mode)
-                x = torch.randn(m, shape.k, device="cuda", dtype=torch.bfloat16)
-                roof = weight_bytes(shape) / 3.0e12 * 1e6
-                results = []
-                for cand in SMALL_M_CANDIDATES:
-                    def config(M, N, K, elem, n_sm, interpret, stores_preact=False, _c=cand):
-                        split = dense.split_k_for(M, N, K, 16, _c[0], _c[1], elem, n_sm, interpret)
-                        return 16, _c[0], _c[1], split, _c[2], _c[3]
-                    dense._matmul_config = config
-                    try:
-                        us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
-                    except Exception as exc:
-                        us = float("nan")
-                        print(f"  {cand} failed: {type(exc).__name__}", flush=True)
-                    finally:
-                        dense._matmul_config = real
-                    results.append((us, cand))
-                results.sort(key=lambda r: (r[0] != r[0], r[0]))
-                default_us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
-                line = (f"{shape.k}->{shape.n} M={m} {mode}: roof(3TB/s) {roof:.1f} current "
-                        f"{default_us:.1f} | " + "  ".join(f"{c}:{u:.1f}" for u, c in results[:5]))
-                print(line, flush=True)
-                lines.append(line)
+        for m in m_values:
+            mode = "ff"  # the forward GEMM is the same for both modes but its epilogue
+            _, _, _, ours = build_int8_layers(shape, mode)
+            x = torch.randn(m, shape.k, device="cuda", dtype=torch.bfloat16)
+            roof = weight_bytes(shape) / 3.0e12 * 1e6
+            bm = 16 if m > 8 else 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+            results = []
+            for cand in (DOT_CANDIDATES if m > 8 else GEMV_CANDIDATES):
+                def config(M, N, K, elem, n_sm, interpret, stores_preact=False, _c=cand):
+                    split = dense.split_k_for(M, N, K, bm, _c[0], _c[1], elem, n_sm, interpret)
+                    return bm, _c[0], _c[1], split, _c[2], _c[3]
+                dense._matmul_config = config
+                try:
+                    us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
+                except Exception as exc:
+                    us = float("nan")
+                    print(f"  {cand} failed: {type(exc).__name__}", flush=True)
+                finally:
+                    dense._matmul_config = real
+                results.append((us, cand))
+            results.sort(key=lambda r: (r[0] != r[0], r[0]))
+            default_us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
+            line = (f"{shape.k}->{shape.n} M={m} {mode}: roof(3TB/s) {roof:.1f} current "
+                    f"{default_us:.1f} | " + "  ".join(f"{c}:{u:.1f}" for u, c in results[:6]))
+            print(line, flush=True)
+            lines.append(line)
     return lines
 
 

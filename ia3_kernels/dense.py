@@ -124,7 +124,19 @@ def _ia3_matmul_kernel(
         if W_SCALE_AXIS != 0:
             # int8 codes -127..127 are exact in fp16 and bf16: the conversion loses nothing.
             b = b.to(a_ptr.dtype.element_ty)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        if BLOCK_M >= 16:
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        else:
+            # GEMV-style (M <= 8, quantized weights): FMAs on the weight tile as loaded, no
+            # tensor-core layout shuffle. int8 B through tl.dot with M padded to 16 reached
+            # 1.5 TB/s at M = 1 on 14336->4096 (H100), half the copy bandwidth.
+            a32 = a.to(b.dtype).to(tl.float32)  # rounded as the dot path rounds (PEFT's x*l)
+            b32 = b.to(tl.float32)
+            rows = tl.arange(0, BLOCK_M)[:, None]
+            for mi in tl.static_range(BLOCK_M):
+                a_row = tl.sum(tl.where(rows == mi, a32, 0.0), axis=0)
+                contrib = tl.sum(a_row[:, None] * b32, axis=0)
+                acc = tl.where(rows == mi, acc + contrib[None, :], acc)
 
     offs_2d = rm[:, None] * N + rn[None, :]
     mask_2d = mask_m[:, None] & mask_n[None, :]
@@ -351,12 +363,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
 SPLIT_K_WORKSPACE_BYTES = 512 << 10
 # LLM.int8 stores W ~= CB * SCB / 127 (a row's absmax maps to 127).
 INT8_SCALE_MUL = 1.0 / 127.0
+# int8 weights at M <= INT8_GEMV_MAX_M take the GEMV-style kernel with (BLOCK_N, BLOCK_K,
+# num_warps, num_stages) = INT8_GEMV_TILE. Placeholder until the H100 sweep
+# (python -m benchmarks.quant --tune) sets them.
+INT8_GEMV_MAX_M = 8
+INT8_GEMV_TILE = (32, 256, 4, 3)
 
 
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool,
                    stores_preact: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket."""
-    if interpret:
+    if elem_size == 1 and M <= INT8_GEMV_MAX_M:
+        # int8 weights at M <= 8: the GEMV-style kernel (BLOCK_M < 16: FMAs, no tl.dot).
+        bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+        bn, bk, warps, stages = INT8_GEMV_TILE
+        if interpret:
+            bn, bk, stages = 16, 32, 1
+    elif interpret:
         bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
     elif M <= 16:
         # Bound by reading W once. Narrow column blocks (32) give enough CTAs to keep 132 SMs

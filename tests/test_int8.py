@@ -85,17 +85,17 @@ def test_no_bias_empty_3d_and_strided_inputs(triton_backend, feedforward):
         # A transposed view (strides (1, M)) and a column slice: the kernels take any strides.
         check_against_reference(x.t().contiguous().t(), cb, scb, None, scale, feedforward,
                                 torch.float32, path)
-        wide = torch.randn(24, 80, dtype=torch.float32)
+        wide = torch.randn(24, 80, dtype=torch.float32, device=DEVICE)
         check_against_reference(wide[:, ::2], cb, scb, None, scale, feedforward, torch.float32,
                                 path)
-    x3 = torch.randn(2, 3, 40, requires_grad=True)
+    x3 = torch.randn(2, 3, 40, device=DEVICE, requires_grad=True)
     y3 = ia3_kernels.ia3_linear_int8(x3, cb, scb, None, scale, feedforward)
     y2 = int8.torch_ia3_linear_int8(x3.reshape(6, 40), cb, scb, None, scale, feedforward)
     assert y3.shape == (2, 3, 30)
     torch.testing.assert_close(y3.reshape(6, 30), y2, rtol=1e-5, atol=1e-5)
     y3.sum().backward()
     assert x3.grad.shape == x3.shape
-    empty = torch.randn(0, 40, requires_grad=True)
+    empty = torch.randn(0, 40, device=DEVICE, requires_grad=True)
     y0 = ia3_kernels.ia3_linear_int8(empty, cb, scb, None, scale.requires_grad_(), feedforward)
     assert y0.shape == (0, 30)
     y0.sum().backward()
@@ -133,6 +133,16 @@ def test_bad_input_raises_before_launch(triton_backend, monkeypatch, bad, match)
 # ---- layers ------------------------------------------------------------------------------------
 
 
+def assert_close_to_bnb(ours, theirs, what=""):
+    """On CPU bnb's int8 path is a dequantize-matmul like ours: equal up to fp32 rounding. On a
+    GPU bnb runs LLM.int8, which also quantizes the activations (~1% relative error)."""
+    if DEVICE == "cpu":
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=what)
+    else:
+        rel = ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
+        assert rel < 3e-2, f"{what}: relative difference {rel:.3e} from bnb's LLM.int8"
+
+
 class TinyNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -159,15 +169,13 @@ def test_layer_matches_peft(triton_backend, int8_calls, threshold):
     x = torch.randn(2, 5, 24, device=DEVICE)
     y_s, y_f = stock(x), fused(x)
     assert y_f.dtype == x.dtype
-    # bnb's CPU int8 path is a dequantize-matmul too: the two agree to fp32 rounding. (On the
-    # GPU bnb quantizes activations: test_gpu_int8 compares both against a float reference.)
-    torch.testing.assert_close(y_f, y_s, rtol=1e-4, atol=1e-5)
+    assert_close_to_bnb(y_f, y_s, "y")
     y_s.square().sum().backward()
     y_f.square().sum().backward()
     gs, gf = ia3_grads(stock), ia3_grads(fused)
     assert gs.keys() == gf.keys() and len(gs) == 3
     for name in gs:
-        torch.testing.assert_close(gf[name], gs[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert_close_to_bnb(gf[name], gs[name], name)
     assert stock.state_dict().keys() == fused.state_dict().keys()
     assert len(int8_calls) == 3
 
@@ -193,9 +201,9 @@ def test_disable_and_several_adapters(triton_backend):
         randomize_ia3(model, seed=3)
         model.base_model.set_adapter(["default", "other"])
     x = torch.randn(4, 24, device=DEVICE)
-    torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+    assert_close_to_bnb(fused(x), stock(x), "two adapters")
     with stock.disable_adapter(), fused.disable_adapter():
-        torch.testing.assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused(x), stock(x))  # both are bnb's own forward
 
 
 def test_patch_peft_builds_int8_layers():
@@ -231,13 +239,14 @@ def test_tiny_int8_llama_trains_like_peft(triton_backend, int8_calls):
     assert kinds == {True, False}  # down_proj, and k_proj/v_proj
     losses_s, grads_s = train(stock, "llama")
     losses_f, grads_f = train(fused, "llama")
-    # On CPU bnb multiplies by the dequantized weight as we do: only rounding differs.
-    torch.testing.assert_close(torch.tensor(losses_f), torch.tensor(losses_s), rtol=1e-4,
-                               atol=1e-5)
+    assert_close_to_bnb(torch.tensor(losses_f), torch.tensor(losses_s), "losses")
     for gs, gf in zip(grads_s, grads_f):
         assert gs.keys() == gf.keys() and gs
         for name in gs:
-            torch.testing.assert_close(gf[name], gs[name], rtol=1e-3, atol=1e-5, msg=name)
+            if DEVICE == "cpu":
+                torch.testing.assert_close(gf[name], gs[name], rtol=1e-3, atol=1e-5, msg=name)
+            else:
+                assert_close_to_bnb(gf[name], gs[name], name)
     assert len(int8_calls) == 3 * 2 * 3  # steps x decoder layers x (k, v, down)
 
 
