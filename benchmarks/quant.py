@@ -182,15 +182,15 @@ def markdown(env, rows, summary, extra_sections="") -> str:
 
 # ---- tuning aids -------------------------------------------------------------------------------
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages). M <= 8 runs the GEMV-style kernel (BLOCK_M = M
-# rounded up to a power of 2), M = 16 the tl.dot kernel at BLOCK_M = 16; split-K by the usual rule.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). M = 1 runs the GEMV kernel (BLOCK_M = 1), larger
+# M the tl.dot kernel at BLOCK_M = 16; split-K by the usual rule.
 GEMV_CANDIDATES = [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3),
-                   (64, 128, 4, 4), (32, 1024, 4, 2), (16, 1024, 4, 2), (128, 128, 8, 3),
-                   (64, 512, 8, 3), (32, 256, 2, 4), (16, 256, 2, 4)]
+                   (16, 1024, 4, 2), (8, 1024, 4, 3), (16, 2048, 8, 2), (32, 512, 8, 3),
+                   (16, 256, 2, 4), (64, 128, 4, 4)]
 DOT_CANDIDATES = [(32, 256, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3), (32, 512, 4, 3)]
 
 
-def tune_small_m(m_values=(1, 4, 8, 16)) -> list[str]:
+def tune_small_m(m_values=(1, 16)) -> list[str]:
     from ia3_kernels import dense
 
     real = dense._matmul_config
@@ -201,9 +201,9 @@ def tune_small_m(m_values=(1, 4, 8, 16)) -> list[str]:
             _, _, _, ours = build_int8_layers(shape, mode)
             x = torch.randn(m, shape.k, device="cuda", dtype=torch.bfloat16)
             roof = weight_bytes(shape) / 3.0e12 * 1e6
-            bm = 16 if m > 8 else 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+            bm = 1 if m == 1 else 16
             results = []
-            for cand in (DOT_CANDIDATES if m > 8 else GEMV_CANDIDATES):
+            for cand in (GEMV_CANDIDATES if m == 1 else DOT_CANDIDATES):
                 def config(M, N, K, elem, n_sm, interpret, stores_preact=False, _c=cand):
                     split = dense.split_k_for(M, N, K, bm, _c[0], _c[1], elem, n_sm, interpret)
                     return bm, _c[0], _c[1], split, _c[2], _c[3]
@@ -225,7 +225,7 @@ def tune_small_m(m_values=(1, 4, 8, 16)) -> list[str]:
     return lines
 
 
-def compare_paths(m_values=(64, 256, 512, 1024, 2048, 4096, 8192)) -> list[dict]:
+def compare_paths(m_values=(256, 1024, 2048, 4096, 8192)) -> list[dict]:
     import ia3_kernels
 
     out = []

@@ -96,9 +96,14 @@ def _ia3_matmul_kernel(
     k_start = pid_k * k_per_split
     k_end = min(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M < 16:
+        gemv_acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
+        # Against K, not k_end: splits own whole BLOCK_K chunks, so only the last chunk of the
+        # last split is partial, and K (an int argument) carries Triton's divisible-by-16
+        # specialisation, which lets masked loads stay 16-byte vectors.
+        mask_k = offs_k < K
         rk = offs_k.to(tl.int64)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -127,17 +132,14 @@ def _ia3_matmul_kernel(
         if BLOCK_M >= 16:
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
         else:
-            # GEMV-style (M <= 8, quantized weights): FMAs on the weight tile as loaded, no
-            # tensor-core layout shuffle. int8 B through tl.dot with M padded to 16 reached
-            # 1.5 TB/s at M = 1 on 14336->4096 (H100), half the copy bandwidth.
+            # GEMV (BLOCK_M == 1, quantized weights): FMAs on the weight tile as loaded, into a
+            # BLOCK_K x BLOCK_N accumulator reduced once after the loop, so no tensor-core layout
+            # shuffle and no cross-thread reduction per tile.
             a32 = a.to(b.dtype).to(tl.float32)  # rounded as the dot path rounds (PEFT's x*l)
-            b32 = b.to(tl.float32)
-            rows = tl.arange(0, BLOCK_M)[:, None]
-            for mi in tl.static_range(BLOCK_M):
-                a_row = tl.sum(tl.where(rows == mi, a32, 0.0), axis=0)
-                contrib = tl.sum(a_row[:, None] * b32, axis=0)
-                acc = tl.where(rows == mi, acc + contrib[None, :], acc)
+            gemv_acc += tl.trans(a32) * b.to(tl.float32)
 
+    if BLOCK_M < 16:
+        acc += tl.sum(gemv_acc, axis=0)[None, :]
     offs_2d = rm[:, None] * N + rn[None, :]
     mask_2d = mask_m[:, None] & mask_n[None, :]
     is_last = True
@@ -363,19 +365,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
 SPLIT_K_WORKSPACE_BYTES = 512 << 10
 # LLM.int8 stores W ~= CB * SCB / 127 (a row's absmax maps to 127).
 INT8_SCALE_MUL = 1.0 / 127.0
-# int8 weights at M <= INT8_GEMV_MAX_M take the GEMV-style kernel with (BLOCK_N, BLOCK_K,
-# num_warps, num_stages) = INT8_GEMV_TILE. Placeholder until the H100 sweep
-# (python -m benchmarks.quant --tune) sets them.
-INT8_GEMV_MAX_M = 8
-INT8_GEMV_TILE = (32, 256, 4, 3)
+# int8 weights at M = 1 take the GEMV kernel with (BLOCK_N, BLOCK_K, num_warps, num_stages)
+# = INT8_GEMV_TILE (python -m benchmarks.quant --tune).
+INT8_GEMV_TILE = (16, 1024, 4, 2)
 
 
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool,
                    stores_preact: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket."""
-    if elem_size == 1 and M <= INT8_GEMV_MAX_M:
-        # int8 weights at M <= 8: the GEMV-style kernel (BLOCK_M < 16: FMAs, no tl.dot).
-        bm = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+    if elem_size == 1 and M == 1:
+        # int8 weights at M = 1: the GEMV kernel (BLOCK_M = 1: FMAs, no tl.dot). At M = 4 and 8
+        # it lost to tl.dot with M padded to 16 (H100: 63 and 113 us against ~39 on
+        # 14336->4096, benchmarks/results/int8-h100-tune.log).
+        bm = 1
         bn, bk, warps, stages = INT8_GEMV_TILE
         if interpret:
             bn, bk, stages = 16, 32, 1

@@ -233,7 +233,7 @@ def test_tiny_int8_llama_trains_like_peft(triton_backend, int8_calls):
 
     torch.manual_seed(0)
     base, config = llama()
-    stock = randomize_ia3(get_peft_model(to_int8(base), config))
+    stock = randomize_ia3(get_peft_model(to_int8(base).to(DEVICE), config))
     fused = ia3.fuse(copy.deepcopy(stock))
     kinds = {m.is_feedforward for m in fused.modules() if type(m) is ia3.Linear8bitLt}
     assert kinds == {True, False}  # down_proj, and k_proj/v_proj
