@@ -367,7 +367,9 @@ SPLIT_K_WORKSPACE_BYTES = 512 << 10
 INT8_SCALE_MUL = 1.0 / 127.0
 # int8 weights at M = 1 take the GEMV kernel with (BLOCK_N, BLOCK_K, num_warps, num_stages)
 # = INT8_GEMV_TILE (python -m benchmarks.quant --tune).
-INT8_GEMV_TILE = (16, 1024, 4, 2)
+# H100 sweep: 8x1024x3 stages was best or within 5% on the four Llama-3-8B shapes (14336->4096:
+# 38.8 us; the tl.dot path, 36.6-40.2).
+INT8_GEMV_TILE = (8, 1024, 4, 3)
 
 
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool,
@@ -383,6 +385,12 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
             bn, bk, stages = 16, 32, 1
     elif interpret:
         bm, bn, bk, warps, stages = 16, 32, 32, 4, 1
+    elif elem_size == 1 and M <= 16:
+        # int8 weights, tl.dot with M padded to 16 (H100 sweep, CUDA graphs, int8-h100-tune.log):
+        # 64x512 tiles were best on 4096->4096 and 14336->4096 (18.7 and 39.0 us at M = 16),
+        # 64x256 where N >= 8192 (4096->14336: 39.0), 32x256 where N <= 1024 (13.1).
+        bm, warps = 16, 4
+        bn, bk, stages = (32, 256, 4) if N <= 1024 else (64, 256, 4) if N >= 8192 else (64, 512, 3)
     elif M <= 16:
         # Bound by reading W once. Narrow column blocks (32) give enough CTAs to keep 132 SMs
         # streaming; H100 sweep (benchmarks/tune_small_m.py, CUDA graphs): 32x256x4 stages is

@@ -9,11 +9,15 @@ LLM.int8 matmul also quantizes the activations to int8 per row (outlier columns 
 `threshold` kept in fp16), so ours is closer to the float model than bnb's, whatever the
 threshold (README "8-bit" shows both errors).
 
-Paths, as in dense.py: "fused" (one Triton GEMM reading CB as stored) up to mid-size M; at large
-M, where cuBLAS's bf16 GEMM is 25-30% ahead of a Triton GEMM, "cublas": a Triton pass
-dequantizes a chunk of W (SCB and, where exact, l folded in) into a scratch no larger than x or
-dy, and cuBLAS multiplies it. bnb's own backward holds a full dequantized N x K copy, so the
-chunked scratch never raises the peak above bnb's.
+Paths, as in dense.py, chosen by M from H100 timings (benchmarks/results/int8-h100-paths.md):
+"fused", one Triton GEMM reading CB as stored, below INT8_CUBLAS_MIN_M; above it "cublas": a
+Triton pass dequantizes W (SCB, and l where that is exact, folded in) into a bf16 scratch and
+cuBLAS multiplies it. The int8 -> bf16 conversion inside a Triton tl.dot ran at about half of
+cuBLAS's bf16 speed from M = 256 on (4096->4096 at M = 2048: 207 us against 91 for bf16), while
+the pass costs ~3 bytes per weight (~60 us for 14336x4096). The scratch is the whole weight in
+the compute dtype, freed right after its GEMM: bnb's own backward builds the same copy
+(MatMul8bitLt: CB * SCB / 127 in A's dtype), so a training step peaks no higher than bnb's.
+Chunks of <= M rows (dense.py's rule) cost 7-16 narrow GEMMs and lost up to 2x.
 """
 from __future__ import annotations
 
@@ -23,15 +27,16 @@ import torch
 from torch.library import triton_op
 
 from . import config
-from .dense import (SMALL_GEMM_FLOP, _gemm_into, _launch_matmul, _launch_scale_reduce,
+from .dense import (SMALL_GEMM_FLOP, _cublas_linear, _launch_matmul, _launch_scale_reduce,
                     _path_override, _reduce_partials, _where)
-from .launch import cdiv
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Where dequantize-to-scratch + cuBLAS replaces the fused GEMM, by M (GEMMs of >= SMALL_GEMM_FLOP
-# only). Placeholder rule until the H100 sweep below sets it (benchmarks/results/int8-paths-*).
-INT8_CUBLAS_MIN_M = 1024
+# Where dequantize + cuBLAS replaces the fused GEMM: from M = 512 in GEMMs of >= SMALL_GEMM_FLOP.
+# H100, CUDA graphs, fused against cuBLAS on a chunked scratch: cuBLAS won every Llama-3-8B
+# shape from M = 1024 (14336->4096: 274 against 425 us), lost at M = 256 only to the chunking
+# (16 narrow GEMMs), which the whole-weight scratch removes.
+INT8_CUBLAS_MIN_M = 512
 # The attention backward reduces dl from the dx kernel's dy tiles (one launch) only where the
 # dense kernel measured it a win (dense.ATTN_BWD_FUSED_MAX_*): M <= 64 and N <= 1024.
 ATTN_DL_IN_KERNEL_MAX_M = 64
@@ -90,11 +95,6 @@ def _dequantize_into(cb_part, scb_part, out, scale=None, scale_axis=1, traceable
     return out
 
 
-def _chunk(total: int, limit: int) -> int:
-    """Chunk length that splits `total` into equal pieces of at most max(limit, 1)."""
-    return total if total <= limit else cdiv(total, cdiv(total, max(1, limit)))
-
-
 def int8_forward_impl(x, cb, scb, bias, scale, feedforward: bool, save_preact: bool,
                       traceable: bool = False):
     """x: (M, K) in the compute dtype, any strides; cb (N, K) int8; scb (N,) fp32.
@@ -115,18 +115,11 @@ def int8_forward_impl(x, cb, scb, bias, scale, feedforward: bool, save_preact: b
                                     store_preact=save_preact, w_scale=scb, w_scale_axis=1,
                                     traceable=traceable)
         return y, u
-    # W (feedforward: W diag(l), exact) in row chunks of <= M output features, so the scratch
-    # never outgrows x; each chunk's GEMM writes its columns of the output in place.
-    out = torch.empty((M, N), device=x.device, dtype=dtype)
-    rows = _chunk(N, M)
-    scratch = torch.empty((rows, K), device=x.device, dtype=dtype)
-    for start in range(0, N, rows):
-        stop = min(N, start + rows)
-        w = _dequantize_into(cb[start:stop], scb[start:stop], scratch[: stop - start],
-                             scale=scale if feedforward else None, scale_axis=1,
-                             traceable=traceable)
-        _gemm_into(out[:, start:stop], x, w.t(), None if bias is None else bias[start:stop],
-                   traceable)
+    # W (feedforward: W diag(l), exact) dequantized whole, one cuBLAS GEMM.
+    w = _dequantize_into(cb, scb, torch.empty((N, K), device=x.device, dtype=dtype),
+                         scale=scale if feedforward else None, scale_axis=1, traceable=traceable)
+    out = _cublas_linear(x, w.t(), bias)
+    del w
     if feedforward:
         return out, None
     y = torch.empty_like(out)
@@ -160,14 +153,10 @@ def int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward: bool, n
     if feedforward and (need_dx or need_dscale):
         # g = dy W; dx = g*l; dl = sum_rows g*x (from g in registers, or from cuBLAS's g).
         if cublas:
-            g = torch.empty((M, K), device=dy.device, dtype=dtype)
-            cols = _chunk(K, M)  # W[:, chunk] is N x cols <= N x M, the size of dy
-            scratch = torch.empty((N, cols), device=dy.device, dtype=dtype)
-            for start in range(0, K, cols):
-                stop = min(K, start + cols)
-                w = _dequantize_into(cb[:, start:stop], scb, scratch[:, : stop - start],
-                                     traceable=traceable)
-                _gemm_into(g[:, start:stop], dy, w, None, traceable)
+            w = _dequantize_into(cb, scb, torch.empty((N, K), device=dy.device, dtype=dtype),
+                                 traceable=traceable)
+            g = torch.matmul(dy, w)  # (M, K): becomes dx in place
+            del w
             _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
                                               out=g if need_dx else None,
                                               aux=x if need_dscale else None,
@@ -182,14 +171,11 @@ def int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward: bool, n
         # dx = (dy*l) W = dy (diag(l) W); dl = sum_rows dy*u.
         dl_in_kernel = False
         if need_dx and cublas:
-            dx = torch.empty((M, K), device=dy.device, dtype=dtype)
-            cols = _chunk(K, M)
-            scratch = torch.empty((N, cols), device=dy.device, dtype=dtype)
-            for start in range(0, K, cols):
-                stop = min(K, start + cols)
-                w = _dequantize_into(cb[:, start:stop], scb, scratch[:, : stop - start],
-                                     scale=scale, scale_axis=0, traceable=traceable)
-                _gemm_into(dx[:, start:stop], dy, w, None, traceable)
+            # diag(l) W: l along the output features (rows of CB), folded in exactly.
+            w = _dequantize_into(cb, scb, torch.empty((N, K), device=dy.device, dtype=dtype),
+                                 scale=scale, scale_axis=0, traceable=traceable)
+            dx = torch.matmul(dy, w)
+            del w
         elif need_dx:
             dl_in_kernel = (need_dscale and M <= ATTN_DL_IN_KERNEL_MAX_M
                             and N <= ATTN_DL_IN_KERNEL_MAX_N)
