@@ -861,6 +861,19 @@ def _where(describe) -> str:
     return describe() if describe is not None else "ia3_linear"
 
 
+def _check_scale_and_bias(where: str, scale, bias, K: int, N: int, feedforward: bool) -> None:
+    """The IA3 vector has in_features (feedforward) or out_features (attention) values; the
+    bias out_features. Shared by every op family's input checks."""
+    expected = K if feedforward else N
+    if scale.numel() != expected:
+        kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
+        raise ValueError(f"{where}: a {kind} layer needs {expected} scaling values, "
+                         f"got a vector of shape {tuple(scale.shape)}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"{where}: bias must have out_features={N} elements, got "
+                         f"{tuple(bias.shape)}")
+
+
 def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=None):
     """Clear errors before anything launches, prefixed with describe() (the layer) if given."""
     if weight.dim() != 2:
@@ -870,14 +883,7 @@ def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=
         layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
         raise ValueError(f"{_where(describe)}: x's last dimension must be in_features={K} (weight "
                          f"{tuple(weight.shape)} stored {layout}), got x of shape {tuple(x.shape)}")
-    expected = K if feedforward else N
-    if scale.numel() != expected:
-        kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
-        raise ValueError(f"{_where(describe)}: a {kind} layer needs {expected} scaling values, "
-                         f"got a vector of shape {tuple(scale.shape)}")
-    if bias is not None and bias.numel() != N:
-        raise ValueError(f"{_where(describe)}: bias must have out_features={N} elements, got "
-                         f"{tuple(bias.shape)}")
+    _check_scale_and_bias(_where(describe), scale, bias, K, N, feedforward)
     # Plain comparisons: this runs on every call and a small layer's whole budget is ~20 us.
     device = x.device
     if (weight.device != device or scale.device != device

@@ -27,8 +27,8 @@ import torch
 from torch.library import triton_op
 
 from . import config
-from .dense import (SMALL_GEMM_FLOP, _cublas_linear, _launch_matmul, _launch_scale_reduce,
-                    _path_override, _reduce_partials, _where)
+from .dense import (SMALL_GEMM_FLOP, _check_scale_and_bias, _cublas_linear, _launch_matmul,
+                    _launch_scale_reduce, _path_override, _reduce_partials, _where)
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -296,13 +296,7 @@ def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None):
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (CB {tuple(cb.shape)}"
                          f" stored (out, in)), got x of shape {tuple(x.shape)}")
-    expected = K if feedforward else N
-    if scale.numel() != expected:
-        kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
-        raise ValueError(f"{where}: a {kind} layer needs {expected} scaling values, got a vector of "
-                         f"shape {tuple(scale.shape)}")
-    if bias is not None and bias.numel() != N:
-        raise ValueError(f"{where}: bias must have out_features={N} elements, got {tuple(bias.shape)}")
+    _check_scale_and_bias(where, scale, bias, K, N, feedforward)
     device = x.device
     if (cb.device != device or scb.device != device or scale.device != device
             or (bias is not None and bias.device != device)):
