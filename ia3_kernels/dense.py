@@ -594,6 +594,15 @@ def _cublas_linear(x, w_kn, bias):
     return torch.matmul(x, w_kn) if bias is None else torch.addmm(bias, x, w_kn)
 
 
+def _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale, traceable):
+    """Feedforward backward beside a cuBLAS g = dy W (M x K): one pass scales g by l in place
+    (it becomes dx) and reduces dl's partial sums of g*x. Returns (dx or None, partial)."""
+    _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1, out=g if need_dx else None,
+                                      aux=x if need_dscale else None, sum_dtype=scale.dtype,
+                                      traceable=traceable)
+    return (g if need_dx else None), partial
+
+
 def _reduce_partials(partial, like):
     """Per-block partial sums -> a gradient shaped and typed like `like` (fixed order). One
     block is already final, in like's dtype (the kernels were given it as sum_dtype)."""
@@ -697,12 +706,8 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
         if need_dx or need_dscale:
             if _use_cublas("ff_bwd", M, N, K, weight.dtype, dy.device):
                 w_nk = weight.t() if fan_in_fan_out else weight
-                g = torch.matmul(dy, w_nk)  # (M, K): becomes dx in place
-                _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
-                                                  out=g if need_dx else None,
-                                                  aux=x if need_dscale else None,
-                                                  sum_dtype=scale.dtype, traceable=traceable)
-                dx = g if need_dx else None
+                dx, partial = _feedforward_grads_from_g(torch.matmul(dy, w_nk), x, scale,
+                                                        need_dx, need_dscale, traceable)
             else:
                 dx, _, partial, _ = _launch_matmul(
                     dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,

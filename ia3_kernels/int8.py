@@ -27,10 +27,9 @@ import torch
 from torch.library import triton_op
 
 from . import config
-from .dense import (SMALL_GEMM_FLOP, _check_scale_and_bias, _cublas_linear, _launch_matmul,
-                    _launch_scale_reduce, _path_override, _reduce_partials, _where)
-
-_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .dense import (_KERNEL_DTYPES, SMALL_GEMM_FLOP, _check_scale_and_bias, _cublas_linear,
+                    _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
+                    _path_override, _reduce_partials, _where)
 
 # Where dequantize + cuBLAS replaces the fused GEMM: from M = 512 in GEMMs of >= SMALL_GEMM_FLOP.
 # H100, CUDA graphs, fused against cuBLAS on a chunked scratch: cuBLAS won every Llama-3-8B
@@ -155,13 +154,9 @@ def int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward: bool, n
         if cublas:
             w = _dequantize_into(cb, scb, torch.empty((N, K), device=dy.device, dtype=dtype),
                                  traceable=traceable)
-            g = torch.matmul(dy, w)  # (M, K): becomes dx in place
+            g = torch.matmul(dy, w)
             del w
-            _, partial = _launch_scale_reduce(g, scale=scale, scale_axis=1,
-                                              out=g if need_dx else None,
-                                              aux=x if need_dscale else None,
-                                              sum_dtype=scale.dtype, traceable=traceable)
-            dx = g if need_dx else None
+            dx, partial = _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale, traceable)
         else:
             dx, _, partial, _ = _launch_matmul(
                 dy, b_nk, cb, (M, K), dtype, scale_c=scale, aux=x if need_dscale else None,
@@ -309,9 +304,9 @@ def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None):
 
 
 def _kernel_refusal(x, dtype, scale) -> Optional[str]:
-    if dtype not in _ACTIVATION_DTYPES:
+    if dtype not in _KERNEL_DTYPES:
         return f"int8 layer computing in {dtype} (kernels cover float16, bfloat16, float32)"
-    if scale.dtype not in _ACTIVATION_DTYPES:
+    if scale.dtype not in _KERNEL_DTYPES:
         return f"scaling vector dtype {scale.dtype} (kernels cover float16, bfloat16, float32)"
     if x.device.type != "cuda" and not config.triton_interpreted():
         return (f"backend 'triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 set before "
