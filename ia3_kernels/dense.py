@@ -47,10 +47,61 @@ from .launch import FastKernel, cdiv, current_stream_handle
 
 
 @triton.jit
+def _absmax_of_blocks(blk, mask, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                      NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+    """fp32 absmax of the 4-bit quantization blocks `blk` (0 where masked). Nested (bnb's
+    double quantization): a uint8 code of a 256-value map, times the second-level absmax of
+    its BLOCKSIZE2 blocks, plus the offset, in fp32, as bitsandbytes' dequantize_4bit."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
+        absmax = tl.load(code2_ptr + q) * a2 + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, absmax, 0.0)
+
+
+@triton.jit
+def _dequant_4bit_tile(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                       rows, row_mask, col0, IN,
+                       R: tl.constexpr, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                       NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, ALIGNED: tl.constexpr):
+    """W[rows, col0:col0 + C] (R x C, fp32) from bitsandbytes' 4-bit storage: codes two a byte,
+    high nibble first, row-major over the (out, in) matrix flattened; one absmax per BLOCKSIZE
+    consecutive elements; code_ptr the 16-value table (NF4 or FP4). fp32 table value * absmax,
+    exactly bnb's dequantization before its rounding to the compute dtype."""
+    if ALIGNED:
+        # IN % BLOCKSIZE == 0, C <= BLOCKSIZE, col0 % C == 0: a tile row is C/2 whole bytes
+        # inside one quantization block, so the bytes load as vectors and the absmax is one
+        # value per row (a vector load, not a gather per element).
+        half = tl.arange(0, C // 2)
+        packed = tl.load(w_ptr + rows[:, None] * (IN // 2) + (col0 // 2 + half)[None, :],
+                         mask=row_mask[:, None], other=0).to(tl.int32)
+        vals = tl.interleave(tl.load(code_ptr + (packed >> 4)), tl.load(code_ptr + (packed & 15)))
+        absmax = _absmax_of_blocks((rows * IN + col0) // BLOCKSIZE, row_mask, absmax_ptr,
+                                   code2_ptr, absmax2_ptr, offset_ptr, NESTED, BLOCKSIZE2)
+        w = vals * absmax[:, None]
+    else:
+        # Blocks or bytes straddle rows (IN % BLOCKSIZE != 0, odd IN): element-wise indexing
+        # into the flat storage, a byte and an absmax gathered per element.
+        cols = col0 + tl.arange(0, C)
+        mask = row_mask[:, None] & (cols < IN)[None, :]
+        idx = rows[:, None] * IN + cols[None, :]
+        packed = tl.load(w_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+        q = (packed >> (4 - 4 * (idx % 2)).to(tl.int32)) & 15
+        w = tl.load(code_ptr + q) * _absmax_of_blocks(idx // BLOCKSIZE, mask, absmax_ptr,
+                                                       code2_ptr, absmax2_ptr, offset_ptr,
+                                                       NESTED, BLOCKSIZE2)
+    return w
+
+
+
+@triton.jit
 def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
     a_aux_ptr, a_partial_ptr, workspace_ptr, counter_ptr, w_scale_ptr,
+    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_a_auxm, stride_a_auxk,
@@ -69,6 +120,14 @@ def _ia3_matmul_kernel(
     # (dx = dy W: the dy tile is scaled before the dot, with scale_a if both); 0 = none.
     W_SCALE_AXIS: tl.constexpr,
     W_SCALE_MUL: tl.constexpr,
+    # bitsandbytes 4-bit weights (B = the packed bytes, w_scale = the absmax, q_* the tables;
+    # see _dequant_4bit_tile), dequantized tile by tile in registers and rounded to A's dtype.
+    # 1: forward, B[k, n] = W[n, k] (in-features on GEMM-K); 2: dx = dy W, B[k, n] = W[k, n]
+    # (in-features on GEMM-N); 0: not 4-bit. The tile's extent along in-features (BLOCK_K or
+    # BLOCK_N) is at most Q_BLOCKSIZE when Q_ALIGNED.
+    W_4BIT: tl.constexpr,
+    Q_BLOCKSIZE: tl.constexpr, Q_NESTED: tl.constexpr, Q_BLOCKSIZE2: tl.constexpr,
+    Q_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = epilogue(prologue(A)[M, K] @ B[K, N]) with fp32 accumulation."""
@@ -97,7 +156,10 @@ def _ia3_matmul_kernel(
     k_end = min(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BLOCK_M < 16:
-        gemv_acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        if W_4BIT == 1:  # the dequantized tile comes as W[n, k]: accumulate it as it is
+            gemv_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            gemv_acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         # Against K, not k_end: splits own whole BLOCK_K chunks, so only the last chunk of the
@@ -107,8 +169,21 @@ def _ia3_matmul_kernel(
         rk = offs_k.to(tl.int64)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if W_4BIT == 1:
+            w_nk = _dequant_4bit_tile(b_ptr, q_code_ptr, w_scale_ptr, q_code2_ptr, q_absmax2_ptr,
+                                      q_offset_ptr, rn, mask_n, k0, K, BLOCK_N, BLOCK_K,
+                                      Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2, Q_ALIGNED)
+            w_nk = w_nk.to(a_ptr.dtype.element_ty)  # rounded as bnb's dequantize_4bit rounds
+            if BLOCK_M >= 16:
+                b = tl.trans(w_nk)
+        elif W_4BIT == 2:
+            b = _dequant_4bit_tile(b_ptr, q_code_ptr, w_scale_ptr, q_code2_ptr, q_absmax2_ptr,
+                                   q_offset_ptr, rk, mask_k, pid_n * BLOCK_N, N, BLOCK_K, BLOCK_N,
+                                   Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2, Q_ALIGNED)
+            b = b.to(a_ptr.dtype.element_ty)
+        else:
+            b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if REDUCE_A_AUX:
             # The attention backward's dl = sum_rows dy*u rides on the dx GEMM's dy tiles, so
             # dl costs no launch and no second pass over dy. Each k block is reduced by one
@@ -131,6 +206,9 @@ def _ia3_matmul_kernel(
             b = b.to(a_ptr.dtype.element_ty)
         if BLOCK_M >= 16:
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        elif W_4BIT == 1:
+            a32 = a.to(a_ptr.dtype.element_ty).to(tl.float32)
+            gemv_acc += w_nk.to(tl.float32) * a32
         else:
             # GEMV (BLOCK_M == 1, quantized weights): FMAs on the weight tile as loaded, into a
             # BLOCK_K x BLOCK_N accumulator reduced once after the loop, so no tensor-core layout
@@ -139,7 +217,10 @@ def _ia3_matmul_kernel(
             gemv_acc += tl.trans(a32) * b.to(tl.float32)
 
     if BLOCK_M < 16:
-        acc += tl.sum(gemv_acc, axis=0)[None, :]
+        if W_4BIT == 1:
+            acc += tl.sum(gemv_acc, axis=1)[None, :]
+        else:
+            acc += tl.sum(gemv_acc, axis=0)[None, :]
     offs_2d = rm[:, None] * N + rn[None, :]
     mask_2d = mask_m[:, None] & mask_n[None, :]
     is_last = True
@@ -186,12 +267,17 @@ def _ia3_matmul_kernel(
 @triton.jit
 def _ia3_scale_reduce_kernel(
     src_ptr, scale_ptr, out_ptr, aux_ptr, partial_ptr, row_scale_ptr,
+    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
     R, C, rows_per_program,
     stride_sr, stride_sc, stride_or, stride_oc, stride_ar, stride_ac,
     SCALE_AXIS: tl.constexpr,  # 1: out = src * scale[col]; 0: out = src * scale[row]
     # Dequantization of an int8 weight: out = src * row_scale[row] * ROW_SCALE_MUL (and then
     # the scaling above, if any): LLM.int8's CB * SCB / 127 with IA3's vector folded in.
     ROW_SCALE: tl.constexpr, ROW_SCALE_MUL: tl.constexpr,
+    # src is a bitsandbytes 4-bit weight (R = out, C = in features; row_scale = its absmax):
+    # dequantized tile by tile (_dequant_4bit_tile; BLOCK_C <= Q_BLOCKSIZE when Q_ALIGNED).
+    SRC_4BIT: tl.constexpr, Q_BLOCKSIZE: tl.constexpr, Q_NESTED: tl.constexpr,
+    Q_BLOCKSIZE2: tl.constexpr, Q_ALIGNED: tl.constexpr,
     STORE_OUT: tl.constexpr,
     REDUCE_AUX: tl.constexpr,  # partial[pid_r, col] = sum over the program's rows of src * aux
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -214,8 +300,13 @@ def _ia3_scale_reduce_kernel(
         mask_r = offs_r < row_end
         rr = offs_r.to(tl.int64)
         mask = mask_r[:, None] & mask_c[None, :]
-        v = tl.load(src_ptr + rr[:, None] * stride_sr + rc[None, :] * stride_sc, mask=mask,
-                    other=0.0).to(tl.float32)
+        if SRC_4BIT:
+            v = _dequant_4bit_tile(src_ptr, q_code_ptr, row_scale_ptr, q_code2_ptr, q_absmax2_ptr,
+                                   q_offset_ptr, rr, mask_r, pid_c * BLOCK_C, C, BLOCK_R, BLOCK_C,
+                                   Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2, Q_ALIGNED)
+        else:
+            v = tl.load(src_ptr + rr[:, None] * stride_sr + rc[None, :] * stride_sc, mask=mask,
+                        other=0.0).to(tl.float32)
         if REDUCE_AUX:
             aux = tl.load(aux_ptr + rr[:, None] * stride_ar + rc[None, :] * stride_ac, mask=mask,
                           other=0.0).to(tl.float32)
@@ -431,12 +522,24 @@ def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
                       SPLIT_K_WORKSPACE_BYTES // max(1, 4 * M * N)))
 
 
+def _quant4_args(quant4):
+    """The kernels' 4-bit pointers (code, code2, absmax2, offset) and constexprs (blocksize,
+    nested, blocksize2); None/neutral when the weight is not 4-bit."""
+    if quant4 is None:
+        return (None, None, None, None), (64, False, 256)
+    return ((quant4.code, quant4.code2, quant4.absmax2, quant4.offset),
+            (quant4.blocksize, quant4.nested, quant4.blocksize2))
+
+
 def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
                    bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True,
-                   a_aux=None, sum_dtype=torch.float32, w_scale=None, w_scale_axis=0):
+                   a_aux=None, sum_dtype=torch.float32, w_scale=None, w_scale_axis=0,
+                   quant4=None, w_4bit=0, tiles=None):
     """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
     An int8 b is dequantized in registers with w_scale / 127 along GEMM axis w_scale_axis
-    (1 = N, 2 = K; see the kernel's W_SCALE_AXIS).
+    (1 = N, 2 = K; see the kernel's W_SCALE_AXIS). A 4-bit weight comes as `quant4` (b its
+    packed bytes), read as W^T (w_4bit = 1, forward) or W (2, dx = dy W); its caller picks
+    the tiles: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, aligned).
 
     Returns (c, preact, partial, a_partial): partial (row blocks, N) sums of u*aux, and
     a_partial (row blocks, K) sums of a*a_aux (a before scale_a), or None. Sums are fp32, or
@@ -447,8 +550,16 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     device = a.device
     c = torch.empty(out_shape, device=device, dtype=out_dtype) if store_c else None
     preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
-    bm, bn, bk, split_k, warps, stages = _matmul_config(
-        M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted(), store_preact)
+    if tiles is None:
+        bm, bn, bk, split_k, warps, stages = _matmul_config(
+            M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted(),
+            store_preact)
+        aligned = False
+    else:
+        bm, bn, bk, split_k, warps, stages, aligned = tiles
+    q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
+    if quant4 is not None:
+        w_scale = quant4.absmax
     num_pid_m = cdiv(M, bm)
     tiles = num_pid_m * cdiv(N, bn)
     partial_dtype = sum_dtype if num_pid_m == 1 else torch.float32
@@ -466,15 +577,17 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
     _KERNELS[traceable][0][(tiles, split_k)](
         a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial, workspace,
-        counters, w_scale, M, N, K,
+        counters, w_scale, *q_ptrs, M, N, K,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
         aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
         SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
         REDUCE_AUX=reduce_aux, STORE_PREACT=store_preact, SCALE_C=scale_c is not None,
         STORE_C=store_c, SPLIT_K=split_k,
-        DOT_PRECISION=_dot_precision(b.dtype if w_scale is None else a.dtype),
-        W_SCALE_AXIS=w_scale_axis if w_scale is not None else 0, W_SCALE_MUL=INT8_SCALE_MUL,
+        DOT_PRECISION=_dot_precision(b.dtype if w_scale is None and quant4 is None else a.dtype),
+        W_SCALE_AXIS=w_scale_axis if w_scale is not None and quant4 is None else 0,
+        W_SCALE_MUL=INT8_SCALE_MUL, W_4BIT=w_4bit if quant4 is not None else 0,
+        Q_BLOCKSIZE=q_blocksize, Q_NESTED=q_nested, Q_BLOCKSIZE2=q_blocksize2, Q_ALIGNED=aligned,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )
@@ -501,14 +614,21 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
 
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
-                         sum_dtype=torch.float32, row_scale=None):
+                         sum_dtype=torch.float32, row_scale=None, quant4=None):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
     row_scale: src is an int8 weight, dequantized as src * row_scale[row] / 127 first.
+    quant4: src is the packed bytes of that 4-bit weight, dequantized to (out, in) first.
     Returns (out, partial)."""
-    R, C = src.shape
+    if quant4 is None:
+        R, C = src.shape
+    else:
+        R, C = quant4.out_features, quant4.in_features
     device = src.device
     block_r, block_c = (16, 32) if config.triton_interpreted() else (32, 128)
+    aligned = quant4 is not None and C % quant4.blocksize == 0
+    if aligned:
+        block_c = min(block_c, quant4.blocksize)  # a tile row inside one quantization block
     col_programs = cdiv(C, block_c)
     # Rows split over enough programs for ~8 CTAs an SM (a bandwidth-bound pass needs many
     # loads in flight); with a reduction each program writes one fp32 partial row.
@@ -521,11 +641,16 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     out_strides = out.stride() if out is not None else (0, 0)
     aux_strides = aux.stride() if aux is not None else (0, 0)
     grid = (row_programs, col_programs)
+    q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
+    src_strides = src.stride() if quant4 is None else (0, 0)
     _KERNELS[traceable][1][grid](
-        src, scale, out, aux, partial, row_scale, R, C, rows_per_program,
-        src.stride(0), src.stride(1), out_strides[0], out_strides[1], aux_strides[0], aux_strides[1],
+        src, scale, out, aux, partial, row_scale if quant4 is None else quant4.absmax, *q_ptrs,
+        R, C, rows_per_program,
+        src_strides[0], src_strides[1], out_strides[0], out_strides[1], aux_strides[0], aux_strides[1],
         SCALE_AXIS=scale_axis if scale is not None else -1, STORE_OUT=out is not None,
         REDUCE_AUX=aux is not None, ROW_SCALE=row_scale is not None, ROW_SCALE_MUL=INT8_SCALE_MUL,
+        SRC_4BIT=quant4 is not None, Q_BLOCKSIZE=q_blocksize, Q_NESTED=q_nested,
+        Q_BLOCKSIZE2=q_blocksize2, Q_ALIGNED=aligned,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out, partial

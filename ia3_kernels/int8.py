@@ -1,5 +1,6 @@
-"""(IA)^3 on LLM.int8 weights (bitsandbytes Linear8bitLt): launchers, the pure-PyTorch reference
-and the custom op. The kernels are dense.py's, with the int8 flags on (W_SCALE_AXIS, ROW_SCALE).
+"""(IA)^3 on LLM.int8 weights (bitsandbytes Linear8bitLt): the storage format, the pure-PyTorch
+reference and the custom op. The kernels are dense.py's, with the int8 flags on (W_SCALE_AXIS,
+ROW_SCALE); the IA3 forward and backward are quantized.py's.
 
 bitsandbytes stores W ~= CB * SCB[:, None] / 127: CB int8 (out, in), SCB one float32 per output
 row. Our op is a weight-only dequantize-matmul: the activations stay 16-bit, CB is converted to
@@ -27,27 +28,48 @@ import torch
 from torch.library import triton_op
 
 from . import config
-from .dense import (_KERNEL_DTYPES, SMALL_GEMM_FLOP, _check_scale_and_bias, _cublas_linear,
-                    _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
-                    _path_override, _reduce_partials, _where)
+from .dense import (_KERNEL_DTYPES, SMALL_GEMM_FLOP, _check_scale_and_bias, _launch_scale_reduce,
+                    _path_override, _where)
+from .quantized import compute_dtype as _compute_dtype
+from .quantized import quantized_backward_impl, quantized_forward_impl
 
 # Where dequantize + cuBLAS replaces the fused GEMM: from M = 512 in GEMMs of >= SMALL_GEMM_FLOP.
 # H100, CUDA graphs, fused against cuBLAS on a chunked scratch: cuBLAS won every Llama-3-8B
 # shape from M = 1024 (14336->4096: 274 against 425 us), lost at M = 256 only to the chunking
 # (16 narrow GEMMs), which the whole-weight scratch removes.
 INT8_CUBLAS_MIN_M = 512
-# The attention backward reduces dl from the dx kernel's dy tiles (one launch) only where the
-# dense kernel measured it a win (dense.ATTN_BWD_FUSED_MAX_*): M <= 64 and N <= 1024.
-ATTN_DL_IN_KERNEL_MAX_M = 64
-ATTN_DL_IN_KERNEL_MAX_N = 1024
 
 
-def _use_cublas(M: int, N: int, K: int, device: torch.device) -> bool:
-    forced = _path_override["path"]
-    if forced != "auto":
-        return forced == "cublas"
-    return (device.type == "cuda" and M >= INT8_CUBLAS_MIN_M
-            and 2 * M * N * K >= SMALL_GEMM_FLOP)
+class Int8Weight:
+    """LLM.int8 storage as quantized.py's impls read it: CB int8 (out, in), SCB (out,) fp32."""
+
+    __slots__ = ("cb", "scb", "out_features", "in_features")
+
+    def __init__(self, cb: torch.Tensor, scb: torch.Tensor):
+        self.cb, self.scb = cb, scb
+        self.out_features, self.in_features = cb.shape
+
+    def use_cublas(self, M: int, phase: str, device: torch.device) -> bool:
+        forced = _path_override["path"]
+        if forced != "auto":
+            return forced == "cublas"
+        return (device.type == "cuda" and M >= INT8_CUBLAS_MIN_M
+                and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
+
+    def fused_args(self, M: int, phase: str) -> dict:
+        cb = self.cb
+        if phase == "fwd":  # B[k, n] = CB[n, k]; SCB scales the GEMM's N axis (epilogue)
+            return dict(b=cb, b_strides=(cb.stride(1), cb.stride(0)), w_scale=self.scb,
+                        w_scale_axis=1)
+        # dx = dy W: B[n, k] = CB[n, k], SCB along the GEMM's K axis (the dy tile)
+        return dict(b=cb, b_strides=(cb.stride(0), cb.stride(1)), w_scale=self.scb,
+                    w_scale_axis=2)
+
+    def dequantize_into(self, out, scale=None, scale_axis=1, traceable=False):
+        """out = CB * SCB[:, None] / 127 (* scale along scale_axis): one Triton pass."""
+        _launch_scale_reduce(self.cb, scale=scale, scale_axis=scale_axis, out=out,
+                             row_scale=self.scb, traceable=traceable)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,121 +97,20 @@ def torch_ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
     return torch_ia3_linear(xw, w, b, scale, feedforward)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """bnb's Linear8bitLt returns x's dtype; under autocast, the autocast dtype (as F.linear)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
-
-
-def _dequantize_into(cb_part, scb_part, out, scale=None, scale_axis=1, traceable=False):
-    """out = CB_part * SCB_part[:, None] / 127 (* scale along scale_axis): one Triton pass."""
-    _launch_scale_reduce(cb_part, scale=scale, scale_axis=scale_axis, out=out, row_scale=scb_part,
-                         traceable=traceable)
-    return out
-
-
 def int8_forward_impl(x, cb, scb, bias, scale, feedforward: bool, save_preact: bool,
                       traceable: bool = False):
     """x: (M, K) in the compute dtype, any strides; cb (N, K) int8; scb (N,) fp32.
     Returns (y, u): u = x W^T + b for attention layers when save_preact, else None."""
-    M, K = x.shape
-    N = cb.shape[0]
-    dtype = x.dtype
-    if M == 0:
-        empty = x.new_empty((0, N))
-        return empty, (x.new_empty((0, N)) if save_preact else None)
-    if not _use_cublas(M, N, K, x.device):
-        b_kn = (cb.stride(1), cb.stride(0))  # B[k, n] = CB[n, k]
-        if feedforward:
-            y, _, _, _ = _launch_matmul(x, b_kn, cb, (M, N), dtype, scale_a=scale, bias=bias,
-                                        w_scale=scb, w_scale_axis=1, traceable=traceable)
-            return y, None
-        y, u, _, _ = _launch_matmul(x, b_kn, cb, (M, N), dtype, scale_c=scale, bias=bias,
-                                    store_preact=save_preact, w_scale=scb, w_scale_axis=1,
-                                    traceable=traceable)
-        return y, u
-    # W (feedforward: W diag(l), exact) dequantized whole, one cuBLAS GEMM.
-    w = _dequantize_into(cb, scb, torch.empty((N, K), device=x.device, dtype=dtype),
-                         scale=scale if feedforward else None, scale_axis=1, traceable=traceable)
-    out = _cublas_linear(x, w.t(), bias)
-    del w
-    if feedforward:
-        return out, None
-    y = torch.empty_like(out)
-    _launch_scale_reduce(out, scale=scale, scale_axis=1, out=y, traceable=traceable)
-    return y, (out if save_preact else None)
+    return quantized_forward_impl(x, Int8Weight(cb, scb), bias, scale, feedforward, save_preact,
+                                  traceable)
 
 
 def int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward: bool, need_dx: bool,
                        need_dscale: bool, need_dbias: bool, x_dtype: torch.dtype,
                        traceable: bool = False):
-    """Gradients (dx, dscale, dbias); entries not asked for are None. dy: (M, N) in the compute
-    dtype; x: what the forward multiplied (compute dtype); preact: u (attention), or None/empty
-    when the forward did not save it (x and bias are then given to recompute it)."""
-    M, N = dy.shape
-    K = cb.shape[1]
-    dtype = dy.dtype
-    dx = dscale = dbias = None
-    if M == 0:
-        if need_dx:
-            dx = dy.new_zeros((0, K), dtype=x_dtype)
-        if need_dscale:
-            dscale = torch.zeros_like(scale)
-        if need_dbias:
-            dbias = dy.new_zeros((N,))
-        return dx, dscale, dbias
-    if not feedforward and need_dscale and (preact is None or preact.numel() == 0):
-        preact = int8_forward_impl(x, cb, scb, bias, scale, False, True, traceable)[1]
-    cublas = _use_cublas(M, N, K, dy.device)
-    b_nk = (cb.stride(0), cb.stride(1))  # B[n, k] = CB[n, k]: dx = dy W reduces over N
-    partial = None
-    if feedforward and (need_dx or need_dscale):
-        # g = dy W; dx = g*l; dl = sum_rows g*x (from g in registers, or from cuBLAS's g).
-        if cublas:
-            w = _dequantize_into(cb, scb, torch.empty((N, K), device=dy.device, dtype=dtype),
-                                 traceable=traceable)
-            g = torch.matmul(dy, w)
-            del w
-            dx, partial = _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale, traceable)
-        else:
-            dx, _, partial, _ = _launch_matmul(
-                dy, b_nk, cb, (M, K), dtype, scale_c=scale, aux=x if need_dscale else None,
-                reduce_aux=need_dscale, store_c=need_dx, sum_dtype=scale.dtype, w_scale=scb,
-                w_scale_axis=2, traceable=traceable)
-    elif not feedforward:
-        # dx = (dy*l) W = dy (diag(l) W); dl = sum_rows dy*u.
-        dl_in_kernel = False
-        if need_dx and cublas:
-            # diag(l) W: l along the output features (rows of CB), folded in exactly.
-            w = _dequantize_into(cb, scb, torch.empty((N, K), device=dy.device, dtype=dtype),
-                                 scale=scale, scale_axis=0, traceable=traceable)
-            dx = torch.matmul(dy, w)
-            del w
-        elif need_dx:
-            dl_in_kernel = (need_dscale and M <= ATTN_DL_IN_KERNEL_MAX_M
-                            and N <= ATTN_DL_IN_KERNEL_MAX_N)
-            dx, _, _, partial = _launch_matmul(
-                dy, b_nk, cb, (M, K), dtype, scale_a=scale,
-                a_aux=preact if dl_in_kernel else None, sum_dtype=scale.dtype, w_scale=scb,
-                w_scale_axis=2, traceable=traceable)
-        if need_dscale and not dl_in_kernel:
-            _, partial = _launch_scale_reduce(dy, aux=preact, sum_dtype=scale.dtype,
-                                              traceable=traceable)
-    if need_dscale:
-        dscale = _reduce_partials(partial, scale)
-    if need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32)
-        if not feedforward:
-            dbias = dbias * scale.reshape(-1).float()
-    if dx is not None and dx.dtype != x_dtype:
-        dx = dx.to(x_dtype)
-    return dx, dscale, dbias
+    """Gradients (dx, dscale, dbias); see quantized.quantized_backward_impl."""
+    return quantized_backward_impl(dy, x, Int8Weight(cb, scb), bias, scale, preact, feedforward,
+                                   need_dx, need_dscale, need_dbias, x_dtype, traceable)
 
 
 # --------------------------------------------------------------------------------------------
