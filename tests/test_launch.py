@@ -51,8 +51,8 @@ def test_key_separates_what_triton_specialises():
     shifted = torch.randn(33 * 40 + 1)[1:].view(33, 40)
     assert key_of(shifted, *args[1:]) != key
     assert key_of(src.half(), *args[1:]) != key  # dtype
-    assert key_of(*args[:6], 1, *args[7:]) != key  # an int (R) that becomes 1
-    assert key_of(*args[:6], 32, *args[7:]) != key  # divisible by 16
+    assert key_of(*args[:10], 1, *args[11:]) != key  # an int (R) that becomes 1
+    assert key_of(*args[:10], 32, *args[11:]) != key  # divisible by 16
     assert key_of(*args, num_warps=8)[-2:] != key[-2:]  # launch options
     assert key_of(*args, BLOCK_C=64) != key  # constexpr values
     assert key_of(*args) == key  # and the same call keys the same
