@@ -1,8 +1,8 @@
-"""Fused IA3 layers on bitsandbytes bases: subclasses of PEFT's `peft.tuners.ia3.bnb` wrappers,
+"""Fused IA3 layers on bitsandbytes bases (Linear8bitLt, Linear4bit): subclasses of PEFT's `peft.tuners.ia3.bnb` wrappers,
 so adapters, state-dict keys and saved files stay PEFT's; the forward becomes one fused op.
 
 Deliberate differences from PEFT's wrappers (../shared/design/semantics.md): the output has x's
-dtype (autocast's under autocast), as the bare bnb layer returns, where PEFT upcasts x to float32
+dtype (autocast's under autocast for int8; always x's for 4-bit), as the bare bnb layer returns, where PEFT upcasts x to float32
 and returns float32 (which breaks a Llama training step without autocast); and the int8 matmul
 is weight-only (activations stay 16-bit), closer to the float model than LLM.int8.
 """
@@ -15,11 +15,13 @@ from peft.tuners.ia3 import bnb as peft_ia3_bnb
 from torch import nn
 
 from ia3_kernels import config
+from ia3_kernels.fourbit import FourBitWeight, ia3_linear_4bit
 from ia3_kernels.int8 import ia3_linear_int8
 
 from .layer import active_scaling
 
 HAS_BNB_8BIT = hasattr(peft_ia3_bnb, "Linear8bitLt")
+HAS_BNB_4BIT = hasattr(peft_ia3_bnb, "Linear4bit")
 
 
 def scaled_base_forward(layer, x: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
@@ -87,3 +89,51 @@ if HAS_BNB_8BIT:
                 return scaled_base_forward(self, x, scaling)
             return ia3_linear_int8(x, cb, scb, base.bias, scaling, self.is_feedforward,
                                    describe=self._describe)
+
+
+def _4bit_unfusable_reason(base: nn.Module) -> Optional[str]:
+    import bitsandbytes as bnb
+
+    if type(base).forward is not bnb.nn.Linear4bit.forward:
+        return f"base layer {type(base).__name__} overrides Linear4bit.forward()"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
+    if getattr(base.weight, "quant_state", None) is None:
+        return ("Linear4bit weight is not quantized yet (bnb quantizes when the layer moves to "
+                "its device)")
+    if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        return "Linear4bit weight was repacked for bnb's CPU kernel (packing_format_for_cpu)"
+    return None
+
+
+if HAS_BNB_4BIT:
+
+    class Linear4bit(peft_ia3_bnb.Linear4bit):
+        """Drop-in for `peft.tuners.ia3.bnb.Linear4bit` (bnb `Linear4bit` bases: NF4 or FP4,
+        any blocksize and quant_storage, with or without double quantization). Computes in the
+        base's compute_dtype (autocast's under autocast) and returns x's dtype, as the bare
+        bnb layer does."""
+
+        def _describe(self) -> str:
+            kind = "feedforward" if self.is_feedforward else "attention"
+            return (f"ia3.Linear4bit({self.in_features}->{self.out_features}, {kind}, active "
+                    f"adapters {list(self.active_adapters)})")
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.disable_adapters or args or kwargs:
+                return super().forward(x, *args, **kwargs)
+            scaling = active_scaling(self)
+            if scaling is None:
+                return self.base_layer(x)
+            base = self.get_base_layer()
+            reason = _4bit_unfusable_reason(base)
+            if reason is not None:
+                config.fallback(reason)
+                return scaled_base_forward(self, x, scaling)
+            if not base.compute_type_is_set:  # what bnb's own first forward does
+                base.set_compute_type(x)
+                base.compute_type_is_set = True
+            weight = base.weight
+            return ia3_linear_4bit(x, FourBitWeight.from_bnb(weight.data, weight.quant_state),
+                                   base.bias, scaling, self.is_feedforward,
+                                   compute_dtype=base.compute_dtype, describe=self._describe)

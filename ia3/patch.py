@@ -23,6 +23,9 @@ _LOOKUPS = [(peft_ia3_model, "Linear")]
 if bnb.HAS_BNB_8BIT:
     FUSED_CLASSES[peft_ia3_bnb.Linear8bitLt] = bnb.Linear8bitLt
     _LOOKUPS.append((peft_ia3_bnb, "Linear8bitLt"))
+if bnb.HAS_BNB_4BIT:
+    FUSED_CLASSES[peft_ia3_bnb.Linear4bit] = bnb.Linear4bit
+    _LOOKUPS.append((peft_ia3_bnb, "Linear4bit"))
 _UNFUSED_CLASSES = {fused: peft for peft, fused in FUSED_CLASSES.items()}
 _lock = threading.Lock()
 _saved_originals: list[list[tuple[object, str, type]]] = []
