@@ -89,14 +89,15 @@ class FourBitWeight:
         return (device.type == "cuda" and M >= min_m
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
 
-    def fused_args(self, M: int, phase: str) -> dict:
+    def fused_args(self, M: int, phase: str, dtype: torch.dtype) -> dict:
         """Forward: B = W^T (in-features on the GEMM's K); dx = dy W: B = W (on its N)."""
         forward = phase == "fwd"
         N, K = ((self.out_features, self.in_features) if forward
                 else (self.in_features, self.out_features))
         return dict(b=self.packed, b_strides=(0, 0), quant4=self, w_4bit=1 if forward else 2,
                     tiles=_tiles(M, N, K, forward, self.blocksize,
-                                 self.in_features % self.blocksize == 0, self.packed.device))
+                                 self.in_features % self.blocksize == 0, self.packed.device,
+                                 dtype))
 
     def dequantize_into(self, out, scale=None, scale_axis=1, traceable=False):
         """out (out, in) = W (* scale along scale_axis), rounded once: one Triton pass."""
@@ -106,7 +107,7 @@ class FourBitWeight:
 
 
 def _tiles(M: int, N: int, K: int, forward: bool, blocksize: int, aligned: bool,
-           device: torch.device):
+           device: torch.device, dtype: torch.dtype = torch.bfloat16):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, aligned) for the GEMM
     (M, N, K) = forward (M, out, in) or dx (M, in, out). With blocks aligned to rows the tile's
     extent along in-features (BLOCK_K forward, BLOCK_N for dx) stays inside one block."""
@@ -134,6 +135,13 @@ def _tiles(M: int, N: int, K: int, forward: bool, blocksize: int, aligned: bool,
             bk = min(bk, blocksize)
         else:
             bn = min(bn, blocksize)
+    elif not interpret:
+        # Blocks straddling rows gather a byte, a code and 1-3 absmax values per element: each
+        # gathered tile pipelined over 3-4 stages asked 255 KB of shared memory (H100 limit:
+        # 227 KB, fp32, blocksize 32). Rare layouts (no LLM width): no pipelining.
+        stages = 1
+    if dtype == torch.float32 and not interpret:
+        stages = min(stages, 2)  # fp32 operand tiles are twice the bytes
     split_k = split_k_for(M, N, K, bm, bn, bk, 1, n_sm, interpret)
     return bm, bn, bk, split_k, warps, stages, aligned
 

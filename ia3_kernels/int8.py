@@ -56,7 +56,7 @@ class Int8Weight:
         return (device.type == "cuda" and M >= INT8_CUBLAS_MIN_M
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
 
-    def fused_args(self, M: int, phase: str) -> dict:
+    def fused_args(self, M: int, phase: str, dtype: torch.dtype) -> dict:
         cb = self.cb
         if phase == "fwd":  # B[k, n] = CB[n, k]; SCB scales the GEMM's N axis (epilogue)
             return dict(b=cb, b_strides=(cb.stride(1), cb.stride(0)), w_scale=self.scb,

@@ -39,7 +39,7 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     if M == 0:
         return x.new_empty((0, N)), (x.new_empty((0, N)) if save_preact else None)
     if not wq.use_cublas(M, "fwd", x.device):
-        fused = wq.fused_args(M, "fwd")
+        fused = wq.fused_args(M, "fwd", dtype)
         if feedforward:
             y, _, _, _ = _launch_matmul(x, out_shape=(M, N), out_dtype=dtype, scale_a=scale,
                                         bias=bias, traceable=traceable, **fused)
@@ -95,7 +95,7 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
             dx, _, partial, _ = _launch_matmul(
                 dy, out_shape=(M, K), out_dtype=dtype, scale_c=scale,
                 aux=x if need_dscale else None, reduce_aux=need_dscale, store_c=need_dx,
-                sum_dtype=scale.dtype, traceable=traceable, **wq.fused_args(M, "bwd"))
+                sum_dtype=scale.dtype, traceable=traceable, **wq.fused_args(M, "bwd", dtype))
     elif not feedforward:
         # dx = (dy*l) W = dy (diag(l) W); dl = sum_rows dy*u.
         dl_in_kernel = False
@@ -111,7 +111,7 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
             dx, _, _, partial = _launch_matmul(
                 dy, out_shape=(M, K), out_dtype=dtype, scale_a=scale,
                 a_aux=preact if dl_in_kernel else None, sum_dtype=scale.dtype,
-                traceable=traceable, **wq.fused_args(M, "bwd"))
+                traceable=traceable, **wq.fused_args(M, "bwd", dtype))
         if need_dscale and not dl_in_kernel:
             _, partial = _launch_scale_reduce(dy, aux=preact, sum_dtype=scale.dtype,
                                               traceable=traceable)
