@@ -334,6 +334,14 @@ def compare_paths(m_values=(256, 1024, 2048, 4096, 8192), fmt: str = "int8") -> 
     return out
 
 
+def _write(out_dir: Path, args, env: dict, rows: list[dict]) -> list[dict]:
+    summary = summarize(rows, args.format)
+    (out_dir / f"{args.stem}.json").write_text(json.dumps(
+        {"environment": env, "summary": summary, "rows": rows}, indent=1))
+    (out_dir / f"{args.stem}.md").write_text(markdown(env, rows, summary, fmt=args.format))
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -379,15 +387,13 @@ def main(argv=None) -> int:
             rows += [asdict(r) for r in bench_case(shape, m, mode, env["copy_tb_per_s"],
                                                    args.format)]
             torch.cuda.empty_cache()
-    summary = summarize(rows, args.format)
+            _write(out_dir, args, env, rows)  # after every case: a cut-off run keeps its rows
+    summary = _write(out_dir, args, env, rows)
     for b in table(rows):
         print("  ".join(b))
     for s in summary:
         print(f"{s['criterion']:<36} worst {s['worst']:>9} (limit {s['limit']}), "
               f"{s['misses']}/{s['cases']} miss; at {s['where']}")
-    (out_dir / f"{args.stem}.json").write_text(json.dumps(
-        {"environment": env, "summary": summary, "rows": rows}, indent=1))
-    (out_dir / f"{args.stem}.md").write_text(markdown(env, rows, summary, fmt=args.format))
     print(f"wrote {out_dir / (args.stem + '.json')} and .md")
     return 0
 
