@@ -121,7 +121,7 @@ def _tiles(M: int, N: int, K: int, forward: bool, blocksize: int, aligned: bool,
     elif M == 1:
         # GEMV: FMAs on the dequantized tile, no tensor-core padding of M.
         bm, warps = 1, 4
-        bn, bk, stages = (64, 64, 4) if forward else (64, 128, 3)
+        bn, bk, stages = (128, 64, 4) if forward else (64, 128, 3)
     elif M <= 16:
         bm, bn, bk, warps, stages = (16, 64, 64, 4, 4) if forward else (16, 64, 128, 4, 3)
     elif M <= 64:
