@@ -97,21 +97,29 @@ def _dequant_4bit_tile(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offs
 
 
 @triton.jit
-def _dequant_4bit_pairs_kn(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-                           rows, row_mask, col0, IN, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                           NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
-    """The forward's B = W^T tile, aligned layouts only, as two (C/2, R) halves: even
-    in-features (high nibbles) and odd ones (low nibbles), loaded in GEMM orientation (k on
-    axis 0, the bytes' contiguous axis). No transpose and no interleave: on the H100 the
-    transposed, interleaved tile made the tl.dot path 5-10x slower than bnb (M = 16,
-    4096->14336: 697 us against 72), the dot layout reaching back into the gathers."""
+def _dequant_4bit_pairs(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                        rows, row_mask, col0, IN, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                        NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, IN_ON_AXIS0: tl.constexpr):
+    """W[rows, col0:col0 + C] for aligned layouts as two halves, even in-features (high
+    nibbles) and odd ones (low nibbles): (C/2, R) with in-features on axis 0 (the forward's
+    B = W^T, IN_ON_AXIS0) or (R, C/2) (dx's B = W). Each half feeds its own dot (the forward
+    splits the A tile likewise; dx interleaves its two accumulators once after the K-loop), so
+    no tile is transposed or interleaved per iteration: on the H100 the transposed, interleaved
+    tile made the forward's tl.dot 5-10x slower than bnb (M = 16, 4096->14336: 697 us against
+    72; 167 with halves), the dot layout reaching back into the gathers."""
     half = tl.arange(0, C // 2)
-    packed = tl.load(w_ptr + rows[None, :] * (IN // 2) + (col0 // 2 + half)[:, None],
-                     mask=row_mask[None, :], other=0).to(tl.int32)
     absmax = _absmax_of_blocks((rows * IN + col0) // BLOCKSIZE, row_mask, absmax_ptr, code2_ptr,
                                absmax2_ptr, offset_ptr, NESTED, BLOCKSIZE2)
-    w_even = tl.load(code_ptr + (packed >> 4)) * absmax[None, :]
-    w_odd = tl.load(code_ptr + (packed & 15)) * absmax[None, :]
+    if IN_ON_AXIS0:
+        packed = tl.load(w_ptr + rows[None, :] * (IN // 2) + (col0 // 2 + half)[:, None],
+                         mask=row_mask[None, :], other=0).to(tl.int32)
+        absmax = absmax[None, :]
+    else:
+        packed = tl.load(w_ptr + rows[:, None] * (IN // 2) + (col0 // 2 + half)[None, :],
+                         mask=row_mask[:, None], other=0).to(tl.int32)
+        absmax = absmax[:, None]
+    w_even = tl.load(code_ptr + (packed >> 4)) * absmax
+    w_odd = tl.load(code_ptr + (packed & 15)) * absmax
     return w_even, w_odd
 
 
@@ -174,9 +182,17 @@ def _ia3_matmul_kernel(
     k_start = pid_k * k_per_split
     k_end = min(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # 4-bit forward with aligned blocks: B comes as even/odd in-feature halves (two dots).
+    # 4-bit with aligned blocks: B comes as even/odd in-feature halves (_dequant_4bit_pairs):
+    # the forward splits A's columns likewise, dx keeps two accumulators (even/odd columns).
     PAIRS: tl.constexpr = W_4BIT == 1 and Q_ALIGNED
+    PAIRS_N: tl.constexpr = W_4BIT == 2 and Q_ALIGNED
+    if PAIRS_N:
+        acc_even = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
+        acc_odd = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
     if BLOCK_M < 16:
+        if PAIRS_N:
+            gemv_even = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
+            gemv_odd = tl.zeros((BLOCK_K, BLOCK_N // 2), dtype=tl.float32)
         if PAIRS:
             gemv_acc = tl.zeros((BLOCK_K // 2, BLOCK_N), dtype=tl.float32)
         elif W_4BIT == 1:  # the dequantized tile comes as W[n, k]: accumulate it as it is
@@ -193,10 +209,16 @@ def _ia3_matmul_kernel(
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if PAIRS:
-            w_even, w_odd = _dequant_4bit_pairs_kn(
+            w_even, w_odd = _dequant_4bit_pairs(
                 b_ptr, q_code_ptr, w_scale_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, rn,
-                mask_n, k0, K, BLOCK_K, Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2)
+                mask_n, k0, K, BLOCK_K, Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2, True)
             w_even = w_even.to(a_ptr.dtype.element_ty)  # rounded as bnb's dequantize_4bit rounds
+            w_odd = w_odd.to(a_ptr.dtype.element_ty)
+        elif PAIRS_N:
+            w_even, w_odd = _dequant_4bit_pairs(
+                b_ptr, q_code_ptr, w_scale_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, rk,
+                mask_k, pid_n * BLOCK_N, N, BLOCK_N, Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2, False)
+            w_even = w_even.to(a_ptr.dtype.element_ty)
             w_odd = w_odd.to(a_ptr.dtype.element_ty)
         elif W_4BIT == 1:
             w_nk = _dequant_4bit_tile(b_ptr, q_code_ptr, w_scale_ptr, q_code2_ptr, q_absmax2_ptr,
@@ -243,6 +265,15 @@ def _ia3_matmul_kernel(
                 a_odd32 = a_odd.to(a_ptr.dtype.element_ty).to(tl.float32)
                 gemv_acc += (tl.trans(a_even32) * w_even.to(tl.float32)
                              + tl.trans(a_odd32) * w_odd.to(tl.float32))
+        elif PAIRS_N:
+            if BLOCK_M >= 16:
+                acc_even = tl.dot(a.to(w_even.dtype), w_even, acc_even,
+                                  input_precision=DOT_PRECISION)
+                acc_odd = tl.dot(a.to(w_odd.dtype), w_odd, acc_odd, input_precision=DOT_PRECISION)
+            else:
+                a32 = tl.trans(a.to(a_ptr.dtype.element_ty).to(tl.float32))
+                gemv_even += a32 * w_even.to(tl.float32)
+                gemv_odd += a32 * w_odd.to(tl.float32)
         elif BLOCK_M >= 16:
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
         elif W_4BIT == 1:
@@ -255,7 +286,12 @@ def _ia3_matmul_kernel(
             a32 = a.to(b.dtype).to(tl.float32)  # rounded as the dot path rounds (PEFT's x*l)
             gemv_acc += tl.trans(a32) * b.to(tl.float32)
 
-    if BLOCK_M < 16:
+    if PAIRS_N:
+        if BLOCK_M < 16:
+            acc_even += tl.sum(gemv_even, axis=0)[None, :]
+            acc_odd += tl.sum(gemv_odd, axis=0)[None, :]
+        acc = tl.interleave(acc_even, acc_odd)  # once per tile: columns back in order
+    elif BLOCK_M < 16:
         if W_4BIT == 1 and not PAIRS:
             acc += tl.sum(gemv_acc, axis=1)[None, :]
         else:
