@@ -26,10 +26,11 @@ import torch
 from torch.library import triton_op
 
 from . import config
-from .dense import (_KERNEL_DTYPES, SMALL_GEMM_FLOP, _check_scale_and_bias, _launch_scale_reduce,
-                    _path_override, _sm_count, _where, split_k_for)
+from .dense import (SMALL_GEMM_FLOP, _check_scale_and_bias, _launch_scale_reduce, _path_override,
+                    _sm_count, _where, split_k_for)
 from .quantized import compute_dtype as _autocast_or
-from .quantized import quantized_backward_impl, quantized_forward_impl
+from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
+                        use_kernels)
 
 # The forward switches to dequantize + cuBLAS from M = 512 (GEMMs of >= SMALL_GEMM_FLOP): a
 # tl.dot fed by in-register dequantization runs well under cuBLAS's bf16 rate once the GEMM is
@@ -327,25 +328,16 @@ def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None):
                          f"({N}, {K})), got x of shape {tuple(x.shape)}")
     _check_scale_and_bias(where, scale, bias, K, N, feedforward)
     device = x.device
-    tensors = {"x": x, "weight": w.packed, "absmax": w.absmax, "code": w.code, "scale": scale,
-               "bias": bias, "absmax2": w.absmax2, "code2": w.code2, "offset": w.offset}
-    if any(t is not None and t.device != device for t in tensors.values()):
+    if any(t is not None and t.device != device for t in (w.packed, w.absmax, w.code, scale, bias,
+                                                           w.absmax2, w.code2, w.offset)):
+        tensors = {"x": x, "weight": w.packed, "absmax": w.absmax, "code": w.code,
+                   "scale": scale, "bias": bias, "absmax2": w.absmax2, "code2": w.code2,
+                   "offset": w.offset}
         devices = {k: (None if t is None else t.device) for k, t in tensors.items()}
         raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
     for name, t in (("x", x), ("scale", scale), ("bias", bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _kernel_refusal(x, dtype, scale) -> Optional[str]:
-    if dtype not in _KERNEL_DTYPES:
-        return f"4-bit layer computing in {dtype} (kernels cover float16, bfloat16, float32)"
-    if scale.dtype not in _KERNEL_DTYPES:
-        return f"scaling vector dtype {scale.dtype} (kernels cover float16, bfloat16, float32)"
-    if x.device.type != "cuda" and not config.triton_interpreted():
-        return (f"backend 'triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 set before "
-                "import")
-    return None
 
 
 def _as_kernel_weight(w: FourBitWeight) -> FourBitWeight:
@@ -375,33 +367,13 @@ def ia3_linear_4bit(x: torch.Tensor, weight: FourBitWeight, bias: Optional[torch
     Differentiable in x, scale and bias (the 4-bit weight is frozen)."""
     _check_inputs(x, weight, bias, scale, feedforward, describe)
     dtype = _compute_dtype(x, compute_dtype)
-    backend = config.get_backend()
-    use_kernels = backend != "torch" and (backend == "triton" or x.device.type == "cuda")
-    if use_kernels:
-        reason = _kernel_refusal(x, dtype, scale)
-        if reason is not None:
-            config.fallback(reason)
-            use_kernels = False
-    if not use_kernels:
+    if not use_kernels(x, dtype, scale, "4-bit"):
         return torch_ia3_linear_4bit(x, weight, bias, scale, feedforward, compute_dtype)
     weight = _as_kernel_weight(weight)
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if x2d.dtype != dtype:
-        x2d = x2d.to(dtype)
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)
-    grad_mode = torch.is_grad_enabled()
-    save_preact = (not feedforward) and scale.requires_grad and grad_mode
-    if torch.compiler.is_compiling():
-        y, _ = torch.ops.ia3_kernels.fourbit_linear(x2d, *weight.tensors(), _shape(weight), bias,
-                                                    scale, feedforward, save_preact)
-    elif grad_mode and (x.requires_grad or scale.requires_grad
-                        or (bias is not None and bias.requires_grad)):
-        y = _FourBitLinearFunction.apply(x2d, weight, bias, scale, feedforward, save_preact)
-    else:
-            y, _ = quantized_forward_impl(x2d, weight, bias, scale, feedforward, False)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    y = run_quantized(
+        x, dtype, bias, scale, feedforward, compiled_op=torch.ops.ia3_kernels.fourbit_linear,
+        op_weight_args=(*weight.tensors(), _shape(weight)), function=_FourBitLinearFunction,
+        function_weight_args=(weight,),
+        eager_forward=lambda x2d, b, s: quantized_forward_impl(x2d, weight, b, s, feedforward,
+                                                               False))
+    return y if y.dtype == x.dtype else y.to(x.dtype)  # bnb's Linear4bit returns x's dtype

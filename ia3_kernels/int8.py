@@ -27,11 +27,11 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from . import config
-from .dense import (_KERNEL_DTYPES, SMALL_GEMM_FLOP, _check_scale_and_bias, _launch_scale_reduce,
+from .dense import (SMALL_GEMM_FLOP, _check_scale_and_bias, _launch_scale_reduce,
                     _path_override, _where)
 from .quantized import compute_dtype as _compute_dtype
-from .quantized import quantized_backward_impl, quantized_forward_impl
+from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
+                        use_kernels)
 
 # Where dequantize + cuBLAS replaces the fused GEMM: from M = 512 in GEMMs of >= SMALL_GEMM_FLOP.
 # H100, CUDA graphs, fused against cuBLAS on a chunked scratch: cuBLAS won every Llama-3-8B
@@ -224,17 +224,6 @@ def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None):
             raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _kernel_refusal(x, dtype, scale) -> Optional[str]:
-    if dtype not in _KERNEL_DTYPES:
-        return f"int8 layer computing in {dtype} (kernels cover float16, bfloat16, float32)"
-    if scale.dtype not in _KERNEL_DTYPES:
-        return f"scaling vector dtype {scale.dtype} (kernels cover float16, bfloat16, float32)"
-    if x.device.type != "cuda" and not config.triton_interpreted():
-        return (f"backend 'triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 set before "
-                "import")
-    return None
-
-
 def ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                     bias: Optional[torch.Tensor], scale: torch.Tensor, feedforward: bool, *,
                     describe=None) -> torch.Tensor:
@@ -245,32 +234,11 @@ def ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
     Differentiable in x, scale and bias (the int8 weight is frozen)."""
     _check_inputs(x, cb, scb, bias, scale, feedforward, describe)
     dtype = _compute_dtype(x)
-    backend = config.get_backend()
-    use_kernels = backend != "torch" and (backend == "triton" or x.device.type == "cuda")
-    if use_kernels:
-        reason = _kernel_refusal(x, dtype, scale)
-        if reason is not None:
-            config.fallback(reason)
-            use_kernels = False
-    if not use_kernels:
+    if not use_kernels(x, dtype, scale, "int8"):
         return torch_ia3_linear_int8(x, cb, scb, bias, scale, feedforward)
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
     if scb.dtype != torch.float32 or not scb.is_contiguous():
         scb = scb.float().contiguous()
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if x2d.dtype != dtype:
-        x2d = x2d.to(dtype)  # autocast: the kernels read x in the compute dtype
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)  # bnb casts its bias to x's dtype (in place); we cast a copy
-    grad_mode = torch.is_grad_enabled()
-    save_preact = (not feedforward) and scale.requires_grad and grad_mode
-    if torch.compiler.is_compiling():
-        y, _ = torch.ops.ia3_kernels.int8_linear(x2d, cb, scb, bias, scale, feedforward,
-                                                 save_preact)
-    elif grad_mode and (x.requires_grad or scale.requires_grad
-                        or (bias is not None and bias.requires_grad)):
-        y = _Int8LinearFunction.apply(x2d, cb, scb, bias, scale, feedforward, save_preact)
-    else:
-        y, _ = int8_forward_impl(x2d, cb, scb, bias, scale, feedforward, False)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    return run_quantized(
+        x, dtype, bias, scale, feedforward, compiled_op=torch.ops.ia3_kernels.int8_linear,
+        op_weight_args=(cb, scb), function=_Int8LinearFunction, function_weight_args=(cb, scb),
+        eager_forward=lambda x2d, b, s: int8_forward_impl(x2d, cb, scb, b, s, feedforward, False))

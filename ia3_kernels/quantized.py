@@ -18,8 +18,12 @@ epilogue, or in the pass that scales cuBLAS's g); attention `dx = (dy*l) W`, `dl
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from . import config
+from .dense import _KERNEL_DTYPES
 from .dense import (_cublas_linear, _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
                     _reduce_partials)
 
@@ -131,3 +135,54 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry points' shared steps (int8.ia3_linear_int8, fourbit.ia3_linear_4bit)
+# --------------------------------------------------------------------------------------------
+
+
+def use_kernels(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor, family: str) -> bool:
+    """The backend's choice ("auto": Triton on CUDA tensors; "triton": on any device), with the
+    one-time fallback warning (an error in strict mode) where the kernels cannot take the
+    call. family names the layer kind in the warning ("int8", "4-bit")."""
+    backend = config.get_backend()
+    if backend == "torch" or (backend == "auto" and x.device.type != "cuda"):
+        return False
+    reason = None
+    if dtype not in _KERNEL_DTYPES:
+        reason = f"{family} layer computing in {dtype} (kernels cover float16, bfloat16, float32)"
+    elif scale.dtype not in _KERNEL_DTYPES:
+        reason = f"scaling vector dtype {scale.dtype} (kernels cover float16, bfloat16, float32)"
+    elif x.device.type != "cuda" and not config.triton_interpreted():
+        reason = (f"backend 'triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 set "
+                  "before import")
+    if reason is not None:
+        config.fallback(reason)
+        return False
+    return True
+
+
+def run_quantized(x, dtype, bias: Optional[torch.Tensor], scale, feedforward: bool, *,
+                  compiled_op, op_weight_args, function, function_weight_args, eager_forward):
+    """x (..., K) -> the op's (M, N) output in the compute dtype, reshaped to x's leading dims.
+    Traced: the custom op (compiled_op(x2d, *op_weight_args, bias, scale, feedforward,
+    save_preact)); with something to differentiate: the eager autograd.Function; else (serving,
+    no_grad) eager_forward(x2d, bias, scale) straight, as .apply alone costs ~5 us of Python."""
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2d.dtype != dtype:
+        x2d = x2d.to(dtype)  # autocast or a compute_dtype: the kernels read x in it
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)  # bnb casts its bias in place; we cast a copy
+    grad_mode = torch.is_grad_enabled()
+    save_preact = (not feedforward) and scale.requires_grad and grad_mode
+    if torch.compiler.is_compiling():
+        y, _ = compiled_op(x2d, *op_weight_args, bias, scale, feedforward, save_preact)
+    elif grad_mode and (x.requires_grad or scale.requires_grad
+                        or (bias is not None and bias.requires_grad)):
+        y = function.apply(x2d, *function_weight_args, bias, scale, feedforward, save_preact)
+    else:
+        y, _ = eager_forward(x2d, bias, scale)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
