@@ -35,13 +35,42 @@ def scaled_base_forward(layer, x: torch.Tensor, scaling: torch.Tensor) -> torch.
     return (out * scaling).to(out.dtype)
 
 
+def _unfusable_reason(base: nn.Module, bnb_class: type) -> Optional[str]:
+    """Why the fused op would not compute what `base` computes (the checks both formats share)."""
+    if type(base).forward is not bnb_class.forward:
+        return f"base layer {type(base).__name__} overrides {bnb_class.__name__}.forward()"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
+    return None
+
+
+class _FusedBnbForward:
+    """The forward both bnb wrappers share: PEFT's own forward where it does something else
+    (adapters disabled, extra arguments), the bare base without an active adapter, PEFT's math
+    around the base with a one-time warning where the kernels do not cover the base
+    (`_fused_forward` returns None then), else the fused op."""
+
+    def _describe(self) -> str:
+        kind = "feedforward" if self.is_feedforward else "attention"
+        return (f"ia3.{type(self).__name__}({self.in_features}->{self.out_features}, {kind}, "
+                f"active adapters {list(self.active_adapters)})")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        scaling = active_scaling(self)
+        if scaling is None:
+            return self.base_layer(x)
+        out = self._fused_forward(x, scaling, self.get_base_layer())
+        return scaled_base_forward(self, x, scaling) if out is None else out
+
+
 def _int8_unfusable_reason(base: nn.Module) -> Optional[str]:
     import bitsandbytes as bnb
 
-    if type(base).forward is not bnb.nn.Linear8bitLt.forward:
-        return f"base layer {type(base).__name__} overrides Linear8bitLt.forward()"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
+    reason = _unfusable_reason(base, bnb.nn.Linear8bitLt)
+    if reason is not None:
+        return reason
     if base.state.has_fp16_weights:
         return ("Linear8bitLt with has_fp16_weights=True keeps a 16-bit weight that bnb "
                 "re-quantizes on every call; the fused op reads stored int8 weights")
@@ -63,30 +92,18 @@ def int8_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 if HAS_BNB_8BIT:
 
-    class Linear8bitLt(peft_ia3_bnb.Linear8bitLt):
+    class Linear8bitLt(_FusedBnbForward, peft_ia3_bnb.Linear8bitLt):
         """Drop-in for `peft.tuners.ia3.bnb.Linear8bitLt` (bnb `Linear8bitLt` bases with
         `has_fp16_weights=False`, any `threshold`: the fused op never quantizes activations)."""
 
-        def _describe(self) -> str:
-            kind = "feedforward" if self.is_feedforward else "attention"
-            return (f"ia3.Linear8bitLt({self.in_features}->{self.out_features}, {kind}, active "
-                    f"adapters {list(self.active_adapters)})")
-
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if self.disable_adapters or args or kwargs:
-                return super().forward(x, *args, **kwargs)
-            scaling = active_scaling(self)
-            if scaling is None:
-                return self.base_layer(x)
-            base = self.get_base_layer()
+        def _fused_forward(self, x, scaling, base) -> Optional[torch.Tensor]:
             reason = _int8_unfusable_reason(base)
+            cb, scb = int8_weight(base) if reason is None else (None, None)
+            if reason is None and scb is None:
+                reason = "Linear8bitLt has int8 weights but no SCB scales"
             if reason is not None:
                 config.fallback(reason)
-                return scaled_base_forward(self, x, scaling)
-            cb, scb = int8_weight(base)
-            if scb is None:
-                config.fallback("Linear8bitLt has int8 weights but no SCB scales")
-                return scaled_base_forward(self, x, scaling)
+                return None
             return ia3_linear_int8(x, cb, scb, base.bias, scaling, self.is_feedforward,
                                    describe=self._describe)
 
@@ -94,10 +111,9 @@ if HAS_BNB_8BIT:
 def _4bit_unfusable_reason(base: nn.Module) -> Optional[str]:
     import bitsandbytes as bnb
 
-    if type(base).forward is not bnb.nn.Linear4bit.forward:
-        return f"base layer {type(base).__name__} overrides Linear4bit.forward()"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
+    reason = _unfusable_reason(base, bnb.nn.Linear4bit)
+    if reason is not None:
+        return reason
     if getattr(base.weight, "quant_state", None) is None:
         return ("Linear4bit weight is not quantized yet (bnb quantizes when the layer moves to "
                 "its device)")
@@ -108,28 +124,17 @@ def _4bit_unfusable_reason(base: nn.Module) -> Optional[str]:
 
 if HAS_BNB_4BIT:
 
-    class Linear4bit(peft_ia3_bnb.Linear4bit):
+    class Linear4bit(_FusedBnbForward, peft_ia3_bnb.Linear4bit):
         """Drop-in for `peft.tuners.ia3.bnb.Linear4bit` (bnb `Linear4bit` bases: NF4 or FP4,
         any blocksize and quant_storage, with or without double quantization). Computes in the
         base's compute_dtype (autocast's under autocast) and returns x's dtype, as the bare
         bnb layer does."""
 
-        def _describe(self) -> str:
-            kind = "feedforward" if self.is_feedforward else "attention"
-            return (f"ia3.Linear4bit({self.in_features}->{self.out_features}, {kind}, active "
-                    f"adapters {list(self.active_adapters)})")
-
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if self.disable_adapters or args or kwargs:
-                return super().forward(x, *args, **kwargs)
-            scaling = active_scaling(self)
-            if scaling is None:
-                return self.base_layer(x)
-            base = self.get_base_layer()
+        def _fused_forward(self, x, scaling, base) -> Optional[torch.Tensor]:
             reason = _4bit_unfusable_reason(base)
             if reason is not None:
                 config.fallback(reason)
-                return scaled_base_forward(self, x, scaling)
+                return None
             if not base.compute_type_is_set:  # what bnb's own first forward does
                 base.set_compute_type(x)
                 base.compute_type_is_set = True
