@@ -75,69 +75,40 @@ class QuantRow:
     roofline_pct: Optional[float] = None
 
 
-def build_int8_layers(shape, mode: str, threshold: float = 6.0, seed: int = 0):
-    """(bare bnb Linear8bitLt, bare bf16 nn.Linear with the same float weights, PEFT's IA3
-    wrapper on the bnb layer, ours on a copy of it)."""
+def build_layers(shape, mode: str, fmt: str, seed: int = 0):
+    """(bare bnb layer, bare bf16 nn.Linear with the same float weights, PEFT's IA3 wrapper on
+    the bnb layer, ours on a copy of it). int8: Linear8bitLt, threshold 6.0; nf4/fp4:
+    Linear4bit, bf16 compute, double quantization, blocksize 64."""
     import bitsandbytes as bnb
     from peft import IA3Config
-    from peft.tuners.ia3.bnb import Linear8bitLt as PeftLinear8bitLt
+    from peft.tuners.ia3 import bnb as peft_bnb
 
     import ia3
 
     torch.manual_seed(seed)
     linear = nn.Linear(shape.k, shape.n).to(torch.bfloat16)
-    q = bnb.nn.Linear8bitLt(shape.k, shape.n, has_fp16_weights=False, threshold=threshold)
-    q.load_state_dict(linear.state_dict())
-    q = q.to("cuda").requires_grad_(False)
-    bf16 = linear.to("cuda").requires_grad_(False)
-    feedforward = mode == "ff"
-    config = IA3Config(target_modules=["x"], feedforward_modules=["x"] if feedforward else [])
-    wrappers = []
-    for base in (q, copy.deepcopy(q)):
-        layer = PeftLinear8bitLt(base, "default", config=config, is_feedforward=feedforward)
-        with torch.no_grad():
-            param = layer.ia3_l["default"]
-            param.copy_(torch.rand(param.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
-        wrappers.append(layer)
-    peft_layer, ours = wrappers
-    ia3.fuse(ours)
-    return q, bf16, peft_layer, ours
-
-
-def build_4bit_layers(shape, mode: str, quant_type: str = "nf4", seed: int = 0):
-    """(bare bnb Linear4bit: bf16 compute, double quantization, blocksize 64; bare bf16
-    nn.Linear with the same float weights; PEFT's IA3 wrapper on the bnb layer; ours on a copy)."""
-    import bitsandbytes as bnb
-    from peft import IA3Config
-    from peft.tuners.ia3.bnb import Linear4bit as PeftLinear4bit
-
-    import ia3
-
-    torch.manual_seed(seed)
-    linear = nn.Linear(shape.k, shape.n).to(torch.bfloat16)
-    q = bnb.nn.Linear4bit(shape.k, shape.n, compute_dtype=torch.bfloat16, quant_type=quant_type,
-                          compress_statistics=True)
-    q.load_state_dict(linear.state_dict())
-    q = q.to("cuda").requires_grad_(False)
-    bf16 = linear.to("cuda").requires_grad_(False)
-    feedforward = mode == "ff"
-    config = IA3Config(target_modules=["x"], feedforward_modules=["x"] if feedforward else [])
-    wrappers = []
-    for base in (q, copy.deepcopy(q)):
-        layer = PeftLinear4bit(base, "default", config=config, is_feedforward=feedforward)
-        with torch.no_grad():
-            param = layer.ia3_l["default"]
-            param.copy_(torch.rand(param.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
-        wrappers.append(layer)
-    peft_layer, ours = wrappers
-    ia3.fuse(ours)
-    return q, bf16, peft_layer, ours
-
-
-def build_layers(shape, mode: str, fmt: str):
     if fmt == "int8":
-        return build_int8_layers(shape, mode)
-    return build_4bit_layers(shape, mode, fmt)
+        q = bnb.nn.Linear8bitLt(shape.k, shape.n, has_fp16_weights=False, threshold=6.0)
+        peft_class = peft_bnb.Linear8bitLt
+    else:
+        q = bnb.nn.Linear4bit(shape.k, shape.n, compute_dtype=torch.bfloat16, quant_type=fmt,
+                              compress_statistics=True)
+        peft_class = peft_bnb.Linear4bit
+    q.load_state_dict(linear.state_dict())
+    q = q.to("cuda").requires_grad_(False)
+    bf16 = linear.to("cuda").requires_grad_(False)
+    feedforward = mode == "ff"
+    config = IA3Config(target_modules=["x"], feedforward_modules=["x"] if feedforward else [])
+    wrappers = []
+    for base in (q, copy.deepcopy(q)):
+        layer = peft_class(base, "default", config=config, is_feedforward=feedforward)
+        with torch.no_grad():
+            param = layer.ia3_l["default"]
+            param.copy_(torch.rand(param.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
+        wrappers.append(layer)
+    peft_layer, ours = wrappers
+    ia3.fuse(ours)
+    return q, bf16, peft_layer, ours
 
 
 def weight_bytes(shape, fmt: str = "int8") -> int:
@@ -282,7 +253,7 @@ def tune_small_m(m_values=(1, 16)) -> list[str]:
     for shape in SHAPES[:4]:
         for m in m_values:
             mode = "ff"  # the forward GEMM is the same for both modes but its epilogue
-            _, _, _, ours = build_int8_layers(shape, mode)
+            _, _, _, ours = build_layers(shape, mode, "int8")
             x = torch.randn(m, shape.k, device="cuda", dtype=torch.bfloat16)
             roof = weight_bytes(shape) / 3.0e12 * 1e6
             bm = 1 if m == 1 else 16

@@ -99,3 +99,28 @@ def to_4bit(model, device=DEVICE, quant_type="nf4", compress_statistics=True, bl
                 setattr(parent, name, q.to(device))
     model.is_loaded_in_4bit = True
     return model
+
+
+def train_llama_on_cuda(model, backend, autocast, steps=3):
+    """A few AdamW steps of a tiny Llama on CUDA with ia3_kernels' `backend`, under bf16
+    autocast or not; every IA3 gradient must be finite and non-zero. Returns the losses."""
+    import ia3_kernels
+    from test_models import batch
+
+    ia3_kernels.set_backend(backend)
+    try:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**{k: v.cuda() for k, v in batch("llama", step).items()}).loss
+            loss.backward()
+            grads = ia3_grads(model)
+            assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0
+                                 for g in grads.values())
+            losses.append(loss.item())
+            opt.step()
+        return losses
+    finally:
+        ia3_kernels.set_backend("auto")

@@ -9,7 +9,7 @@ from peft import get_peft_model
 
 import ia3
 import ia3_kernels
-from helpers import ia3_grads, randomize_ia3, to_int8
+from helpers import randomize_ia3, train_llama_on_cuda, to_int8
 from ia3_kernels import int8
 from test_int8 import check_against_reference, make_case
 
@@ -121,32 +121,12 @@ def test_int8_llama_trains_in_bf16(autocast):
     """PEFT's own wrapper returns float32 k/v beside a bf16 q and crashes this step without
     autocast (../shared/anchors/peft-e2e-h100.md); ours returns bf16 and trains both ways, with
     losses matching our reference path (the same dequantized weights in PyTorch)."""
-    from test_models import batch
-
     fused = ia3.fuse(int8_llama())
     assert sum(type(m) is ia3.Linear8bitLt for m in fused.modules()) == 6
     reference = copy.deepcopy(fused)
 
-    def train(model, backend):
-        ia3_kernels.set_backend(backend)
-        try:
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-            losses = []
-            for step in range(3):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    loss = model(**{k: v.cuda() for k, v in batch("llama", step).items()}).loss
-                loss.backward()
-                grads = ia3_grads(model)
-                assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0
-                                     for g in grads.values())
-                losses.append(loss.item())
-                opt.step()
-            return losses
-        finally:
-            ia3_kernels.set_backend("auto")
-
-    ours, ref = train(fused, "auto"), train(reference, "torch")
+    ours = train_llama_on_cuda(fused, "auto", autocast)
+    ref = train_llama_on_cuda(reference, "torch", autocast)
     assert all(torch.isfinite(torch.tensor(ours)))
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=2e-2, atol=2e-2)
 
