@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ia3_kernels import config, ia3_linear
+from ia3_kernels.conv import ia3_conv
 
 # Base layers whose forward is exactly `x W^T + b` (nn.Linear) or `x W + b` (GPT-2's Conv1D).
 _PLAIN_FORWARDS = (nn.Linear.forward, Conv1D.forward)
@@ -50,8 +51,8 @@ def _unfusable_reason(base: nn.Module) -> Optional[str]:
     return None
 
 
-class Linear(peft_ia3_layer.Linear):
-    """Drop-in for `peft.tuners.ia3.layer.Linear` (nn.Linear and GPT-2 Conv1D bases)."""
+class _ExactUnmerge:
+    """merge(keep_original=...) / unmerge for every fused layer with a plain weight and bias."""
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
               keep_original: Optional[bool] = None) -> None:
@@ -79,15 +80,19 @@ class Linear(peft_ia3_layer.Linear):
         self.merged_adapters.clear()
         self._drop_original()
 
-    def _describe(self) -> str:
-        kind = "feedforward" if self.is_feedforward else "attention"
-        return (f"ia3.Linear({type(self.get_base_layer()).__name__} {self.in_features}->"
-                f"{self.out_features}, {kind}, active adapters {list(self.active_adapters)})")
-
     def _drop_original(self) -> None:
         for name in ("ia3_original_weight", "ia3_original_bias"):
             if name in self._buffers:
                 del self._buffers[name]
+
+
+class Linear(_ExactUnmerge, peft_ia3_layer.Linear):
+    """Drop-in for `peft.tuners.ia3.layer.Linear` (nn.Linear and GPT-2 Conv1D bases)."""
+
+    def _describe(self) -> str:
+        kind = "feedforward" if self.is_feedforward else "attention"
+        return (f"ia3.Linear({type(self.get_base_layer()).__name__} {self.in_features}->"
+                f"{self.out_features}, {kind}, active adapters {list(self.active_adapters)})")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._disable_adapters or self.merged_adapters or args or kwargs:
@@ -106,3 +111,52 @@ class Linear(peft_ia3_layer.Linear):
             return self.base_layer(x)
         return ia3_linear(x, base.weight, base.bias, scaling, feedforward=self.is_feedforward,
                           fan_in_fan_out=self.fan_in_fan_out, describe=self._describe)
+
+
+class _FusedConv(_ExactUnmerge):
+    """The forward of ia3.Conv2d/Conv3d: the IA3 scaling folded into the convolution's weight
+    (ia3_kernels.ia3_conv), PEFT's own forward where it does something else."""
+
+    _BASE_CLASS: type = nn.Module
+
+    def _describe(self) -> str:
+        kind = "feedforward" if self.is_feedforward else "attention"
+        base = self.get_base_layer()
+        return (f"ia3.{type(self).__name__}({base.in_channels}->{base.out_channels}, "
+                f"kernel {tuple(base.kernel_size)}, groups {base.groups}, {kind}, "
+                f"active adapters {list(self.active_adapters)})")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disable_adapters or self.merged_adapters or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        if isinstance(base, BaseTunerLayer):
+            base = base.get_base_layer()
+        if type(base).forward is not self._BASE_CLASS.forward:
+            reason = (f"base layer {type(base).__name__} overrides {self._BASE_CLASS.__name__}"
+                      ".forward(); the fused op computes the plain convolution")
+        elif base._forward_hooks or base._forward_pre_hooks:
+            reason = f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
+        else:
+            reason = None
+        if reason is not None:
+            config.fallback(reason)
+            return super().forward(x)
+        scaling = active_scaling(self)
+        if scaling is None:
+            return self.base_layer(x)
+        return ia3_conv(x, base.weight, base.bias, scaling, self.is_feedforward, base.stride,
+                        base.padding, base.dilation, base.groups, base.padding_mode,
+                        describe=self._describe)
+
+
+class Conv2d(_FusedConv, peft_ia3_layer.Conv2d):
+    """Drop-in for `peft.tuners.ia3.layer.Conv2d`."""
+
+    _BASE_CLASS = nn.Conv2d
+
+
+class Conv3d(_FusedConv, peft_ia3_layer.Conv3d):
+    """Drop-in for `peft.tuners.ia3.layer.Conv3d`."""
+
+    _BASE_CLASS = nn.Conv3d

@@ -12,14 +12,15 @@ from peft.tuners.ia3 import model as peft_ia3_model
 from torch import nn
 
 from . import bnb
-from .layer import Linear
+from .layer import Conv2d, Conv3d, Linear
 
 # PEFT layer class -> fused twin. Layer types not listed here stay PEFT's.
-FUSED_CLASSES: dict[type, type] = {peft_ia3_layer.Linear: Linear}
+FUSED_CLASSES: dict[type, type] = {peft_ia3_layer.Linear: Linear, peft_ia3_layer.Conv2d: Conv2d,
+                                   peft_ia3_layer.Conv3d: Conv3d}
 # Where PEFT's IA3 tuner looks each class up when it builds a layer: `model` imports the dense
 # classes at import time; the bnb classes are imported from `peft.tuners.ia3.bnb` inside
 # `_create_new_module`, on every call.
-_LOOKUPS = [(peft_ia3_model, "Linear")]
+_LOOKUPS = [(peft_ia3_model, "Linear"), (peft_ia3_model, "Conv2d"), (peft_ia3_model, "Conv3d")]
 if bnb.HAS_BNB_8BIT:
     FUSED_CLASSES[peft_ia3_bnb.Linear8bitLt] = bnb.Linear8bitLt
     _LOOKUPS.append((peft_ia3_bnb, "Linear8bitLt"))

@@ -345,6 +345,9 @@ def _ia3_scale_reduce_kernel(
     q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
     R, C, rows_per_program,
     stride_sr, stride_sc, stride_or, stride_oc, stride_ar, stride_ac,
+    # A batch of (R, C) matrices along grid axis 2 (a convolution's (N, C, spatial) activations
+    # as N matrices of spatial rows x channel columns); 0 strides for one matrix.
+    stride_sb, stride_ob, stride_ab,
     SCALE_AXIS: tl.constexpr,  # 1: out = src * scale[col]; 0: out = src * scale[row]
     # Dequantization of an int8 weight: out = src * row_scale[row] * ROW_SCALE_MUL (and then
     # the scaling above, if any): LLM.int8's CB * SCB / 127 with IA3's vector folded in.
@@ -362,6 +365,12 @@ def _ia3_scale_reduce_kernel(
     is read and written by the same thread)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    src_ptr += pid_b * stride_sb
+    if STORE_OUT:
+        out_ptr += pid_b * stride_ob
+    if REDUCE_AUX:
+        aux_ptr += pid_b * stride_ab
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     rc = offs_c.to(tl.int64)
@@ -399,7 +408,8 @@ def _ia3_scale_reduce_kernel(
             tl.store(out_ptr + rr[:, None] * stride_or + rc[None, :] * stride_oc,
                      o.to(out_ptr.dtype.element_ty), mask=mask)
     if REDUCE_AUX:
-        tl.store(partial_ptr + pid_r * C + rc, part, mask=mask_c)
+        row = pid_b * tl.num_programs(0) + pid_r
+        tl.store(partial_ptr + row * C + rc, part, mask=mask_c)
 
 
 # The custom op's body launches through wrap_triton, which torch.compile traces into its graph.
@@ -689,39 +699,54 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
 
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
-                         sum_dtype=torch.float32, row_scale=None, quant4=None):
+                         sum_dtype=torch.float32, row_scale=None, quant4=None, rows_contiguous=False):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
     row_scale: src is an int8 weight, dequantized as src * row_scale[row] / 127 first.
     quant4: src is the packed bytes of that 4-bit weight, dequantized to (out, in) first.
+    src, out and aux may be 3-D (B, R, C): B matrices, each program in one of them; partial then
+    has B row blocks per program row, summed in a fixed order by _reduce_partials.
+    rows_contiguous: the row axis has stride 1 (NCHW activations), so tiles run long along it.
     Returns (out, partial)."""
-    if quant4 is None:
-        R, C = src.shape
+    if quant4 is not None:
+        B, R, C = 1, quant4.out_features, quant4.in_features
+    elif src.dim() == 3:
+        B, R, C = src.shape
     else:
-        R, C = quant4.out_features, quant4.in_features
+        B, (R, C) = 1, src.shape
     device = src.device
-    block_r, block_c = (16, 32) if config.triton_interpreted() else (32, 128)
+    if config.triton_interpreted():
+        block_r, block_c = (16, 32)
+    else:
+        # 128 contiguous bf16 elements (256 bytes) a tile row along the contiguous axis.
+        block_r, block_c = (128, 16) if rows_contiguous else (32, 128)
     aligned = quant4 is not None and C % quant4.blocksize == 0
     if aligned:
         block_c = min(block_c, quant4.blocksize)  # a tile row inside one quantization block
     col_programs = cdiv(C, block_c)
     # Rows split over enough programs for ~8 CTAs an SM (a bandwidth-bound pass needs many
     # loads in flight); with a reduction each program writes one fp32 partial row.
-    row_programs = max(1, min(cdiv(R, block_r), (8 * _sm_count(device)) // col_programs))
+    row_programs = max(1, min(cdiv(R, block_r), (8 * _sm_count(device)) // (col_programs * B)))
     rows_per_program = cdiv(cdiv(max(R, 1), row_programs), block_r) * block_r
     row_programs = cdiv(max(R, 1), rows_per_program)
-    partial = (torch.empty((row_programs, C), device=device,
-                           dtype=sum_dtype if row_programs == 1 else torch.float32)
+    partial = (torch.empty((B * row_programs, C), device=device,
+                           dtype=sum_dtype if B * row_programs == 1 else torch.float32)
                if aux is not None else None)
-    out_strides = out.stride() if out is not None else (0, 0)
-    aux_strides = aux.stride() if aux is not None else (0, 0)
-    grid = (row_programs, col_programs)
+
+    def strides(t):  # (batch, row, column) strides; a 2-D tensor is a batch of one
+        if t is None:
+            return (0, 0, 0)
+        return tuple(t.stride()) if t.dim() == 3 else (0, *t.stride())
+
+    out_strides, aux_strides = strides(out), strides(aux)
+    grid = (row_programs, col_programs, B)
     q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
-    src_strides = src.stride() if quant4 is None else (0, 0)
+    src_strides = strides(src) if quant4 is None else (0, 0, 0)
     _KERNELS[traceable][1][grid](
         src, scale, out, aux, partial, row_scale if quant4 is None else quant4.absmax, *q_ptrs,
         R, C, rows_per_program,
-        src_strides[0], src_strides[1], out_strides[0], out_strides[1], aux_strides[0], aux_strides[1],
+        src_strides[1], src_strides[2], out_strides[1], out_strides[2], aux_strides[1], aux_strides[2],
+        src_strides[0], out_strides[0], aux_strides[0],
         SCALE_AXIS=scale_axis if scale is not None else -1, STORE_OUT=out is not None,
         REDUCE_AUX=aux is not None, ROW_SCALE=row_scale is not None, ROW_SCALE_MUL=INT8_SCALE_MUL,
         SRC_4BIT=quant4 is not None, Q_BLOCKSIZE=q_blocksize, Q_NESTED=q_nested,
