@@ -356,11 +356,16 @@ def torch_ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     nd = weight.dim() - 2
     stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
     pads = _explicit_padding(padding, weight.shape[2:], dilation, nd)
-    lvec = scale.reshape(1, -1, *([1] * nd))
+    # (C, 1, ...) on an unbatched x: nn.Conv's unbatched output (PEFT's (1, C, 1, ...) vector
+    # would broadcast it to a batch of one).
+    lvec = scale.reshape(*([1] * (x.dim() - nd - 1)), -1, *([1] * nd))
     if feedforward:
         x = (x.to(scale.dtype) * lvec).to(x.dtype)
     x, num_pad = _pad_input(x, pads, padding_mode)
-    u = _conv(x, weight, bias, stride, num_pad, dilation, groups)
+    if x.dim() == nd + 1:
+        u = _conv(x.unsqueeze(0), weight, bias, stride, num_pad, dilation, groups).squeeze(0)
+    else:
+        u = _conv(x, weight, bias, stride, num_pad, dilation, groups)
     if feedforward:
         return u
     return (u.to(scale.dtype) * lvec).to(u.dtype)
@@ -407,10 +412,27 @@ def _kernel_refusal(x, weight, scale) -> Optional[str]:
     if x.device.type != "cuda" and not config.triton_interpreted():
         return (f"backend 'triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 set before "
                 "import")
-    if torch.compiler.is_compiling():
-        return ("torch.compile of a convolution layer (its fused backward is eager-only; the "
-                "compiled graph gets the reference math)")
     return None
+
+
+def _folded_conv_torch(x, weight, bias, scale, feedforward, geometry):
+    """The same weight folding in PyTorch ops, for torch.compile (which fuses the scaling into
+    one small kernel): exact like the eager op; its backward differentiates through W', i.e.
+    computes the weight gradient dW' (one convolution more than the eager op's backward) and
+    dl from it."""
+    stride, padding, dilation, groups = geometry
+    nd = weight.dim() - 2
+    ones = [1] * nd
+    flat = scale.reshape(-1)
+    if feedforward:
+        c_out, in_pg = weight.shape[:2]
+        w = (weight.reshape(groups, c_out // groups, in_pg, *weight.shape[2:]).to(scale.dtype)
+             * flat.view(groups, 1, in_pg, *ones)).reshape(weight.shape).to(weight.dtype)
+        b = bias
+    else:
+        w = (weight.to(scale.dtype) * flat.view(-1, 1, *ones)).to(weight.dtype)
+        b = (bias.to(scale.dtype) * flat).to(bias.dtype) if bias is not None else None
+    return _conv(x, w, b, stride, padding, dilation, groups)
 
 
 def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -449,7 +471,9 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if not scale.is_contiguous():
         scale = scale.contiguous()
     geometry = (list(stride), list(num_pad), list(dilation), groups)
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or weight.requires_grad
+    if torch.compiler.is_compiling():
+        y = _folded_conv_torch(x, weight, bias, scale, feedforward, geometry)
+    elif torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         y = _ConvFunction.apply(x, weight, bias, scale, feedforward, geometry)
     else:
