@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
