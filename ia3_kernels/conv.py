@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from .dense import _KERNEL_DTYPES, _launch_scale_reduce, _reduce_partials, _where
+from .dense import _KERNEL_DTYPES, _launch_scale_reduce
 from .launch import FastKernel, cdiv
 
 
@@ -165,33 +165,47 @@ def scale_conv_weight(weight, scale, feedforward: bool, groups: int, bias=None, 
     return out, bias_out
 
 
-def _rows_by_channel(t: torch.Tensor, collapse: bool = True) -> torch.Tensor:
-    """An (N, C, *spatial) activation as (B, rows, C) for the scale/reduce pass: (1, N*S, C)
-    when batch and spatial positions share one stride pattern (channels_last), else (N, S, C)
-    (NCHW: rows are the contiguous spatial positions). A view for both layouts."""
-    n, c = t.shape[:2]
-    m = t.reshape(n, c, -1).transpose(1, 2)
-    s = m.shape[1]
-    if collapse and m.stride(0) == s * m.stride(1):
-        return m.reshape(1, n * s, c)
-    return m
+def _rows_by_channel_strides(t: torch.Tensor, collapse: bool = True):
+    """((B, rows, C), (batch, row, column) strides) reading an (N, C, *spatial) activation as
+    rows of channels: (1, N*S, C) where batch and spatial positions share one stride pattern
+    (channels_last), else (N, S, C) (NCHW: the rows are the contiguous spatial positions).
+    None when the spatial dimensions do not flatten to one stride."""
+    shape, strides = t.shape, t.stride()
+    n, c = shape[0], shape[1]
+    s = 1
+    for d in shape[2:]:
+        s *= d
+    inner = [d for d in range(2, t.dim()) if shape[d] > 1]
+    row_stride = strides[inner[-1]] if inner else 1
+    for d in range(2, t.dim() - 1):
+        if shape[d] > 1 and strides[d] != strides[d + 1] * shape[d + 1]:
+            return None
+    if collapse and (n == 1 or strides[0] == s * row_stride):
+        return (1, n * s, c), (0, row_stride, strides[1])
+    return (n, s, c), (strides[0], row_stride, strides[1])
 
 
-def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float32):
+def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float32,
+                  partial_shape=()):
     """_launch_scale_reduce over activations: out = src * l per channel and/or per-block sums
     of src * aux per channel. out may be src (in place). Returns the partial sums (or None)."""
+    if aux is not None and _rows_by_channel_strides(aux) is None:
+        aux = aux.contiguous()
+    if _rows_by_channel_strides(src) is None:
+        if out is src:
+            raise RuntimeError(f"ia3_conv: cannot scale a tensor of strides {src.stride()} in place")
+        src = src.contiguous()
     tensors = (src, out, aux)
-    views = [None if t is None else _rows_by_channel(t) for t in tensors]
-    if len({v.shape for v in views if v is not None}) > 1:
+    layouts = [None if t is None else _rows_by_channel_strides(t) for t in tensors]
+    if len({lay[0] for lay in layouts if lay is not None}) > 1:
         # One layout collapsed (channels_last) and another did not: keep the batch axis for all.
-        views = [None if t is None else _rows_by_channel(t, collapse=False) for t in tensors]
-    src_v, out_v, aux_v = views
-    if out is not None and out_v.data_ptr() != out.data_ptr():
-        raise RuntimeError("ia3_conv: the output of the channel pass must be viewable as rows x "
-                           f"channels, got strides {out.stride()}")
-    _, partial = _launch_scale_reduce(src_v, scale=scale, scale_axis=1, out=out_v, aux=aux_v,
+        layouts = [None if t is None else _rows_by_channel_strides(t, collapse=False)
+                   for t in tensors]
+    shape = layouts[0][0]
+    strides = [(0, 0, 0) if lay is None else lay[1] for lay in layouts]
+    _, partial = _launch_scale_reduce(src, scale=scale, scale_axis=1, out=out, aux=aux,
                                       sum_dtype=sum_dtype, traceable=False,
-                                      rows_contiguous=src_v.stride(1) == 1)
+                                      batched=(shape, *strides), partial_shape=partial_shape)
     return partial
 
 
@@ -207,6 +221,14 @@ def conv_forward_impl(x, weight, bias, scale, feedforward: bool, geometry, zero_
     y = torch.convolution(x, w_scaled, bias if feedforward else b_scaled, stride, padding,
                           dilation, False, [0] * len(stride), groups)
     return y, w_scaled
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous, or channels_last(_3d): the layouts cuDNN and the channel pass read as they are."""
+    if t.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and t.is_contiguous(memory_format=fmt)
 
 
 def _memory_format(t: torch.Tensor):
@@ -225,7 +247,9 @@ def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feed
     stride, padding, dilation, groups = geometry
     nd = len(stride)
     out_pad = [0] * nd
-    dy = dy.contiguous(memory_format=_memory_format(y if y is not None else dy))
+    if not _dense(dy):
+        # An expanded or strided upstream gradient: cuDNN and the pass want a dense layout.
+        dy = dy.contiguous(memory_format=_memory_format(y if y is not None else x))
     bias_sizes = [weight.shape[0]] if need_dbias else None
     dx = dscale = dweight = dbias = None
     if feedforward:
@@ -236,8 +260,8 @@ def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feed
         if need_g and x.numel() > 0:
             partial = _channel_pass(g, scale=scale if need_dx else None,
                                     out=g if need_dx else None, aux=x if need_dscale else None,
-                                    sum_dtype=scale.dtype)
-            dscale = _reduce_partials(partial, scale) if need_dscale else None
+                                    sum_dtype=scale.dtype, partial_shape=tuple(scale.shape))
+            dscale = _sum_partials(partial, scale.dtype) if need_dscale else None
         elif need_dscale:
             dscale = torch.zeros_like(scale)
         dx = g if need_dx else None
@@ -259,19 +283,28 @@ def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feed
 def _attention_dscale(dy, x, weight, bias, scale, y, zero_count, geometry):
     """dl = sum(dy * u) per output channel, from sum(dy * y) / l (y = u * l); channels with
     l == 0 from a recomputed u."""
-    flat = scale.reshape(-1).float()
     if dy.numel() == 0:
         return torch.zeros_like(scale)
-    s = _reduce_partials(_channel_pass(dy, aux=y), flat)
-    dl = s / torch.where(flat == 0, 1.0, flat)
+    # Three small ops on the common path (no zeros): sum of the partials, the division, the cast.
+    s = _sum_partials(_channel_pass(dy, aux=y, partial_shape=tuple(scale.shape)), torch.float32)
+    dl = s / scale
     if zero_count is None or zero_count > 0:
         stride, padding, dilation, groups = geometry
         u = torch.convolution(x, weight, bias, stride, padding, dilation, False,
                               [0] * len(stride), groups)
         dims = [0] + list(range(2, u.dim()))
         exact = (dy.float() * u.float()).sum(dims)
-        dl = torch.where(flat == 0, exact, dl)
-    return dl.to(scale.dtype).view(scale.shape)
+        dl = torch.where(scale.reshape(-1) == 0, exact, dl.reshape(-1)).view(scale.shape)
+    return dl.to(scale.dtype)
+
+
+def _sum_partials(partial, dtype):
+    """Per-block partial sums (fp32, or dtype where there is one block) -> their sum, in a
+    fixed order (deterministic), in dtype."""
+    if partial.shape[0] == 1:
+        return partial[0] if partial.dtype == dtype else partial[0].to(dtype)
+    total = partial.sum(0)
+    return total if dtype == torch.float32 else total.to(dtype)
 
 
 class _ConvFunction(torch.autograd.Function):
@@ -370,8 +403,18 @@ def torch_ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return (u.to(scale.dtype) * lvec).to(u.dtype)
 
 
+class _Caller:
+    """Names the caller in error messages; the layer's description is built only on error."""
+
+    def __init__(self, describe):
+        self.describe = describe
+
+    def __str__(self) -> str:
+        return self.describe() if self.describe is not None else "ia3_conv"
+
+
 def _check_inputs(x, weight, bias, scale, feedforward, groups, describe):
-    where = _where(describe) if describe is not None else "ia3_conv"
+    where = _Caller(describe)
     nd = weight.dim() - 2
     if nd not in (1, 2, 3):
         raise ValueError(f"{where}: weight must be 3-D, 4-D or 5-D (Conv1d/2d/3d), got shape "
@@ -454,7 +497,7 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         return torch_ia3_conv(x, weight, bias, scale, feedforward, stride, padding, dilation,
                               groups, padding_mode)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type):  # what nn.Conv does under autocast
         compute_dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(compute_dtype), weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None

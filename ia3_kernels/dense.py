@@ -699,19 +699,25 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
 
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
-                         sum_dtype=torch.float32, row_scale=None, quant4=None, rows_contiguous=False):
+                         sum_dtype=torch.float32, row_scale=None, quant4=None, batched=None,
+                         partial_shape=()):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
     row_scale: src is an int8 weight, dequantized as src * row_scale[row] / 127 first.
     quant4: src is the packed bytes of that 4-bit weight, dequantized to (out, in) first.
-    src, out and aux may be 3-D (B, R, C): B matrices, each program in one of them; partial then
-    has B row blocks per program row, summed in a fixed order by _reduce_partials.
-    rows_contiguous: the row axis has stride 1 (NCHW activations), so tiles run long along it.
+    batched: ((B, R, C), src strides, out strides, aux strides), each stride triple (batch, row,
+    column): the tensors are read as B matrices of R x C through these strides (a convolution's
+    activations, without a view op per tensor: ~10 us of host time each); partial then holds B
+    row blocks per program row, summed in a fixed order by _reduce_partials. Tiles run long
+    along the row axis where its stride is 1 (NCHW). partial_shape: trailing shape of the
+    partial sums in place of (C,) (same memory), so that their sum has the vector's shape.
     Returns (out, partial)."""
-    if quant4 is not None:
+    rows_contiguous = False
+    if batched is not None:
+        (B, R, C), src_strides, out_strides, aux_strides = batched
+        rows_contiguous = src_strides[1] == 1
+    elif quant4 is not None:
         B, R, C = 1, quant4.out_features, quant4.in_features
-    elif src.dim() == 3:
-        B, R, C = src.shape
     else:
         B, (R, C) = 1, src.shape
     device = src.device
@@ -729,19 +735,15 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     row_programs = max(1, min(cdiv(R, block_r), (8 * _sm_count(device)) // (col_programs * B)))
     rows_per_program = cdiv(cdiv(max(R, 1), row_programs), block_r) * block_r
     row_programs = cdiv(max(R, 1), rows_per_program)
-    partial = (torch.empty((B * row_programs, C), device=device,
+    partial = (torch.empty((B * row_programs, *(partial_shape or (C,))), device=device,
                            dtype=sum_dtype if B * row_programs == 1 else torch.float32)
                if aux is not None else None)
-
-    def strides(t):  # (batch, row, column) strides; a 2-D tensor is a batch of one
-        if t is None:
-            return (0, 0, 0)
-        return tuple(t.stride()) if t.dim() == 3 else (0, *t.stride())
-
-    out_strides, aux_strides = strides(out), strides(aux)
+    if batched is None:
+        out_strides = (0, *out.stride()) if out is not None else (0, 0, 0)
+        aux_strides = (0, *aux.stride()) if aux is not None else (0, 0, 0)
+        src_strides = (0, *src.stride()) if quant4 is None else (0, 0, 0)
     grid = (row_programs, col_programs, B)
     q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
-    src_strides = strides(src) if quant4 is None else (0, 0, 0)
     _KERNELS[traceable][1][grid](
         src, scale, out, aux, partial, row_scale if quant4 is None else quant4.absmax, *q_ptrs,
         R, C, rows_per_program,
