@@ -72,6 +72,10 @@ def _ia3_conv_weight_kernel(
                 tl.store(zeros_ptr, tl.sum(zeros, axis=0))
 
 
+# The OpOverload itself: torch.ops.aten.convolution_backward resolves the overload packet in
+# Python on every call.
+_CONV_BACKWARD = torch.ops.aten.convolution_backward.default
+
 _WEIGHT_KERNEL = (_ia3_conv_weight_kernel if config.triton_interpreted()
                   else FastKernel(_ia3_conv_weight_kernel))
 
@@ -254,7 +258,7 @@ def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feed
     dx = dscale = dweight = dbias = None
     if feedforward:
         need_g = need_dx or need_dscale
-        g, dweight, dbias = torch.ops.aten.convolution_backward(
+        g, dweight, dbias = _CONV_BACKWARD(
             dy, x, weight, bias_sizes, stride, padding, dilation, False, out_pad, groups,
             [need_g, need_dweight, need_dbias])
         if need_g and x.numel() > 0:
@@ -266,7 +270,7 @@ def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feed
             dscale = torch.zeros_like(scale)
         dx = g if need_dx else None
     else:
-        dx, dweight, dbias = torch.ops.aten.convolution_backward(
+        dx, dweight, dbias = _CONV_BACKWARD(
             dy, x, w_scaled, bias_sizes, stride, padding, dilation, False, out_pad, groups,
             [need_dx, need_dweight, need_dbias])
         if need_dbias:

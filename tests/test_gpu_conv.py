@@ -123,9 +123,13 @@ def test_resnet_bf16_training_follows_peft():
                        layer_type="bottleneck")
     torch.manual_seed(0)
     base = ResNetModel(cfg).cuda().bfloat16().to(memory_format=torch.channels_last)
-    ia3_cfg = IA3Config(target_modules=["convolution"], feedforward_modules=["layer.0.convolution"])
+    # Regexes (PEFT checks list-valued feedforward_modules as a subset of target_modules).
+    ia3_cfg = IA3Config(target_modules=r".*convolution",
+                        feedforward_modules=r".*layer\.0\.convolution")
     peft_model = randomize_ia3(get_peft_model(copy.deepcopy(base), ia3_cfg))
     fused = ia3.fuse(copy.deepcopy(peft_model))
+    kinds = {m.is_feedforward for m in fused.modules() if isinstance(m, ia3.Conv2d)}
+    assert kinds == {True, False}
     x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
     x = x.contiguous(memory_format=torch.channels_last)
     losses = {}
