@@ -25,7 +25,7 @@ def _binder_for(kernel, args, kwargs):
 def _scale_args(src, scale, out):
     R, C = src.shape
     args = (src, scale, out, None, None, None, None, None, None, None, R, C, R, src.stride(0),
-            src.stride(1), out.stride(0), out.stride(1), 0, 0)
+            src.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0, 0)  # aux, batch strides
     kwargs = dict(SCALE_AXIS=1, STORE_OUT=True, REDUCE_AUX=False, ROW_SCALE=False,
                   ROW_SCALE_MUL=1.0, SRC_4BIT=False, Q_BLOCKSIZE=64, Q_NESTED=False,
                   Q_BLOCKSIZE2=256, Q_ALIGNED=False, BLOCK_R=16, BLOCK_C=32, num_warps=4)
