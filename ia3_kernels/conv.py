@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from .dense import _KERNEL_DTYPES, _launch_scale_reduce
+from .dense import _KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce
 from .launch import FastKernel, cdiv
 
 
@@ -439,15 +439,7 @@ def _check_inputs(x, weight, bias, scale, feedforward, groups, describe):
     if bias is not None and bias.numel() != c_out:
         raise ValueError(f"{where}: bias must have out_channels={c_out} elements, got "
                          f"{tuple(bias.shape)}")
-    device = x.device
-    if (weight.device != device or scale.device != device
-            or (bias is not None and bias.device != device)):
-        devices = {"x": device, "weight": weight.device, "scale": scale.device,
-                   "bias": None if bias is None else bias.device}
-        raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
-    for name, t in (("x", x), ("weight", weight), ("scale", scale), ("bias", bias)):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
+    _check_devices_and_dtypes(lambda: str(where), x, weight, bias, scale)
     return where, nd
 
 

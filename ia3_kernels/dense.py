@@ -1116,18 +1116,24 @@ def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=
         raise ValueError(f"{_where(describe)}: x's last dimension must be in_features={K} (weight "
                          f"{tuple(weight.shape)} stored {layout}), got x of shape {tuple(x.shape)}")
     _check_scale_and_bias(_where(describe), scale, bias, K, N, feedforward)
+    _check_devices_and_dtypes(lambda: _where(describe), x, weight, bias, scale)
+
+
+def _check_devices_and_dtypes(where, x, weight, bias, scale) -> None:
+    """One device for all, floating-point tensors; `where()` names the caller, called only on
+    error. Shared by every op family's input checks."""
     # Plain comparisons: this runs on every call and a small layer's whole budget is ~20 us.
     device = x.device
     if (weight.device != device or scale.device != device
             or (bias is not None and bias.device != device)):
         devices = {"x": device, "weight": weight.device, "scale": scale.device,
                    "bias": None if bias is None else bias.device}
-        raise ValueError(f"{_where(describe)}: all tensors must be on one device, got {devices}")
+        raise ValueError(f"{where()}: all tensors must be on one device, got {devices}")
     if not (x.is_floating_point() and weight.is_floating_point() and scale.is_floating_point()
             and (bias is None or bias.is_floating_point())):
         for name, t in (("x", x), ("weight", weight), ("scale", scale), ("bias", bias)):
             if t is not None and not t.is_floating_point():
-                raise TypeError(f"{_where(describe)}: {name} must be a floating-point tensor, "
+                raise TypeError(f"{where()}: {name} must be a floating-point tensor, "
                                 f"got {t.dtype}")
 
 
