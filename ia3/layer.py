@@ -42,13 +42,40 @@ def active_scaling(layer: peft_ia3_layer.IA3Layer) -> Optional[torch.Tensor]:
     return scaling
 
 
-def _unfusable_reason(base: nn.Module) -> Optional[str]:
-    if type(base).forward not in _PLAIN_FORWARDS:
+def _unfusable_reason(base: nn.Module, plain_forwards: tuple, computes: str) -> Optional[str]:
+    if type(base).forward not in plain_forwards:
         return (f"base layer {type(base).__name__} overrides forward(); the fused op computes "
-                "nn.Linear's or Conv1D's")
+                f"{computes}")
     if base._forward_hooks or base._forward_pre_hooks:
         return f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
     return None
+
+
+class _FusedForward:
+    """The forward every dense fused layer shares: PEFT's own forward where it does something
+    else (adapters disabled or merged, extra arguments), PEFT's forward with a one-time warning
+    where the base is not the plain layer the op computes, the bare base without an active
+    adapter, else `_fused_forward` (the layer's op)."""
+
+    _PLAIN_FORWARDS: tuple = ()
+    _COMPUTES = ""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disable_adapters or self.merged_adapters or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        if isinstance(base, BaseTunerLayer):
+            # get_base_layer() probes hasattr(module, "base_layer"), which raises and catches an
+            # AttributeError on every plain nn.Linear: ~5 us a call. Only nested wrappers need it.
+            base = base.get_base_layer()
+        reason = _unfusable_reason(base, self._PLAIN_FORWARDS, self._COMPUTES)
+        if reason is not None:
+            config.fallback(reason)
+            return super().forward(x)
+        scaling = active_scaling(self)
+        if scaling is None:
+            return self.base_layer(x)
+        return self._fused_forward(x, base, scaling)
 
 
 class _ExactUnmerge:
@@ -86,38 +113,27 @@ class _ExactUnmerge:
                 del self._buffers[name]
 
 
-class Linear(_ExactUnmerge, peft_ia3_layer.Linear):
+class Linear(_FusedForward, _ExactUnmerge, peft_ia3_layer.Linear):
     """Drop-in for `peft.tuners.ia3.layer.Linear` (nn.Linear and GPT-2 Conv1D bases)."""
+
+    _PLAIN_FORWARDS = _PLAIN_FORWARDS
+    _COMPUTES = "nn.Linear's or Conv1D's"
 
     def _describe(self) -> str:
         kind = "feedforward" if self.is_feedforward else "attention"
         return (f"ia3.Linear({type(self.get_base_layer()).__name__} {self.in_features}->"
                 f"{self.out_features}, {kind}, active adapters {list(self.active_adapters)})")
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._disable_adapters or self.merged_adapters or args or kwargs:
-            return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        if isinstance(base, BaseTunerLayer):
-            # get_base_layer() probes hasattr(module, "base_layer"), which raises and catches an
-            # AttributeError on every plain nn.Linear: ~5 us a call. Only nested wrappers need it.
-            base = base.get_base_layer()
-        reason = _unfusable_reason(base)
-        if reason is not None:
-            config.fallback(reason)
-            return super().forward(x)
-        scaling = active_scaling(self)
-        if scaling is None:
-            return self.base_layer(x)
+    def _fused_forward(self, x, base, scaling):
         return ia3_linear(x, base.weight, base.bias, scaling, feedforward=self.is_feedforward,
                           fan_in_fan_out=self.fan_in_fan_out, describe=self._describe)
 
 
-class _FusedConv(_ExactUnmerge):
-    """The forward of ia3.Conv2d/Conv3d: the IA3 scaling folded into the convolution's weight
-    (ia3_kernels.ia3_conv), PEFT's own forward where it does something else."""
+class _FusedConv(_FusedForward, _ExactUnmerge):
+    """ia3.Conv2d/Conv3d: the IA3 scaling folded into the convolution's weight
+    (ia3_kernels.ia3_conv)."""
 
-    _BASE_CLASS: type = nn.Module
+    _COMPUTES = "the plain convolution"
 
     def _describe(self) -> str:
         kind = "feedforward" if self.is_feedforward else "attention"
@@ -126,25 +142,7 @@ class _FusedConv(_ExactUnmerge):
                 f"kernel {tuple(base.kernel_size)}, groups {base.groups}, {kind}, "
                 f"active adapters {list(self.active_adapters)})")
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._disable_adapters or self.merged_adapters or args or kwargs:
-            return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        if isinstance(base, BaseTunerLayer):
-            base = base.get_base_layer()
-        if type(base).forward is not self._BASE_CLASS.forward:
-            reason = (f"base layer {type(base).__name__} overrides {self._BASE_CLASS.__name__}"
-                      ".forward(); the fused op computes the plain convolution")
-        elif base._forward_hooks or base._forward_pre_hooks:
-            reason = f"base layer {type(base).__name__} has forward hooks, which the fused op would skip"
-        else:
-            reason = None
-        if reason is not None:
-            config.fallback(reason)
-            return super().forward(x)
-        scaling = active_scaling(self)
-        if scaling is None:
-            return self.base_layer(x)
+    def _fused_forward(self, x, base, scaling):
         return ia3_conv(x, base.weight, base.bias, scaling, self.is_feedforward, base.stride,
                         base.padding, base.dilation, base.groups, base.padding_mode,
                         describe=self._describe)
@@ -153,10 +151,10 @@ class _FusedConv(_ExactUnmerge):
 class Conv2d(_FusedConv, peft_ia3_layer.Conv2d):
     """Drop-in for `peft.tuners.ia3.layer.Conv2d`."""
 
-    _BASE_CLASS = nn.Conv2d
+    _PLAIN_FORWARDS = (nn.Conv2d.forward,)
 
 
 class Conv3d(_FusedConv, peft_ia3_layer.Conv3d):
     """Drop-in for `peft.tuners.ia3.layer.Conv3d`."""
 
-    _BASE_CLASS = nn.Conv3d
+    _PLAIN_FORWARDS = (nn.Conv3d.forward,)
