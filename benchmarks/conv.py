@@ -62,7 +62,7 @@ SHAPES = [
 
 
 @dataclass
-class ConvRow:
+class ConvRow(layers.TimedRatios):
     model: str
     layer: str
     layout: str
@@ -77,14 +77,6 @@ class ConvRow:
     peft_peak_mib: Optional[float] = None
     ours_peak_mib: Optional[float] = None
     bare_tflops: Optional[float] = None
-
-    @property
-    def ours_over_bare(self) -> float:
-        return self.ours_us / self.bare_us
-
-    @property
-    def peft_over_bare(self) -> float:
-        return self.peft_us / self.bare_us
 
 
 def build_layers(shape: ConvShape, mode: str, layout, seed: int = 0):

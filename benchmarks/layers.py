@@ -47,8 +47,20 @@ CPU_SHAPES = [Shape("T5-base", "q/k/v/o", 768, 768), Shape("GPT-2", "c_attn (Con
 CPU_M_VALUES = [1, 128]
 
 
+class TimedRatios:
+    """ours / bare and PEFT / bare of a result row with bare_us, peft_us and ours_us."""
+
+    @property
+    def ours_over_bare(self) -> float:
+        return self.ours_us / self.bare_us
+
+    @property
+    def peft_over_bare(self) -> float:
+        return self.peft_us / self.bare_us
+
+
 @dataclass
-class Row:
+class Row(TimedRatios):
     model: str
     layer: str
     k: int
@@ -65,14 +77,6 @@ class Row:
     ours_peak_mib: Optional[float] = None
     ours_gbps: Optional[float] = None
     extra: dict = field(default_factory=dict)
-
-    @property
-    def ours_over_bare(self) -> float:
-        return self.ours_us / self.bare_us
-
-    @property
-    def peft_over_bare(self) -> float:
-        return self.peft_us / self.bare_us
 
 
 def build_layers(shape: Shape, mode: str, device, dtype, seed=0):

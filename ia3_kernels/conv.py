@@ -193,14 +193,21 @@ def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float3
                   partial_shape=()):
     """_launch_scale_reduce over activations: out = src * l per channel and/or per-block sums
     of src * aux per channel. out may be src (in place). Returns the partial sums (or None)."""
-    if aux is not None and _rows_by_channel_strides(aux) is None:
-        aux = aux.contiguous()
-    if _rows_by_channel_strides(src) is None:
+    src_layout = _rows_by_channel_strides(src)
+    if src_layout is None:
         if out is src:
             raise RuntimeError(f"ia3_conv: cannot scale a tensor of strides {src.stride()} in place")
         src = src.contiguous()
+        src_layout = _rows_by_channel_strides(src)
+    aux_layout = None
+    if aux is not None:
+        aux_layout = _rows_by_channel_strides(aux)
+        if aux_layout is None:
+            aux = aux.contiguous()
+            aux_layout = _rows_by_channel_strides(aux)
+    out_layout = src_layout if out is src else (None if out is None else _rows_by_channel_strides(out))
     tensors = (src, out, aux)
-    layouts = [None if t is None else _rows_by_channel_strides(t) for t in tensors]
+    layouts = [src_layout, out_layout, aux_layout]
     if len({lay[0] for lay in layouts if lay is not None}) > 1:
         # One layout collapsed (channels_last) and another did not: keep the batch axis for all.
         layouts = [None if t is None else _rows_by_channel_strides(t, collapse=False)
