@@ -19,7 +19,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
         "bench": ["matplotlib"],
     },
 )

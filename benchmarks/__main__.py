@@ -1,99 +1,136 @@
-"""python -m benchmarks: the layer benchmark (bare vs PEFT vs ours). See benchmarks/layers.py.
+"""python -m benchmarks: the layer suite — every fused layer type (dense, GPT-2 Conv1D, bitsandbytes
+int8 / NF4 / FP4, Conv2d, Conv3d) against the bare base layer, PEFT's IA3 wrapper, PEFT's wrapper
+under torch.compile, and ours eager and compiled: forward, forward+backward, extra peak memory,
+TFLOP/s, GB/s and % of the roofline. See benchmarks/suite.py.
 
-On a machine without a GPU it runs a few small shapes on the reference path, in well under two
-minutes, to show the pipeline works: CPU numbers are not the point of this package.
+    python -m benchmarks                                  # everything (GPU: ~30 min on an H100)
+    python -m benchmarks --layers dense,conv1d --quick    # filters; --quick: few shapes and M
+    python -m benchmarks --layers nf4 --merge             # add a family to the existing results
+
+On a machine without a GPU it runs a few small shapes on the reference path (no compile, no
+bitsandbytes), in well under two minutes, to show the pipeline works: CPU numbers are not the
+point of this package. Other entry points: benchmarks.e2e (training steps), benchmarks.generate
+(decode latency), benchmarks.quant / benchmarks.conv (each family with its issue's targets).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from . import layers, report
+from . import layers, report, suite, suite_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", default="", help="comma-separated substrings of 'model layer' to keep")
-    p.add_argument("--m", default="", help="comma-separated M values (default: 1,16,128,512,2048,8192)")
+    p.add_argument("--layers", default="",
+                   help=f"comma-separated families ({', '.join(suite.FAMILIES)}) or substrings of "
+                        "'family model layer' to keep")
+    p.add_argument("--dtypes", default="", help="comma-separated: bf16, fp16, fp32 (default: bf16 on "
+                                                "a GPU, fp32 on a CPU)")
+    p.add_argument("--m", default="", help=f"comma-separated M values (default {suite.M_VALUES})")
     p.add_argument("--modes", default="ff,attn", help="ff, attn or both")
-    p.add_argument("--quick", action="store_true", help="a few shapes and M values only")
-    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings at M <= 16")
+    p.add_argument("--quick", action="store_true", help="a few shapes and M values per family")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
+    p.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per timing")
     p.add_argument("--compare-paths", action="store_true",
-                   help="also time our op with the fused and the cuBLAS strategy forced")
-    p.add_argument("--out", default=str(RESULTS), help="directory for JSON + markdown")
-    p.add_argument("--stem", default="", help="file name stem (default: layers-<device>)")
+                   help="dense only: also time our op with the fused and the cuBLAS strategy forced")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other families' rows of an existing <stem>.json")
+    p.add_argument("--out", default=str(RESULTS), help="directory for JSON + markdown + plots")
+    p.add_argument("--stem", default="", help="file name stem (default: suite-<device>)")
     return p.parse_args(argv)
 
 
 def select(args, cuda: bool):
-    shapes = layers.SHAPES if cuda else layers.CPU_SHAPES
-    m_values = layers.M_VALUES if cuda else layers.CPU_M_VALUES
-    if args.quick:
-        shapes = [s for s in shapes if s.layer in ("k/v_proj", "down_proj", "c_attn (Conv1D)")] or shapes
-        m_values = [m for m in m_values if m in (1, 16, 2048)] or m_values
-    if args.layers:
-        keys = [k.strip().lower() for k in args.layers.split(",") if k.strip()]
-        shapes = [s for s in shapes if any(k in f"{s.model} {s.layer}".lower() for k in keys)]
+    keys = [k.strip().lower() for k in args.layers.split(",") if k.strip()]
+    families = [f for f in suite.FAMILIES if not keys or f in keys] if not keys or any(
+        k in suite.FAMILIES for k in keys) else list(suite.FAMILIES)
+    layer_keys = [k for k in keys if k not in suite.FAMILIES]
+    skipped = []
+    if not cuda:
+        skipped = [f for f in families if f not in suite.CPU_SHAPES]
+        families = [f for f in families if f in suite.CPU_SHAPES]
+    elif any(f in suite.QUANT for f in families):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            skipped = [f for f in families if f in suite.QUANT]
+            families = [f for f in families if f not in suite.QUANT]
     if args.m:
         m_values = [int(v) for v in args.m.split(",")]
+    elif not cuda:
+        m_values = suite.CPU_M_VALUES
+    else:
+        m_values = suite.QUICK_M_VALUES if args.quick else suite.M_VALUES
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    return shapes, m_values, modes
+    groups = suite.groups(families, modes, cuda, args.quick, layer_keys)
+    names = [d.strip() for d in args.dtypes.split(",") if d.strip()] or (["bf16"] if cuda else ["fp32"])
+    dtypes = [DTYPES[d] for d in names]
+    return groups, m_values, dtypes, skipped
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    shapes, m_values, modes = select(args, cuda)
+    groups, m_values, dtypes, skipped = select(args, cuda)
+    compiled = cuda and not args.no_compile
     if cuda:
-        note = ("H100-class GPU run: bf16, medians of triton.testing.do_bench with L2 flushed; eager "
-                "timings include CPU launch overhead; 'graph' rows replay a CUDA graph (M <= 16).")
+        note = ("GPU run: medians of triton.testing.do_bench with L2 flushed; eager timings include "
+                "the CPU's launch overhead; 'graph' rows replay a CUDA graph (M <= 16, and every "
+                "convolution). Compiled variants: torch.compile(dynamic=True), default mode. "
+                "bitsandbytes' int8 layer cannot be captured in a CUDA graph: its graph rows are empty.")
     else:
-        note = ("CPU-only machine: the layers run the pure-PyTorch reference path in float32 on a few "
-                "small shapes, to show the benchmark works. CPU numbers are not the point of this "
-                "package; run it on a CUDA GPU for the figures that matter.")
-        print(note)
+        note = ("CPU-only machine: the layers run the pure-PyTorch reference path on a few small "
+                "shapes, with no torch.compile variants and no bitsandbytes families, to show the "
+                "suite works. CPU numbers are not the point of this package; run it on a CUDA GPU "
+                "for the figures that matter.")
+    print(note)
+    if skipped:
+        print(f"skipped families: {', '.join(skipped)} "
+              f"({'need a CUDA GPU' if not cuda else 'bitsandbytes is not installed'})")
     env = report.environment()
-    cases = [(s, m, mode) for s in shapes for m in m_values for mode in modes]
-    rows, path_rows = [], []
-    with layers.progress(len(cases), enabled=sys.stdout.isatty() or True) as tick:
-        for shape, m, mode in cases:
-            tick(f"{shape.model} {shape.layer} M={m} {mode}")
-            rows += [layers.row_dict(r) for r in
-                     layers.bench_case(shape, m, mode, device, dtype, graphs=not args.no_graphs)]
-            if args.compare_paths and cuda:
-                path_rows += layers.compare_paths(shape, m, mode, device, dtype)
-            torch.cuda.empty_cache() if cuda else None
-    summary = report.summarize(rows, has_graphs=not args.no_graphs) if cuda else []
-    report.print_table(rows)
+    if any(g.family in suite.QUANT for g in groups):
+        env["bitsandbytes"] = __import__("bitsandbytes").__version__
+    ceilings = {k: env[k] for k in ("copy_tb_per_s", "bf16_matmul_tflops") if k in env}
+    stem = args.stem or ("suite-" + ("".join(c if c.isalnum() else "-" for c in env["device"])
+                                     .strip("-").lower() if cuda else "cpu"))
+    total = sum(len(suite.m_values_of(g, m_values)) for g in groups) * len(dtypes)
+    rows: list[dict] = []
+    data = None
+    with layers.progress(total) as tick:
+        for dtype in dtypes:
+            for group in groups:
+                rows += [suite.row_dict(r) for r in suite.bench_group(
+                    group, m_values, device, dtype, graphs=not args.no_graphs, compiled=compiled,
+                    ceilings=ceilings, rep_ms=args.rep_ms, tick=tick)]
+                # After every group: a run cut off keeps what it measured.
+                json_path, md_path, data = suite_report.write(Path(args.out), stem, env, rows, note,
+                                                              args.merge, targets=cuda)
+    if data is None:
+        print("nothing selected")
+        return 1
     print()
-    for s in summary:
-        print(f"{s['criterion']:<40} worst {s['worst']:>8} (limit {s['limit']}), "
-              f"{s['misses']}/{s['cases']} miss; at {s['where']}")
-    stem = args.stem or ("layers-" + ("".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-                                      if cuda else "cpu"))
-    extra = {"compare_paths": path_rows} if path_rows else None
-    json_path, md_path = report.write(Path(args.out), stem, env, rows, summary, note, extra)
-    if path_rows:
-        print("\npath comparison (us):")
-        for p in path_rows:
-            best = "cublas" if p["cublas_us"] < p["fused_us"] else "fused"
-            print(f"  {p['model']:<10} {p['layer']:<16} M={p['m']:<5} {p['mode']:<4} {p['phase']:<7} "
-                  f"bare {p['bare_us']:8.1f}  fused {p['fused_us']:8.1f}  cublas {p['cublas_us']:8.1f}"
-                  f"  -> {best}")
+    suite_report.print_table(rows)
+    print()
+    suite_report.print_summary([s for s in data["summary"] if s["family"] in {r["family"] for r in rows}])
+    if args.compare_paths and cuda:
+        path_rows = [p for g in groups if g.family in ("dense", "conv1d")
+                     for m in m_values for p in layers.compare_paths(g.shape, m, g.mode, device, dtypes[0])]
+        (Path(args.out) / f"{stem}-paths.md").write_text(report.paths_markdown(path_rows))
     print(f"\nwrote {json_path} and {md_path}")
     if cuda:
         try:
-            from .plots import plot
-            for png in plot(json_path):
+            from .plots import plot_suite
+            for png in plot_suite(json_path):
                 print(f"wrote {png}")
         except ImportError:
             print("matplotlib is not installed (pip install -e '.[bench]'): no plots")

@@ -79,19 +79,20 @@ class ConvRow(layers.TimedRatios):
     bare_tflops: Optional[float] = None
 
 
-def build_layers(shape: ConvShape, mode: str, layout, seed: int = 0):
-    """(bare conv, PEFT's IA3 wrapper, ours) over the same bf16 weights, IA3 vector random."""
+def build_layers(shape: ConvShape, mode: str, layout, seed: int = 0, device="cuda",
+                 dtype=torch.bfloat16):
+    """(bare conv, PEFT's IA3 wrapper, ours) over the same weights, IA3 vector random."""
     torch.manual_seed(seed)
     conv_cls, peft_cls = (nn.Conv2d, PeftConv2d) if shape.nd == 2 else (nn.Conv3d, PeftConv3d)
     bare = conv_cls(shape.c_in, shape.c_out, shape.kernel, padding=shape.padding)
-    bare = bare.to("cuda", torch.bfloat16).to(memory_format=layout).requires_grad_(False)
+    bare = bare.to(device, dtype).to(memory_format=layout).requires_grad_(False)
     from peft import IA3Config
 
     wrappers = []
     for _ in range(2):
         w = peft_cls(copy.deepcopy(bare), "default", IA3Config(), is_feedforward=(mode == "ff"))
         with torch.no_grad():
-            w.ia3_l["default"].uniform_(0.5, 1.5, generator=torch.Generator("cuda").manual_seed(seed))
+            w.ia3_l["default"].uniform_(0.5, 1.5, generator=torch.Generator(device).manual_seed(seed))
         wrappers.append(w)
     peft_layer, ours = wrappers
     ia3.fuse(ours)

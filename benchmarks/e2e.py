@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 from peft import IA3Config, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, \
-    T5ForConditionalGeneration
 
 import ia3
 
-from . import report
+from . import layers, models, report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,41 +38,8 @@ class ModelSpec:
     batch: int
     seq: int
     seq2seq: bool = False
-
-
-def llama_1b():
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-        tie_word_embeddings=True))
-
-
-def gpt2_small():
-    return GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def t5_base():
-    return T5ForConditionalGeneration(T5Config(d_model=768, d_kv=64, d_ff=3072, num_layers=12,
-                                               num_heads=12, dropout_rate=0.0,
-                                               decoder_start_token_id=0))
-
-
-def tiny_llama():
-    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, max_position_embeddings=128))
-
-
-def tiny_gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def tiny_t5():
-    return T5ForConditionalGeneration(T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128,
-                                               num_layers=2, num_heads=4, dropout_rate=0.0,
-                                               decoder_start_token_id=0))
+    quant: str = ""  # "", "nf4" (NF4 + double quantization, bf16 compute) or "int8" (LLM.int8)
+    autocast: bool = False  # bf16 autocast around every variant's step
 
 
 def causal_ia3():
@@ -87,15 +52,25 @@ def t_few_ia3():
     return IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"])
 
 
+# QIA3 runs under bf16 autocast for every variant: PEFT's bitsandbytes wrappers return float32
+# and crash a Llama step without it (../shared/anchors/peft-e2e-h100.md); ours runs either way.
 FULL = [
-    ModelSpec("Llama-3.2-1B dims", llama_1b, causal_ia3, 8, 1024),
-    ModelSpec("T5-base", t5_base, t_few_ia3, 8, 512, seq2seq=True),
-    ModelSpec("GPT-2 small (Conv1D)", gpt2_small, causal_ia3, 8, 1024),
+    ModelSpec("Llama-3.2-1B dims", models.llama_1b, causal_ia3, 8, 1024),
+    ModelSpec("Llama-3-8B dims x4 layers, NF4", models.llama_8b_4_layers, causal_ia3, 4, 2048,
+              quant="nf4", autocast=True),
+    ModelSpec("Llama-3-8B dims x4 layers, int8", models.llama_8b_4_layers, causal_ia3, 4, 2048,
+              quant="int8", autocast=True),
+    ModelSpec("T5-base", models.t5_base, t_few_ia3, 8, 512, seq2seq=True),
+    ModelSpec("GPT-2 small (Conv1D)", models.gpt2_small, causal_ia3, 8, 1024),
 ]
 QUICK = [
-    ModelSpec("tiny Llama", tiny_llama, causal_ia3, 2, 32),
-    ModelSpec("tiny T5", tiny_t5, t_few_ia3, 2, 32, seq2seq=True),
-    ModelSpec("tiny GPT-2 (Conv1D)", tiny_gpt2, causal_ia3, 2, 32),
+    ModelSpec("tiny Llama", models.tiny_llama, causal_ia3, 2, 32),
+    ModelSpec("tiny T5", models.tiny_t5, t_few_ia3, 2, 32, seq2seq=True),
+    ModelSpec("tiny GPT-2 (Conv1D)", models.tiny_gpt2, causal_ia3, 2, 32),
+]
+QUICK_GPU_QUANT = [
+    ModelSpec("tiny Llama, NF4", models.tiny_llama, causal_ia3, 2, 32, quant="nf4", autocast=True),
+    ModelSpec("tiny Llama, int8", models.tiny_llama, causal_ia3, 2, 32, quant="int8", autocast=True),
 ]
 
 
@@ -108,18 +83,20 @@ def make_batch(spec: ModelSpec, vocab: int, device):
     return {"input_ids": ids, "labels": ids}
 
 
-def floor_step(model, batch):
+def floor_step(model, batch, autocast=False):
     """Forward+backward with frozen weights; the input embeddings require grad."""
     embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
-    loss = model(inputs_embeds=embeds, labels=batch["labels"]).loss
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(inputs_embeds=embeds, labels=batch["labels"]).loss
     loss.backward()
 
 
-def make_ia3_step(model, lr=1e-3):
+def make_ia3_step(model, lr=1e-3, autocast=False):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     def step(m, batch):
-        loss = m(**batch).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -145,30 +122,39 @@ def measure(step, model, batch, device, warmup: int, steps: int) -> tuple[float,
     return ms, peak
 
 
-def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool, warmup, steps):
-    torch.manual_seed(0)
-    base = spec.build().to(device, dtype)
+VARIANTS = ("floor", "PEFT", "PEFT compiled", "ours", "ours compiled")
+
+
+def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool, warmup, steps,
+             tick=lambda label: None):
+    base = models.build_base(spec.build, spec.quant, device, dtype)
     vocab = base.config.vocab_size
     batch = make_batch(spec, vocab, device)
     tokens = batch["input_ids"].numel() + (batch["labels"].numel() if spec.seq2seq else 0)
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    variants = {}
-    floor_model = base.requires_grad_(False)
-    variants["floor"] = (floor_step, floor_model)
+    autocast = spec.autocast and device.type == "cuda"
     stock = get_peft_model(copy.deepcopy(base), spec.ia3())
-    variants["PEFT"] = (make_ia3_step(stock), stock)
     fused = ia3.fuse(get_peft_model(copy.deepcopy(base), spec.ia3()))
-    variants["ours"] = (make_ia3_step(fused), fused)
+    variants = {"floor": (lambda m, b: floor_step(m, b, autocast), base),
+                "PEFT": (make_ia3_step(stock, autocast=autocast), stock),
+                "ours": (make_ia3_step(fused, autocast=autocast), fused)}
     if compile_:
-        for name in ("PEFT", "ours"):
-            step, model = variants[name]
-            variants[f"{name} compiled"] = (make_ia3_step(model), torch.compile(model))
+        for name, model in (("PEFT", stock), ("ours", fused)):
+            variants[f"{name} compiled"] = (make_ia3_step(model, autocast=autocast), torch.compile(model))
     rows = []
-    for name, (step, model) in variants.items():
-        ms, peak = measure(step, model, batch, device, warmup, steps)
-        rows.append({"model": spec.name, "variant": name, "grad_ckpt": checkpointing,
-                     "tokens": tokens, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peak})
+    for name in [v for v in VARIANTS if v in variants]:
+        step, model = variants[name]
+        tick(f"{spec.name} ckpt={checkpointing} {name}")
+        row = {"model": spec.name, "variant": name, "grad_ckpt": checkpointing, "base": spec.quant or
+               str(dtype).replace("torch.", ""), "autocast": autocast, "tokens": tokens}
+        try:
+            ms, peak = measure(step, model, batch, device, warmup, steps)
+            row.update(ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak)
+        except Exception as exc:  # a compile failure, say: recorded, the other variants go on
+            row.update(ms=float("nan"), tokens_per_s=float("nan"), peak_mib=float("nan"),
+                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     floor = rows[0]
@@ -178,15 +164,56 @@ def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool
     return rows
 
 
-def markdown(env, rows, note) -> str:
+# Issue 7's targets (H100): every step with our layers <= 1.03x the floor in bf16 and <= 1.05x the
+# bare-bnb floor with quantized bases, and faster than PEFT compiled; peak memory <= PEFT's.
+STEP_OVER_FLOOR = {"": 1.03, "nf4": 1.05, "int8": 1.05}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per model and checkpointing setting: ours (eager, compiled) against the floor's limit,
+    PEFT compiled, and PEFT's memory."""
+    out = []
+    groups = dict.fromkeys((r["model"], r["grad_ckpt"]) for r in rows)
+    for model, ckpt in groups:
+        by = {r["variant"]: r for r in rows if (r["model"], r["grad_ckpt"]) == (model, ckpt)}
+        base = by["floor"]["base"]
+        limit = STEP_OVER_FLOOR.get("" if base in ("bfloat16", "float16", "float32") else base)
+        for ours in ("ours", "ours compiled"):
+            if ours not in by:
+                continue
+            r = by[ours]
+            entry = {"model": model, "grad_ckpt": ckpt, "variant": ours,
+                     "over_floor": round(r["over_floor"], 3), "floor_limit": limit,
+                     "meets_floor": r["over_floor"] <= limit}
+            if "PEFT compiled" in by:
+                entry["over_peft_compiled"] = round(r["ms"] / by["PEFT compiled"]["ms"], 3)
+            entry["peak_minus_peft_mib"] = round(r["peak_mib"] - by["PEFT"]["peak_mib"], 1)
+            out.append(entry)
+    return out
+
+
+def markdown(env, rows, note, summary=()) -> str:
     lines = ["# End-to-end training steps: floor vs PEFT vs ia3-kernels", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + ["", note, ""]
-    lines += ["| model | grad ckpt | variant | tokens/step | ms/step | tokens/s | x floor | peak MiB | MiB over floor |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | base | autocast | grad ckpt | variant | tokens/step | ms/step | tokens/s | "
+              "x floor | peak MiB | MiB over floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['grad_ckpt']} | {r['variant']} | {r['tokens']} | {r['ms']:.1f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['over_floor']:.3f} | {r['peak_mib']:.0f} | "
-                     f"{r['mem_over_floor_mib']:.0f} |")
+        lines.append(f"| {r['model']} | {r['base']} | {r['autocast']} | {r['grad_ckpt']} | "
+                     f"{r['variant']} | {r['tokens']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['over_floor']:.3f} | {r['peak_mib']:.0f} | {r['mem_over_floor_mib']:.0f} |")
+    if summary:
+        lines += ["", "## Targets: ours vs the floor, PEFT compiled and PEFT's memory", "",
+                  "| model | grad ckpt | variant | x floor | limit | ours / PEFT compiled | "
+                  "peak - PEFT's (MiB) |", "|---|---|---|---|---|---|---|"]
+        for s in summary:
+            pc = s.get("over_peft_compiled")
+            lines.append(f"| {s['model']} | {s['grad_ckpt']} | {s['variant']} | {s['over_floor']} "
+                         f"{'ok' if s['meets_floor'] else 'MISS'} | {s['floor_limit']} | "
+                         f"{'-' if pc is None else pc} | {s['peak_minus_peft_mib']} |")
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += ["", "## Variants that did not run", ""]
+        lines += [f"- {r['model']} (ckpt {r['grad_ckpt']}) {r['variant']}: {r['error']}" for r in errors]
     return "\n".join(lines) + "\n"
 
 
@@ -198,36 +225,57 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd PEFT and ours")
     p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing runs")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 8; quick 2)")
+    p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--stem", default="")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    specs = QUICK if args.quick or not cuda else FULL
+    specs = FULL
+    if args.quick or not cuda:
+        specs = QUICK + (QUICK_GPU_QUANT if cuda else [])
     if args.models:
         keys = [k.strip().lower() for k in args.models.split(",")]
         specs = [s for s in specs if any(k in s.name.lower() for k in keys)]
     steps = args.steps or (2 if args.quick or not cuda else 8)
     warmup = 1 if args.quick or not cuda else 3
     note = ("Mean of %d steps after %d warm-up steps; %s." % (
-        steps, warmup, "bf16 on the GPU" if cuda else
-        "CPU-only machine: tiny configs on the reference path to check the pipeline — CPU "
-        "numbers are not the point of this package"))
+        steps, warmup, "bf16 on the GPU (QIA3 runs: every variant under bf16 autocast, which "
+        "PEFT's bitsandbytes wrappers need); compiled: torch.compile(model), default mode" if cuda
+        else "CPU-only machine: tiny configs on the reference path to check the pipeline (no "
+        "bitsandbytes runs) — CPU numbers are not the point of this package"))
     print(note)
+    ckpts = [False] if args.no_ckpt else [False, True]
+    n_variants = 5 if args.compile else 3
     rows = []
-    for spec in specs:
-        for ckpt in ([False] if args.no_ckpt else [False, True]):
-            print(f"{spec.name}, gradient checkpointing {ckpt} ...", flush=True)
-            rows += run_spec(spec, device, dtype, ckpt, args.compile, warmup, steps)
-    print(markdown({}, rows, ""))
+    with layers.progress(len(specs) * len(ckpts) * n_variants) as tick:
+        for spec in specs:
+            for ckpt in ckpts:
+                rows += run_spec(spec, device, dtype, ckpt, args.compile, warmup, steps, tick)
     env = report.environment() if cuda else {"device": "cpu", "torch": torch.__version__}
+    if cuda and any(s.quant for s in specs):
+        env["bitsandbytes"] = __import__("bitsandbytes").__version__
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or ("e2e-" + ("gpu" if cuda else "cpu"))
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "note": note, "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(markdown(env, rows, note))
-    print(f"wrote {out / stem}.json and .md")
+    json_path = out / f"{stem}.json"
+    if args.merge and json_path.exists():
+        old = json.loads(json_path.read_text())
+        names = {r["model"] for r in rows}
+        rows = [r for r in old["rows"] if r["model"] not in names] + rows
+    summary = summarize(rows) if cuda else []
+    print(markdown({}, rows, "", summary))
+    json_path.write_text(json.dumps({"environment": env, "note": note, "summary": summary,
+                                     "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text(markdown(env, rows, note, summary))
+    print(f"wrote {json_path} and .md")
+    if cuda:
+        try:
+            from .plots import plot_e2e
+            print(f"wrote {plot_e2e(json_path)}")
+        except ImportError:
+            print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
     return 0
 
 

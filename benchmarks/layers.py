@@ -1,6 +1,7 @@
-"""Per-layer benchmark: the bare base layer, PEFT's IA3 wrapper and ours, forward and
-forward+backward (x requires grad, the IA3 vector trains, the base is frozen), with extra peak
-memory, on the shapes of real models. Ratios are taken within one run on one machine.
+"""Building blocks of the layer benchmarks: real models' linear shapes, the bare / PEFT / ours
+layers over one frozen base, forward and forward+backward step functions (x requires grad, the
+IA3 vector trains, the base is frozen), timers, peak memory and a progress bar. Ratios are taken
+within one run on one machine.
 
 GPU timings: `triton.testing.do_bench` medians with the L2 cache flushed between calls. Eager
 timings include the CPU's launch overhead, which dominates small layers; at M <= 16 the same
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from peft import IA3Config
@@ -41,10 +42,7 @@ SHAPES = [
     Shape("T5-base", "wo", 3072, 768),
     Shape("GPT-2", "c_attn (Conv1D)", 768, 2304, conv1d=True),
 ]
-M_VALUES = [1, 16, 128, 512, 2048, 8192]
 GRAPH_MAX_M = 16
-CPU_SHAPES = [Shape("T5-base", "q/k/v/o", 768, 768), Shape("GPT-2", "c_attn (Conv1D)", 768, 2304, True)]
-CPU_M_VALUES = [1, 128]
 
 
 class TimedRatios:
@@ -57,26 +55,6 @@ class TimedRatios:
     @property
     def peft_over_bare(self) -> float:
         return self.peft_us / self.bare_us
-
-
-@dataclass
-class Row(TimedRatios):
-    model: str
-    layer: str
-    k: int
-    n: int
-    m: int
-    mode: str  # "ff" or "attn"
-    phase: str  # "fwd" or "fwd+bwd"
-    timing: str  # "eager" or "graph"
-    bare_us: float
-    peft_us: float
-    ours_us: float
-    bare_peak_mib: Optional[float] = None
-    peft_peak_mib: Optional[float] = None
-    ours_peak_mib: Optional[float] = None
-    ours_gbps: Optional[float] = None
-    extra: dict = field(default_factory=dict)
 
 
 def build_layers(shape: Shape, mode: str, device, dtype, seed=0):
@@ -168,34 +146,6 @@ def case_inputs(shape: Shape, m: int, device, dtype):
     return x, dy
 
 
-def bench_case(shape: Shape, m: int, mode: str, device, dtype, graphs: bool) -> list[Row]:
-    bare, peft_layer, ours = build_layers(shape, mode, device, dtype)
-    x, dy = case_inputs(shape, m, device, dtype)
-    rows = []
-    for phase in ("fwd", "fwd+bwd"):
-        xin = x.clone().requires_grad_(phase == "fwd+bwd")
-        fns = {name: step_fn(layer, xin, phase, dy)
-               for name, layer in (("bare", bare), ("peft", peft_layer), ("ours", ours))}
-        timings = ["eager"] + (["graph"] if graphs and device.type == "cuda" and m <= GRAPH_MAX_M else [])
-        for timing in timings:
-            if device.type != "cuda":
-                us = {name: time_cpu(fn) for name, fn in fns.items()}
-            else:
-                timer = time_eager if timing == "eager" else time_graph
-                us = {name: timer(fn) for name, fn in fns.items()}
-            row = Row(shape.model, shape.layer, shape.k, shape.n, m, mode, phase, timing,
-                      us["bare"], us["peft"], us["ours"])
-            if device.type == "cuda":
-                if phase == "fwd+bwd" and timing == "eager":
-                    row.bare_peak_mib, row.peft_peak_mib, row.ours_peak_mib = (
-                        peak_mib(fns[k]) for k in ("bare", "peft", "ours"))
-                if phase == "fwd":
-                    moved = (shape.k * shape.n + m * (shape.k + shape.n)) * x.element_size()
-                    row.ours_gbps = moved / (row.ours_us * 1e-6) / 1e9
-            rows.append(row)
-    return rows
-
-
 def compare_paths(shape: Shape, m: int, mode: str, device, dtype) -> list[dict]:
     """Time our op with each strategy forced: where does cuBLAS + pass beat the fused GEMM?
     CUDA graphs at every M, so that only GPU time decides."""
@@ -228,10 +178,3 @@ def progress(total: int, enabled: bool = True):
     yield tick
     if enabled:
         print()
-
-
-def row_dict(row: Row) -> dict:
-    d = asdict(row)
-    d["ours_over_bare"] = row.ours_over_bare
-    d["peft_over_bare"] = row.peft_over_bare
-    return d

@@ -75,10 +75,10 @@ class QuantRow:
     roofline_pct: Optional[float] = None
 
 
-def build_layers(shape, mode: str, fmt: str, seed: int = 0):
+def build_layers(shape, mode: str, fmt: str, seed: int = 0, dtype=torch.bfloat16):
     """(bare bnb layer, bare bf16 nn.Linear with the same float weights, PEFT's IA3 wrapper on
     the bnb layer, ours on a copy of it). int8: Linear8bitLt, threshold 6.0; nf4/fp4:
-    Linear4bit, bf16 compute, double quantization, blocksize 64."""
+    Linear4bit, compute dtype `dtype` (bf16 by default), double quantization, blocksize 64."""
     import bitsandbytes as bnb
     from peft import IA3Config
     from peft.tuners.ia3 import bnb as peft_bnb
@@ -86,12 +86,12 @@ def build_layers(shape, mode: str, fmt: str, seed: int = 0):
     import ia3
 
     torch.manual_seed(seed)
-    linear = nn.Linear(shape.k, shape.n).to(torch.bfloat16)
+    linear = nn.Linear(shape.k, shape.n).to(dtype)
     if fmt == "int8":
         q = bnb.nn.Linear8bitLt(shape.k, shape.n, has_fp16_weights=False, threshold=6.0)
         peft_class = peft_bnb.Linear8bitLt
     else:
-        q = bnb.nn.Linear4bit(shape.k, shape.n, compute_dtype=torch.bfloat16, quant_type=fmt,
+        q = bnb.nn.Linear4bit(shape.k, shape.n, compute_dtype=dtype, quant_type=fmt,
                               compress_statistics=True)
         peft_class = peft_bnb.Linear4bit
     q.load_state_dict(linear.state_dict())

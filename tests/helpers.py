@@ -62,43 +62,16 @@ def add_random_adapter(models, name, seed, config=None):
         model.set_adapter(name)
 
 
-def to_int8(model, device=DEVICE, threshold=6.0, has_fp16_weights=False, skip=("lm_head",)):
-    """Replace every nn.Linear of `model` (but `skip`) by a bitsandbytes Linear8bitLt holding the
-    same weights, quantized by bnb itself when moved to `device` (as transformers' load_in_8bit
-    does); marks the model `is_loaded_in_8bit` so that PEFT builds its 8-bit IA3 wrappers."""
-    import bitsandbytes as bnb
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and name not in skip:
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features,
-                                        bias=child.bias is not None,
-                                        has_fp16_weights=has_fp16_weights, threshold=threshold)
-                q.load_state_dict(child.state_dict())
-                setattr(parent, name, q.to(device))
-    model.is_loaded_in_8bit = True
-    return model
+def to_int8(model, device=DEVICE, **kwargs):
+    """bitsandbytes Linear8bitLt for every nn.Linear but lm_head (see benchmarks.models.to_int8)."""
+    from benchmarks.models import to_int8 as convert
+    return convert(model, device, **kwargs)
 
 
-def to_4bit(model, device=DEVICE, quant_type="nf4", compress_statistics=True, blocksize=64,
-            compute_dtype=torch.float32, skip=("lm_head",)):
-    """Replace every nn.Linear of `model` (but `skip`) by a bitsandbytes Linear4bit holding the
-    same weights, quantized by bnb itself when moved to `device` (as transformers' load_in_4bit
-    does); marks the model `is_loaded_in_4bit` so that PEFT builds its 4-bit IA3 wrappers."""
-    import bitsandbytes as bnb
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and name not in skip:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features,
-                                      bias=child.bias is not None, compute_dtype=compute_dtype,
-                                      compress_statistics=compress_statistics,
-                                      quant_type=quant_type)
-                q.weight.blocksize = blocksize
-                q.load_state_dict(child.state_dict())
-                setattr(parent, name, q.to(device))
-    model.is_loaded_in_4bit = True
-    return model
+def to_4bit(model, device=DEVICE, **kwargs):
+    """bitsandbytes Linear4bit for every nn.Linear but lm_head (see benchmarks.models.to_4bit)."""
+    from benchmarks.models import to_4bit as convert
+    return convert(model, device, **kwargs)
 
 
 def train_llama_on_cuda(model, backend, autocast, steps=3):
