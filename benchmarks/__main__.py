@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ def parse_args(argv):
                                                 "a GPU, fp32 on a CPU)")
     p.add_argument("--m", default="", help=f"comma-separated M values (default {suite.M_VALUES})")
     p.add_argument("--modes", default="ff,attn", help="ff, attn or both")
+    p.add_argument("--layouts", default="nchw,channels_last", help="convolutions: nchw, channels_last")
     p.add_argument("--quick", action="store_true", help="a few shapes and M values per family")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
@@ -71,7 +73,8 @@ def select(args, cuda: bool):
     else:
         m_values = suite.QUICK_M_VALUES if args.quick else suite.M_VALUES
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    groups = suite.groups(families, modes, cuda, args.quick, layer_keys)
+    layouts = [v.strip() for v in args.layouts.split(",") if v.strip()]
+    groups = suite.groups(families, modes, cuda, args.quick, layer_keys, layouts)
     names = [d.strip() for d in args.dtypes.split(",") if d.strip()] or (["bf16"] if cuda else ["fp32"])
     dtypes = [DTYPES[d] for d in names]
     return groups, m_values, dtypes, skipped
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
     env = report.environment()
     if any(g.family in suite.QUANT for g in groups):
         env["bitsandbytes"] = __import__("bitsandbytes").__version__
+        # "MatMul8bitLt: inputs will be cast ... to float16" on every call of bnb's int8 layer.
+        warnings.filterwarnings("ignore", message=".*will be cast from.*")
     ceilings = {k: env[k] for k in ("copy_tb_per_s", "bf16_matmul_tflops") if k in env}
     stem = args.stem or ("suite-" + ("".join(c if c.isalnum() else "-" for c in env["device"])
                                      .strip("-").lower() if cuda else "cpu"))

@@ -127,6 +127,7 @@ VARIANTS = ("floor", "PEFT", "PEFT compiled", "ours", "ours compiled")
 
 def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool, warmup, steps,
              tick=lambda label: None):
+    """Rows of one model and checkpointing setting: floor, PEFT, ours (and both compiled)."""
     base = models.build_base(spec.build, spec.quant, device, dtype)
     vocab = base.config.vocab_size
     batch = make_batch(spec, vocab, device)
@@ -222,7 +223,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny configs, a few steps")
     p.add_argument("--models", default="", help="comma-separated substrings of model names")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd PEFT and ours")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd PEFT and ours (runs without checkpointing)")
+    p.add_argument("--compile-ckpt", action="store_true",
+                   help="with --compile: compiled variants under gradient checkpointing too")
     p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing runs")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 8; quick 2)")
     p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
@@ -247,12 +251,14 @@ def main(argv=None) -> int:
         "bitsandbytes runs) — CPU numbers are not the point of this package"))
     print(note)
     ckpts = [False] if args.no_ckpt else [False, True]
-    n_variants = 5 if args.compile else 3
+    def compiled(ckpt):
+        return args.compile and (args.compile_ckpt or not ckpt)
+    total = len(specs) * sum(5 if compiled(c) else 3 for c in ckpts)
     rows = []
-    with layers.progress(len(specs) * len(ckpts) * n_variants) as tick:
+    with layers.progress(total) as tick:
         for spec in specs:
             for ckpt in ckpts:
-                rows += run_spec(spec, device, dtype, ckpt, args.compile, warmup, steps, tick)
+                rows += run_spec(spec, device, dtype, ckpt, compiled(ckpt), warmup, steps, tick)
     env = report.environment() if cuda else {"device": "cpu", "torch": torch.__version__}
     if cuda and any(s.quant for s in specs):
         env["bitsandbytes"] = __import__("bitsandbytes").__version__

@@ -13,7 +13,7 @@ and GB/s and the share of this GPU's roofline. Families:
 "M" is the number of rows the layer multiplies: tokens for linear layers, output positions
 (batch x spatial) for convolutions. The layers of one (family, shape, mode) are built once and
 reused across M, so torch.compile'd variants compile once per layer class, mode and phase
-(dynamic shapes; parameters not specialised), not once per case.
+(M dynamic, parameter shapes static), not once per case.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class SuiteRow(layers.TimedRatios):
 
 # ---- cases --------------------------------------------------------------------------------------
 
-def groups(families, modes, cuda: bool, quick: bool, layer_keys=()) -> list[Group]:
+def groups(families, modes, cuda: bool, quick: bool, layer_keys=(), layouts=CONV_LAYOUTS) -> list[Group]:
     out = []
     for family in families:
         if not cuda:
@@ -108,10 +108,10 @@ def groups(families, modes, cuda: bool, quick: bool, layer_keys=()) -> list[Grou
         if layer_keys:
             shapes = [s for s in shapes
                       if any(k in f"{family} {s.model} {s.layer}".lower() for k in layer_keys)]
-        layouts = CONV_LAYOUTS if family in ("conv2d", "conv3d") else ("",)
+        kept = tuple(layouts) if family in ("conv2d", "conv3d") else ("",)
         if family in ("conv2d", "conv3d") and (quick or not cuda):
-            layouts = ("channels_last",) if cuda else ("nchw",)
-        out += [Group(family, s, mode, lay) for s in shapes for lay in layouts for mode in modes]
+            kept = ("channels_last",) if cuda else ("nchw",)
+        out += [Group(family, s, mode, lay) for s in shapes for lay in kept for mode in modes]
     return out
 
 
@@ -191,16 +191,16 @@ _compiled_call: Optional[Callable] = None
 
 
 def compiled_call() -> Callable:
-    """One torch.compile'd `layer(x)` for every layer: the layer is an argument, so a new shape or
-    instance of the same class reuses the compiled code (recompiles on class, mode and grad mode
-    only). Dynamic shapes with parameters not specialised; a recompile limit that is reached
-    raises rather than fall back to eager silently."""
+    """One torch.compile'd `layer(x)` for every layer: the layer is an argument, so another
+    instance of the same class and shape reuses the compiled code. Dynamic M (activations), static
+    parameter shapes (torch's default), as a model compiled for training sees them: K and N stay
+    constants, so Triton kernels keep their 16-divisibility hints (with every size symbolic, our
+    kernels lost them and ran up to 2x slower). A recompile limit that is reached raises rather
+    than fall back to eager silently."""
     global _compiled_call
     if _compiled_call is None:
         cfg = torch._dynamo.config
         for name, value in (("cache_size_limit", 512), ("accumulated_cache_size_limit", 4096),
-                            ("force_parameter_static_shapes", False),
-                            ("force_nn_module_property_static_shapes", False),
                             ("fail_on_recompile_limit_hit", True)):
             if hasattr(cfg, name):
                 setattr(cfg, name, value)
@@ -252,12 +252,18 @@ def bench_group(group: Group, m_values, device, dtype, *, graphs: bool, compiled
             timings = ["eager"] + (["graph"] if cuda and graphs and small else [])
             for timing in timings:
                 errors: dict = {}
+                if timing == "graph" and group.family == "int8":
+                    # bnb's LLM.int8 matmul synchronises with the host; a failed capture also
+                    # leaves the CUDA context unusable for later captures.
+                    for v in ("bare", "peft", "peft_compiled"):
+                        errors[v] = "bitsandbytes' Linear8bitLt cannot be captured in a CUDA graph"
                 if not cuda:
                     us = {v: layers.time_cpu(fn, min_seconds=0.05) for v, fn in fns.items()}
                 else:
                     timer = layers.time_eager if timing == "eager" else layers.time_graph
-                    us = {v: _attempt(lambda fn=fn: timer(fn, warmup_ms=rep_ms / 4, rep_ms=rep_ms),
-                                      errors, v) for v, fn in fns.items()}
+                    us = {v: None if v in errors else
+                          _attempt(lambda fn=fn: timer(fn, warmup_ms=rep_ms / 4, rep_ms=rep_ms), errors, v)
+                          for v, fn in fns.items()}
                 flop, moved = work(group, m, phase, elem)
                 nan = float("nan")
                 row = SuiteRow(group.family, group.shape.model, group.shape.layer, k, n, m,
@@ -275,7 +281,7 @@ def bench_group(group: Group, m_values, device, dtype, *, graphs: bool, compiled
                         row.bound = "memory" if memory_us >= compute_us else "compute"
                         row.roofline_pct = 100 * max(memory_us, compute_us) / row.ours_us
                 if cuda and phase == "fwd+bwd" and timing == "eager":
-                    for v, fn in fns.items():
+                    for v, fn in fns.items():  # (after the eager timings: compiled code is warm)
                         if v not in errors:
                             row.peak_mib[v] = _attempt(lambda fn=fn: round(layers.peak_mib(fn), 2),
                                                        errors, v)
