@@ -15,6 +15,7 @@ point of this package. Other entry points: benchmarks.e2e (training steps), benc
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
         env["bitsandbytes"] = __import__("bitsandbytes").__version__
         # "MatMul8bitLt: inputs will be cast ... to float16" on every call of bnb's int8 layer.
         warnings.filterwarnings("ignore", message=".*will be cast from.*")
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     ceilings = {k: env[k] for k in ("copy_tb_per_s", "bf16_matmul_tflops") if k in env}
     stem = args.stem or ("suite-" + ("".join(c if c.isalnum() else "-" for c in env["device"])
                                      .strip("-").lower() if cuda else "cpu"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -236,6 +237,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a cast warning on every int8 call
     specs = FULL
     if args.quick or not cuda:
         specs = QUICK + (QUICK_GPU_QUANT if cuda else [])

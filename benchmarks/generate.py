@@ -6,7 +6,8 @@ A prompt is prefilled into a transformers StaticCache, then each decode step (fo
 per sequence + greedy argmax) is timed eagerly (host launch overhead included) and as CUDA-graph
 replays: the step is captured once, reading its token from a device tensor that the graph itself
 advances, which leaves the GPU's time. A quantized (NF4) base cannot be merged by PEFT, so
-its reference is the bare base model, which costs what a merged model would.
+its reference is the bare base model, which costs what a merged model would; PEFT's 4-bit model
+runs under bf16 autocast, without which its float32 k/v crash attention.
 
 --quick: a tiny config and a few tokens on whatever device is present (on a CPU the reference path
 and no graphs): checks the pipeline in seconds; CPU numbers are not the point of this package.
@@ -145,12 +146,17 @@ def run_spec(spec: GenSpec, device, dtype, graphs: bool, tick=lambda label: None
             measured = {}
             for name, model in variants.items():
                 tick(f"{spec.name} batch {batch} {timing} {name}")
+                # PEFT's bitsandbytes wrappers return float32 k/v and crash attention outside
+                # autocast (../shared/anchors/peft-e2e-h100.md): that variant runs under it.
+                autocast = bool(spec.quant) and name == "PEFT" and device.type == "cuda"
                 row = {"model": spec.name, "base": spec.quant or str(dtype).replace("torch.", ""),
                        "batch": batch, "prompt": spec.prompt, "new_tokens": spec.new_tokens,
-                       "timing": timing, "variant": name, "reference": reference}
+                       "timing": timing, "variant": name, "reference": reference,
+                       "autocast": autocast}
                 try:
                     fn = eager_ms if timing == "eager" else graph_ms
-                    row["ms_per_token"] = measured[name] = fn(model, ids, spec.new_tokens)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        row["ms_per_token"] = measured[name] = fn(model, ids, spec.new_tokens)
                 except Exception as exc:  # a forward that cannot be captured: recorded, not fatal
                     row["ms_per_token"] = float("nan")
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
