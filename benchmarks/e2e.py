@@ -256,11 +256,6 @@ def main(argv=None) -> int:
     def compiled(ckpt):
         return args.compile and (args.compile_ckpt or not ckpt)
     total = len(specs) * sum(5 if compiled(c) else 3 for c in ckpts)
-    rows = []
-    with layers.progress(total) as tick:
-        for spec in specs:
-            for ckpt in ckpts:
-                rows += run_spec(spec, device, dtype, ckpt, compiled(ckpt), warmup, steps, tick)
     env = report.environment() if cuda else {"device": "cpu", "torch": torch.__version__}
     if cuda and any(s.quant for s in specs):
         env["bitsandbytes"] = __import__("bitsandbytes").__version__
@@ -268,15 +263,26 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or ("e2e-" + ("gpu" if cuda else "cpu"))
     json_path = out / f"{stem}.json"
+    kept = []
     if args.merge and json_path.exists():
-        old = json.loads(json_path.read_text())
-        names = {r["model"] for r in rows}
-        rows = [r for r in old["rows"] if r["model"] not in names] + rows
-    summary = summarize(rows) if cuda else []
-    print(markdown({}, rows, "", summary))
-    json_path.write_text(json.dumps({"environment": env, "note": note, "summary": summary,
-                                     "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(markdown(env, rows, note, summary))
+        names = {s.name for s in specs}
+        kept = [r for r in json.loads(json_path.read_text())["rows"] if r["model"] not in names]
+    rows: list[dict] = []
+
+    def write() -> list[dict]:
+        summary = summarize(kept + rows) if cuda else []
+        json_path.write_text(json.dumps({"environment": env, "note": note, "summary": summary,
+                                         "rows": kept + rows}, indent=1))
+        (out / f"{stem}.md").write_text(markdown(env, kept + rows, note, summary))
+        return summary
+
+    with layers.progress(total) as tick:
+        for spec in specs:
+            for ckpt in ckpts:
+                rows += run_spec(spec, device, dtype, ckpt, compiled(ckpt), warmup, steps, tick)
+                write()  # after every run: a run cut off keeps what it measured
+    summary = write()
+    print(markdown({}, kept + rows, "", summary))
     print(f"wrote {json_path} and .md")
     if cuda:
         try:
