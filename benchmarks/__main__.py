@@ -135,12 +135,7 @@ def main(argv=None) -> int:
         (Path(args.out) / f"{stem}-paths.md").write_text(report.paths_markdown(path_rows))
     print(f"\nwrote {json_path} and {md_path}")
     if cuda:
-        try:
-            from .plots import plot_suite
-            for png in plot_suite(json_path):
-                print(f"wrote {png}")
-        except ImportError:
-            print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        report.draw("plot_suite", json_path)
     return 0
 
 

@@ -241,16 +241,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--stem", default="")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda, device, dtype = report.run_device()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a cast warning on every int8 call
     specs = FULL
     if args.quick or not cuda:
         specs = QUICK + (QUICK_GPU_QUANT if cuda else [])
-    if args.models:
-        keys = [k.strip().lower() for k in args.models.split(",")]
-        specs = [s for s in specs if any(k in s.name.lower() for k in keys)]
+    specs = report.select_by_name(specs, args.models)
     steps = args.steps or (2 if args.quick or not cuda else 8)
     warmup = 1 if args.quick or not cuda else 3
     note = ("Mean of %d steps after %d warm-up steps; %s." % (
@@ -292,11 +288,7 @@ def main(argv=None) -> int:
     print(markdown({}, kept + rows, "", summary))
     print(f"wrote {json_path} and .md")
     if cuda:
-        try:
-            from .plots import plot_e2e
-            print(f"wrote {plot_e2e(json_path)}")
-        except ImportError:
-            print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        report.draw("plot_e2e", json_path)
     return 0
 
 

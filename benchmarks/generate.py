@@ -205,13 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--stem", default="")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda, device, dtype = report.run_device()
     specs = QUICK if args.quick or not cuda else FULL
-    if args.models:
-        keys = [k.strip().lower() for k in args.models.split(",")]
-        specs = [s for s in specs if any(k in s.name.lower() for k in keys)]
+    specs = report.select_by_name(specs, args.models)
     note = (f"bf16; prompt then {', '.join(str(s.new_tokens) for s in specs)} decode steps per "
             "timing; graph rows are CUDA-graph replays of one captured step." if cuda else
             "CPU-only machine: a tiny config on the reference path, eager only, to check the "
@@ -233,11 +229,7 @@ def main(argv=None) -> int:
     print(markdown({}, rows, "", targets=cuda))
     print(f"wrote {json_path} and .md")
     if cuda:
-        try:
-            from .plots import plot_generate
-            print(f"wrote {plot_generate(json_path)}")
-        except ImportError:
-            print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        report.draw("plot_generate", json_path)
     return 0
 
 

@@ -46,6 +46,31 @@ def measure_ceilings() -> dict:
             "bf16_matmul_tflops": round(2 * 8192**3 / (ms * 1e-3) / 1e12, 1)}
 
 
+def run_device() -> tuple[bool, torch.device, torch.dtype]:
+    """(has CUDA, device, dtype) of a benchmark run: bf16 on the GPU, float32 on a CPU (the
+    reference path, whose numbers are not the point)."""
+    cuda = torch.cuda.is_available()
+    return cuda, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+
+
+def select_by_name(specs: list, csv: str) -> list:
+    """The specs whose name contains one of the comma-separated, case-insensitive `csv` keys."""
+    keys = [k.strip().lower() for k in csv.split(",") if k.strip()]
+    return [s for s in specs if not keys or any(k in s.name.lower() for k in keys)]
+
+
+def draw(plot_name: str, json_path) -> None:
+    """Draw a result file's PNGs with benchmarks.plots.<plot_name>, if matplotlib is there."""
+    from . import plots
+    try:
+        written = getattr(plots, plot_name)(json_path)
+    except ImportError:  # matplotlib, imported when a plot is drawn
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        return
+    for png in written if isinstance(written, list) else [written]:
+        print(f"wrote {png}")
+
+
 def target_row_selected(row: dict) -> bool:
     """The timing a target is judged on: CUDA graphs at M <= 16, eager above."""
     return row["timing"] == ("graph" if row["m"] <= 16 else "eager")
