@@ -1119,17 +1119,25 @@ def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=
     _check_devices_and_dtypes(lambda: _where(describe), x, weight, bias, scale)
 
 
-def _check_devices_and_dtypes(where, x, weight, bias, scale) -> None:
+def _check_devices_and_dtypes(where, x, weight, bias, scale, stored=None) -> None:
     """One device for all, floating-point tensors; `where()` names the caller, called only on
-    error. Shared by every op family's input checks."""
+    error. Shared by every op family's input checks. `weight` is a floating-point weight (dense,
+    conv) or None; `stored` (name -> tensor or None) holds a quantized weight's tensors as
+    bitsandbytes stores them, which must share the device but need not be floating point."""
     # Plain comparisons: this runs on every call and a small layer's whole budget is ~20 us.
     device = x.device
-    if (weight.device != device or scale.device != device
-            or (bias is not None and bias.device != device)):
-        devices = {"x": device, "weight": weight.device, "scale": scale.device,
-                   "bias": None if bias is None else bias.device}
+    if (scale.device != device or (weight is not None and weight.device != device)
+            or (bias is not None and bias.device != device)
+            or (stored is not None and any(t is not None and t.device != device
+                                           for t in stored.values()))):
+        devices = {"x": device, "weight": None if weight is None else weight.device,
+                   "scale": scale.device, "bias": None if bias is None else bias.device}
+        if weight is None:
+            del devices["weight"]
+        devices.update({k: None if t is None else t.device for k, t in (stored or {}).items()})
         raise ValueError(f"{where()}: all tensors must be on one device, got {devices}")
-    if not (x.is_floating_point() and weight.is_floating_point() and scale.is_floating_point()
+    if not (x.is_floating_point() and scale.is_floating_point()
+            and (weight is None or weight.is_floating_point())
             and (bias is None or bias.is_floating_point())):
         for name, t in (("x", x), ("weight", weight), ("scale", scale), ("bias", bias)):
             if t is not None and not t.is_floating_point():

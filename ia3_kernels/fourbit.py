@@ -26,8 +26,8 @@ import torch
 from torch.library import triton_op
 
 from . import config
-from .dense import (SMALL_GEMM_FLOP, _check_scale_and_bias, _launch_scale_reduce, _path_override,
-                    _sm_count, _where, split_k_for)
+from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
+                    _launch_scale_reduce, _path_override, _sm_count, _where, split_k_for)
 from .quantized import compute_dtype as _autocast_or
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -327,17 +327,9 @@ def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None):
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (4-bit weight "
                          f"({N}, {K})), got x of shape {tuple(x.shape)}")
     _check_scale_and_bias(where, scale, bias, K, N, feedforward)
-    device = x.device
-    if any(t is not None and t.device != device for t in (w.packed, w.absmax, w.code, scale, bias,
-                                                           w.absmax2, w.code2, w.offset)):
-        tensors = {"x": x, "weight": w.packed, "absmax": w.absmax, "code": w.code,
-                   "scale": scale, "bias": bias, "absmax2": w.absmax2, "code2": w.code2,
-                   "offset": w.offset}
-        devices = {k: (None if t is None else t.device) for k, t in tensors.items()}
-        raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
-    for name, t in (("x", x), ("scale", scale), ("bias", bias)):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
+    _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {
+        "weight": w.packed, "absmax": w.absmax, "code": w.code, "absmax2": w.absmax2,
+        "code2": w.code2, "offset": w.offset})
 
 
 def _as_kernel_weight(w: FourBitWeight) -> FourBitWeight:

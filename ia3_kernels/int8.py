@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .dense import (SMALL_GEMM_FLOP, _check_scale_and_bias, _launch_scale_reduce,
-                    _path_override, _where)
+from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
+                    _launch_scale_reduce, _path_override, _where)
 from .quantized import compute_dtype as _compute_dtype
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -213,15 +213,7 @@ def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None):
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (CB {tuple(cb.shape)}"
                          f" stored (out, in)), got x of shape {tuple(x.shape)}")
     _check_scale_and_bias(where, scale, bias, K, N, feedforward)
-    device = x.device
-    if (cb.device != device or scb.device != device or scale.device != device
-            or (bias is not None and bias.device != device)):
-        devices = {"x": device, "CB": cb.device, "SCB": scb.device, "scale": scale.device,
-                   "bias": None if bias is None else bias.device}
-        raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
-    for name, t in (("x", x), ("scale", scale), ("bias", bias)):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
+    _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {"CB": cb, "SCB": scb})
 
 
 def ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,

@@ -208,6 +208,8 @@ def _with(w, **changes):
     (dict(scale=lambda s: s[:-1]), "needs 64 scaling values"),
     (dict(b=lambda b: b[:-1]), "bias must have out_features=30"),
     (dict(scale=lambda s: s.to(torch.int32)), "scale must be a floating-point"),
+    (dict(w=lambda w: _with(w, absmax2=w.absmax2.to("meta"))),
+     r"all tensors must be on one device.*'absmax2'"),
 ])
 def test_bad_input_raises_before_launch(triton_backend, monkeypatch, bad, match):
     monkeypatch.setattr(fourbit, "quantized_forward_impl", lambda *a, **k: pytest.fail("launched"))

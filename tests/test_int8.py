@@ -118,6 +118,7 @@ def int8_calls(monkeypatch):
     (dict(scale=lambda s: s[:-1]), "needs 40 scaling values"),
     (dict(b=lambda b: b[:-1]), "bias must have out_features=30"),
     (dict(scale=lambda s: s.to(torch.int32)), "scale must be a floating-point"),
+    (dict(scb=lambda s: s.to("meta")), r"all tensors must be on one device.*'SCB'"),
 ])
 def test_bad_input_raises_before_launch(triton_backend, monkeypatch, bad, match):
     monkeypatch.setattr(int8, "int8_forward_impl", lambda *a, **k: pytest.fail("launched"))
