@@ -54,8 +54,7 @@ def parse_args(argv):
 
 def select(args, cuda: bool):
     keys = [k.strip().lower() for k in args.layers.split(",") if k.strip()]
-    families = [f for f in suite.FAMILIES if not keys or f in keys] if not keys or any(
-        k in suite.FAMILIES for k in keys) else list(suite.FAMILIES)
+    families = [f for f in suite.FAMILIES if f in keys] or list(suite.FAMILIES)
     layer_keys = [k for k in keys if k not in suite.FAMILIES]
     skipped = []
     if not cuda:

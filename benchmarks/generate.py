@@ -167,7 +167,6 @@ def run_spec(spec: GenSpec, device, dtype, graphs: bool, tick=lambda label: None
                 row["tokens_per_s"] = batch / row["ms_per_token"] * 1e3
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    del variants
     return rows
 
 

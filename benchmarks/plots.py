@@ -92,18 +92,30 @@ COLORS = {"floor": "0.55", "base": "0.55", "merged": "0.75", "PEFT": "tab:red",
           "PEFT compiled": "salmon", "ours": "tab:blue", "ours compiled": "lightskyblue"}
 
 
+def _save(fig, data: dict, json_path: Path, title: str) -> Path:
+    """Title with the run's device and date, written next to the JSON as <stem>.png."""
+    env = data.get("environment", {})
+    fig.suptitle(f"{title}{env.get('device', '')}, {env.get('date', '')}", fontsize=10)
+    fig.tight_layout()
+    out = json_path.with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
 def plot_e2e(json_path: Path) -> Path:
     """<stem>.png: step time over the no-adapter floor, and peak memory over the floor's, for every
     model, checkpointing setting and variant."""
     plt = _pyplot()
     data = json.loads(json_path.read_text())
     rows = data["rows"]
-    groups = list(dict.fromkeys((r["model"], "grad ckpt" if r["grad_ckpt"] else "no ckpt") for r in rows))
+
+    def group(r):
+        return r["model"], "grad ckpt" if r["grad_ckpt"] else "no ckpt"
+    groups = list(dict.fromkeys(map(group, rows)))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    time_over = {((r["model"], "grad ckpt" if r["grad_ckpt"] else "no ckpt"), r["variant"]): r["over_floor"]
-                 for r in rows}
-    mem_over = {((r["model"], "grad ckpt" if r["grad_ckpt"] else "no ckpt"), r["variant"]):
-                r["mem_over_floor_mib"] / 1024 for r in rows}
+    time_over = {(group(r), r["variant"]): r["over_floor"] for r in rows}
+    mem_over = {(group(r), r["variant"]): r["mem_over_floor_mib"] / 1024 for r in rows}
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 7.5))
     _bars(axes[0], groups, variants, time_over, COLORS, "step time / floor",
           "Training step time over the no-adapter floor (lower is better)", ref=1.0)
@@ -111,13 +123,7 @@ def plot_e2e(json_path: Path) -> Path:
     axes[0].legend(fontsize=7, ncol=len(variants))
     _bars(axes[1], groups, variants, mem_over, COLORS, "GiB over the floor",
           "Peak memory over the floor's (lower is better)", ref=0.0)
-    env = data.get("environment", {})
-    fig.suptitle(f"End-to-end IA3 training — {env.get('device', '')}, {env.get('date', '')}", fontsize=10)
-    fig.tight_layout()
-    out = json_path.with_suffix(".png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, data, json_path, "End-to-end IA3 training — ")
 
 
 def plot_generate(json_path: Path) -> Path:
@@ -125,23 +131,19 @@ def plot_generate(json_path: Path) -> Path:
     plt = _pyplot()
     data = json.loads(json_path.read_text())
     rows = [r for r in data["rows"] if _ok(r.get("over_reference"))]
-    groups = list(dict.fromkeys((r["model"], f"batch {r['batch']}", r["timing"]) for r in rows))
+
+    def group(r):
+        return r["model"], f"batch {r['batch']}", r["timing"]
+    groups = list(dict.fromkeys(map(group, rows)))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    values = {((r["model"], f"batch {r['batch']}", r["timing"]), r["variant"]): r["over_reference"]
-              for r in rows}
+    values = {(group(r), r["variant"]): r["over_reference"] for r in rows}
     fig, ax = plt.subplots(figsize=(max(8, 1.5 * len(groups)), 4.5))
     _bars(ax, groups, variants, values, COLORS,
           "latency / merged model's", "Per-token decode latency with a KV cache over the merged "
           "model's (lower is better)", ref=1.0)
     ax.set_ylim(bottom=0.8)
     ax.legend(fontsize=7, ncol=len(variants))
-    env = data.get("environment", {})
-    fig.suptitle(f"{env.get('device', '')}, {env.get('date', '')}", fontsize=9)
-    fig.tight_layout()
-    out = json_path.with_suffix(".png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, data, json_path, "Decode latency — ")
 
 
 def main(argv=None) -> int:

@@ -295,7 +295,4 @@ def row_dict(row: SuiteRow) -> dict:
     d = asdict(row)
     d["ours_over_bare"] = row.ours_over_bare
     d["peft_over_bare"] = row.peft_over_bare
-    # The dense layer report's memory columns, for its target check.
-    for v in ("bare", "peft", "ours"):
-        d[f"{v}_peak_mib"] = row.peak_mib.get(v)
     return d
