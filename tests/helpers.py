@@ -74,6 +74,22 @@ def to_4bit(model, device=DEVICE, **kwargs):
     return convert(model, device, **kwargs)
 
 
+def check_quantized_llama_trains(model, fused_class, autocast):
+    """Fuse a tiny Llama with quantized bases and IA3; its 6 adapted layers become `fused_class`
+    and train with losses matching our reference path (the same dequantized weights in PyTorch),
+    in bf16 with or without autocast. PEFT's own wrappers return float32 k/v beside a bf16 q and
+    crash this step without autocast (../shared/anchors/peft-e2e-h100.md)."""
+    import ia3
+
+    fused = ia3.fuse(model)
+    assert sum(type(m) is fused_class for m in fused.modules()) == 6
+    reference = copy.deepcopy(fused)
+    ours = train_llama_on_cuda(fused, "auto", autocast)
+    ref = train_llama_on_cuda(reference, "torch", autocast)
+    assert all(torch.isfinite(torch.tensor(ours)))
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=2e-2, atol=2e-2)
+
+
 def train_llama_on_cuda(model, backend, autocast, steps=3):
     """A few AdamW steps of a tiny Llama on CUDA with ia3_kernels' `backend`, under bf16
     autocast or not; every IA3 gradient must be finite and non-zero. Returns the losses."""

@@ -3,7 +3,6 @@ both strategies for NF4 and FP4 with and without double quantization, our dequan
 bnb's CUDA kernel for every blocksize (blocks straddling rows included), the layer against bnb's
 own forward, opcheck, torch.compile, CUDA-graph capture, and a tiny Llama with NF4 bases trained
 in bf16 with and without autocast."""
-import copy
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from peft import get_peft_model
 
 import ia3
 import ia3_kernels
-from helpers import ia3_grads, randomize_ia3, train_llama_on_cuda, to_4bit
+from helpers import check_quantized_llama_trains, ia3_grads, randomize_ia3, to_4bit
 from ia3_kernels import fourbit
 from ia3_kernels.fourbit import FourBitWeight
 from test_fourbit import FORMATS, check_against_reference, make_case
@@ -154,17 +153,8 @@ def nf4_llama(compute_dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
 def test_nf4_llama_trains_in_bf16(autocast):
-    """PEFT's own wrapper returns float32 k/v beside a bf16 q and crashes this step without
-    autocast (../shared/anchors/peft-e2e-h100.md); ours returns bf16 and trains both ways, with
-    losses matching our reference path (the same dequantized weights in PyTorch)."""
-    fused = ia3.fuse(nf4_llama())
-    assert sum(type(m) is ia3.Linear4bit for m in fused.modules()) == 6
-    reference = copy.deepcopy(fused)
-
-    ours = train_llama_on_cuda(fused, "auto", autocast)
-    ref = train_llama_on_cuda(reference, "torch", autocast)
-    assert all(torch.isfinite(torch.tensor(ours)))
-    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=2e-2, atol=2e-2)
+    """Ours returns bf16 and trains both ways (see helpers.check_quantized_llama_trains)."""
+    check_quantized_llama_trains(nf4_llama(), ia3.Linear4bit, autocast)
 
 
 def test_peft_nf4_llama_crashes_without_autocast_ours_does_not():
