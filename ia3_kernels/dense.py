@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import config
+from . import config, mixed
 from .launch import FastKernel, cdiv, current_stream_handle
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +128,8 @@ def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
     a_aux_ptr, a_partial_ptr, workspace_ptr, counter_ptr, w_scale_ptr,
-    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
-    M, N, K,
+    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, scale_index_ptr,
+    M, N, K, rows_per_index,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_a_auxm, stride_a_auxk,
     SCALE_A: tl.constexpr,  # multiply column k of the A tile by scale_a[k] before the dot
@@ -138,6 +138,10 @@ def _ia3_matmul_kernel(
     REDUCE_AUX: tl.constexpr,  # partial[pid_m, n] = sum over the tile's rows of u * aux
     STORE_PREACT: tl.constexpr,  # write u (M x N, contiguous) before the output scaling
     SCALE_C: tl.constexpr,  # c = u * scale_c[n]
+    # Mixed-adapter batches: scale_a / scale_c are tables of one row per adapter (K or N
+    # values each) and GEMM row m takes row scale_index[m // rows_per_index] (an example's
+    # rows share its adapter): scale_a[idx, k], scale_c[idx, n] gathered from L2.
+    SCALE_GATHER: tl.constexpr,
     STORE_C: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -177,6 +181,9 @@ def _ia3_matmul_kernel(
     # int64 row/column offsets: M*K or K*N can pass 2**31 elements.
     rm = offs_m.to(tl.int64)
     rn = offs_n.to(tl.int64)
+    if SCALE_GATHER:
+        scale_row = tl.load(scale_index_ptr + offs_m // rows_per_index, mask=mask_m,
+                            other=0).to(tl.int64)
 
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
@@ -247,8 +254,13 @@ def _ia3_matmul_kernel(
                 a_part = tl.sum(a.to(tl.float32) * a_aux.to(tl.float32), axis=0)
                 tl.store(a_partial_ptr + pid_m * K + rk, a_part, mask=mask_k)
         if SCALE_A:
-            s = tl.load(scale_a_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            a = a.to(tl.float32) * s[None, :]
+            if SCALE_GATHER:
+                s = tl.load(scale_a_ptr + scale_row[:, None] * K + rk[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                a = a.to(tl.float32) * s
+            else:
+                s = tl.load(scale_a_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                a = a.to(tl.float32) * s[None, :]
         if W_SCALE_AXIS == 2:
             ws = tl.load(w_scale_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             a = a.to(tl.float32) * (ws * W_SCALE_MUL)[None, :]
@@ -333,7 +345,10 @@ def _ia3_matmul_kernel(
             tl.store(preact_ptr + offs_2d, u.to(preact_ptr.dtype.element_ty), mask=mask_2d)
         if STORE_C:
             out = u
-            if SCALE_C:
+            if SCALE_C and SCALE_GATHER:
+                out = u * tl.load(scale_c_ptr + scale_row[:, None] * N + rn[None, :], mask=mask_2d,
+                                  other=0.0).to(tl.float32)
+            elif SCALE_C:
                 out = u * tl.load(scale_c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
                      out.to(c_ptr.dtype.element_ty), mask=mask_2d)
@@ -342,13 +357,16 @@ def _ia3_matmul_kernel(
 @triton.jit
 def _ia3_scale_reduce_kernel(
     src_ptr, scale_ptr, out_ptr, aux_ptr, partial_ptr, row_scale_ptr,
-    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
-    R, C, rows_per_program,
+    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, scale_index_ptr,
+    R, C, rows_per_program, rows_per_index,
     stride_sr, stride_sc, stride_or, stride_oc, stride_ar, stride_ac,
     # A batch of (R, C) matrices along grid axis 2 (a convolution's (N, C, spatial) activations
     # as N matrices of spatial rows x channel columns); 0 strides for one matrix.
     stride_sb, stride_ob, stride_ab,
     SCALE_AXIS: tl.constexpr,  # 1: out = src * scale[col]; 0: out = src * scale[row]
+    # Mixed-adapter batches (SCALE_AXIS 1): scale is a table of C-value rows, and row r of
+    # matrix b takes row scale_index[(b * R + r) // rows_per_index].
+    SCALE_GATHER: tl.constexpr,
     # Dequantization of an int8 weight: out = src * row_scale[row] * ROW_SCALE_MUL (and then
     # the scaling above, if any): LLM.int8's CB * SCB / 127 with IA3's vector folded in.
     ROW_SCALE: tl.constexpr, ROW_SCALE_MUL: tl.constexpr,
@@ -374,7 +392,7 @@ def _ia3_scale_reduce_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     rc = offs_c.to(tl.int64)
-    if STORE_OUT and SCALE_AXIS == 1:  # SCALE_AXIS -1: no scaling vector
+    if STORE_OUT and SCALE_AXIS == 1 and not SCALE_GATHER:  # SCALE_AXIS -1: no scaling vector
         col_scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     part = tl.zeros((BLOCK_C,), dtype=tl.float32)
     row_start = pid_r * rows_per_program
@@ -399,7 +417,12 @@ def _ia3_scale_reduce_kernel(
             if ROW_SCALE:
                 rs = tl.load(row_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
                 v = v * (rs * ROW_SCALE_MUL)[:, None]
-            if SCALE_AXIS == 1:
+            if SCALE_AXIS == 1 and SCALE_GATHER:
+                scale_row = tl.load(scale_index_ptr + (pid_b * R + offs_r) // rows_per_index,
+                                    mask=mask_r, other=0).to(tl.int64)
+                o = v * tl.load(scale_ptr + scale_row[:, None] * C + rc[None, :], mask=mask,
+                                other=0.0).to(tl.float32)
+            elif SCALE_AXIS == 1:
                 o = v * col_scale[None, :]
             elif SCALE_AXIS == 0:
                 o = v * tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[:, None]
@@ -490,13 +513,17 @@ def dense_path(path: str):
 
 def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
                 device: torch.device) -> bool:
-    """phase: "ff_fwd", "ff_bwd", "attn_fwd" or "attn_bwd"; N = out_features, K = in_features."""
+    """phase: "ff_fwd", "ff_fwd_mixed", "ff_bwd", "attn_fwd" or "attn_bwd"; N = out_features,
+    K = in_features. "ff_fwd_mixed": a mixed-adapter batch's feedforward forward, where cuBLAS
+    multiplies x*l formed by a pass (M x K, whatever N): the single-adapter rule's M bound."""
     forced = _path_override["path"]
     if forced != "auto":
         return forced == "cublas"
     if device.type != "cuda":
         return False
     small_gemm = dtype != torch.float32 and 2 * M * N * K < SMALL_GEMM_FLOP
+    if phase == "ff_fwd_mixed":
+        return dtype == torch.float32 or (M >= FF_FWD_CUBLAS_MIN_M and not small_gemm)
     if phase == "ff_fwd":
         # W*l in at most 2 column chunks of <= M features (N <= 2M): each chunk costs a pass and
         # a GEMM launch; 7 chunks (4096->14336 at M = 2048) measured 1.0 ms against 0.66 fused.
@@ -619,12 +646,14 @@ def _quant4_args(quant4):
 def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
                    bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True,
                    a_aux=None, sum_dtype=torch.float32, w_scale=None, w_scale_axis=0,
-                   quant4=None, w_4bit=0, tiles=None):
+                   quant4=None, w_4bit=0, tiles=None, scale_index=None):
     """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
     An int8 b is dequantized in registers with w_scale / 127 along GEMM axis w_scale_axis
     (1 = N, 2 = K; see the kernel's W_SCALE_AXIS). A 4-bit weight comes as `quant4` (b its
     packed bytes), read as W^T (w_4bit = 1, forward) or W (2, dx = dy W); its caller picks
     the tiles: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, aligned).
+    scale_index: a mixed-adapter batch (see mixed.py): scale_a / scale_c are (adapters, K or N)
+    tables and each of the scale_index.numel() examples owns M / numel consecutive rows.
 
     Returns (c, preact, partial, a_partial): partial (row blocks, N) sums of u*aux, and
     a_partial (row blocks, K) sums of a*a_aux (a before scale_a), or None. Sums are fp32, or
@@ -662,13 +691,14 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
     _KERNELS[traceable][0][(tiles, split_k)](
         a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial, workspace,
-        counters, w_scale, *q_ptrs, M, N, K,
+        counters, w_scale, *q_ptrs, scale_index, M, N, K,
+        M // scale_index.numel() if scale_index is not None else 1,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
         aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
         SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
         REDUCE_AUX=reduce_aux, STORE_PREACT=store_preact, SCALE_C=scale_c is not None,
-        STORE_C=store_c, SPLIT_K=split_k,
+        SCALE_GATHER=scale_index is not None, STORE_C=store_c, SPLIT_K=split_k,
         DOT_PRECISION=_dot_precision(b.dtype if w_scale is None and quant4 is None else a.dtype),
         W_SCALE_AXIS=w_scale_axis if w_scale is not None and quant4 is None else 0,
         W_SCALE_MUL=INT8_SCALE_MUL, W_4BIT=w_4bit if quant4 is not None else 0,
@@ -700,7 +730,7 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
                          sum_dtype=torch.float32, row_scale=None, quant4=None, batched=None,
-                         partial_shape=()):
+                         partial_shape=(), scale_index=None):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
     row_scale: src is an int8 weight, dequantized as src * row_scale[row] / 127 first.
@@ -711,6 +741,8 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     row blocks per program row, summed in a fixed order by _reduce_partials. Tiles run long
     along the row axis where its stride is 1 (NCHW). partial_shape: trailing shape of the
     partial sums in place of (C,) (same memory), so that their sum has the vector's shape.
+    scale_index: a mixed-adapter batch (scale_axis 1): scale is an (adapters, C) table and the
+    B*R rows, in order, belong to scale_index.numel() examples of equal row counts.
     Returns (out, partial)."""
     rows_contiguous = False
     if batched is not None:
@@ -746,10 +778,12 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
     _KERNELS[traceable][1][grid](
         src, scale, out, aux, partial, row_scale if quant4 is None else quant4.absmax, *q_ptrs,
-        R, C, rows_per_program,
+        scale_index, R, C, rows_per_program,
+        (B * R) // scale_index.numel() if scale_index is not None else 1,
         src_strides[1], src_strides[2], out_strides[1], out_strides[2], aux_strides[1], aux_strides[2],
         src_strides[0], out_strides[0], aux_strides[0],
-        SCALE_AXIS=scale_axis if scale is not None else -1, STORE_OUT=out is not None,
+        SCALE_AXIS=scale_axis if scale is not None else -1, SCALE_GATHER=scale_index is not None,
+        STORE_OUT=out is not None,
         REDUCE_AUX=aux is not None, ROW_SCALE=row_scale is not None, ROW_SCALE_MUL=INT8_SCALE_MUL,
         SRC_4BIT=quant4 is not None, Q_BLOCKSIZE=q_blocksize, Q_NESTED=q_nested,
         Q_BLOCKSIZE2=q_blocksize2, Q_ALIGNED=aligned,
@@ -845,11 +879,13 @@ ATTN_BWD_MIN_CHUNK_ROWS = 512
 
 
 def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_dx, need_dscale,
-                               traceable):
+                               traceable, row_index=None):
     """dx = (dy*l) W by cuBLAS over row chunks; the pass that forms each chunk of dy*l also
     reduces its rows of dy*u. Returns (dx, partial sums of dy*u for _reduce_partials): one
     chunk's row blocks as they are, or several chunks' sums added in chunk order (deterministic)
-    as one fp32 row, so that only one chunk's partial rows are alive at a time."""
+    as one fp32 row, so that only one chunk's partial rows are alive at a time.
+    row_index: a mixed-adapter batch's table row per row of dy (mixed.row_index); its dl is
+    mixed.py's, so need_dscale is False then."""
     M, N = dy.shape
     w_nk = weight.t() if fan_in_fan_out else weight
     dx = torch.empty((M, w_nk.shape[1]), device=dy.device, dtype=weight.dtype) if need_dx else None
@@ -866,7 +902,8 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
         _, partial = _launch_scale_reduce(
             dy[start:stop], scale=scale, scale_axis=1, out=dyl,
             aux=preact[start:stop] if need_dscale else None,
-            sum_dtype=scale.dtype if rows == M else torch.float32, traceable=traceable)
+            sum_dtype=scale.dtype if rows == M else torch.float32, traceable=traceable,
+            scale_index=None if row_index is None else row_index[start:stop])
         if need_dx:
             _gemm_into(dx[start:stop], dyl, w_nk, None, traceable)
         if need_dscale:
@@ -878,9 +915,11 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
 
 
 def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out: bool,
-                       save_preact: bool, traceable: bool = False):
+                       save_preact: bool, traceable: bool = False, scale_index=None):
     """x: (M, K) with any strides; weight (N, K) or (K, N) if fan_in_fan_out; scale (K,) or (N,).
-    scale: a contiguous tensor of K (feedforward) or N (attention) elements, any shape.
+    scale: a contiguous tensor of K (feedforward) or N (attention) elements, any shape; or, with
+    scale_index (B,), an (adapters, K or N) table of which example b (rows b*M/B onwards) takes
+    row scale_index[b] (mixed.py).
     Returns (y, u): u is x W^T + b for attention layers when save_preact, else None."""
     M, K = x.shape
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
@@ -889,28 +928,39 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
         empty = x.new_empty((0, N), dtype=out_dtype)
         return empty, (x.new_empty((0, N), dtype=out_dtype) if save_preact else None)
     if feedforward:
+        if scale_index is not None and _use_cublas("ff_fwd_mixed", M, N, K, weight.dtype,
+                                                   x.device):
+            # W diag(l) differs per example: the pass scales x instead (an M x K scratch).
+            xs = torch.empty((M, K), device=x.device, dtype=out_dtype)
+            _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
+                                 traceable=traceable)
+            return _cublas_linear(xs, weight if fan_in_fan_out else weight.t(), bias), None
         # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
         # forward never peaks above the backward's dx.
-        if _use_cublas("ff_fwd", M, N, K, weight.dtype, x.device):
+        if scale_index is None and _use_cublas("ff_fwd", M, N, K, weight.dtype, x.device):
             return _feedforward_forward_cublas(x.to(out_dtype), weight, bias, scale,
                                                fan_in_fan_out, traceable), None
         y, _, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
-                                 scale_a=scale, bias=bias, traceable=traceable)
+                                 scale_a=scale, bias=bias, scale_index=scale_index,
+                                 traceable=traceable)
         return y, None
     if _use_cublas("attn_fwd", M, N, K, weight.dtype, x.device):
         u = _cublas_linear(x.to(out_dtype), weight if fan_in_fan_out else weight.t(), bias)
         y = torch.empty_like(u)
-        _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y, traceable=traceable)
+        _launch_scale_reduce(u, scale=scale, scale_axis=1, out=y, scale_index=scale_index,
+                             traceable=traceable)
         return y, (u if save_preact else None)
     y, u, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
-                             scale_c=scale, bias=bias, store_preact=save_preact, traceable=traceable)
+                             scale_c=scale, bias=bias, store_preact=save_preact,
+                             scale_index=scale_index, traceable=traceable)
     return y, u
 
 
 def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, fan_in_fan_out: bool,
                         need_dx: bool, need_dscale: bool, need_dbias: bool, need_dweight: bool,
-                        x_dtype: torch.dtype, traceable: bool = False):
-    """Gradients (dx, dscale, dbias, dweight); entries not asked for are None."""
+                        x_dtype: torch.dtype, scale_index=None, traceable: bool = False):
+    """Gradients (dx, dscale, dbias, dweight); entries not asked for are None. With scale_index
+    (a mixed-adapter batch), dscale is the (adapters, F) table's gradient."""
     M, N = dy.shape
     K = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     dx = dscale = dbias = dweight = None
@@ -929,6 +979,10 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
         # The op was called with save_preact=False yet l's gradient is wanted (direct op users,
         # opcheck): recompute u = x W^T + b rather than fail. ia3_linear always saves u instead.
         preact = _cublas_linear(x.to(weight.dtype), weight if fan_in_fan_out else weight.t(), bias)
+    if scale_index is not None:
+        return _dense_backward_mixed(dy, x, weight, scale, preact, scale_index, feedforward,
+                                     fan_in_fan_out, need_dx, need_dscale, need_dbias,
+                                     need_dweight, x_dtype, traceable)
     if feedforward:
         if need_dx or need_dscale:
             if _use_cublas("ff_bwd", M, N, K, weight.dtype, dy.device):
@@ -980,6 +1034,46 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
     return dx, dscale, dbias, dweight
 
 
+def _dense_backward_mixed(dy, x, weight, scale, preact, scale_index, feedforward, fan_in_fan_out,
+                          need_dx, need_dscale, need_dbias, need_dweight, x_dtype, traceable):
+    """dense_backward_impl for a mixed-adapter batch (mixed.mixed_backward), dy already in the
+    weight's dtype."""
+    M, N = dy.shape
+    K = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    w_nk = weight.t() if fan_in_fan_out else weight
+
+    def grad_input(a, scaled):
+        if not scaled:  # g = dy W
+            if _use_cublas("ff_bwd", M, N, K, weight.dtype, a.device):
+                return torch.matmul(a, w_nk)
+            return _launch_matmul(a, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
+                                  weight.dtype, traceable=traceable)[0]
+        if _use_cublas("attn_bwd", M, N, K, weight.dtype, a.device):
+            return _attention_backward_cublas(a, weight, scale, None, fan_in_fan_out, True, False,
+                                              traceable, mixed.row_index(scale_index, M))[0]
+        return _launch_matmul(a, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K),
+                              weight.dtype, scale_a=scale, scale_index=scale_index,
+                              traceable=traceable)[0]
+
+    dx, dscale = (mixed.mixed_backward(dy, x, scale, preact, scale_index, feedforward, need_dx,
+                                       need_dscale, grad_input, traceable)
+                  if need_dx or need_dscale else (None, None))
+    dbias = (mixed.mixed_bias_grad(dy, scale, scale_index, feedforward).to(weight.dtype)
+             if need_dbias else None)
+    dweight = None
+    if need_dweight:
+        rows = mixed.gathered_rows(scale, scale_index, M).float()
+        if feedforward:
+            dweight = dy.t().mm((x.float() * rows).to(weight.dtype))
+        else:
+            dweight = (dy.float() * rows).to(weight.dtype).t().mm(x.to(weight.dtype))
+        if fan_in_fan_out:
+            dweight = dweight.t()
+    if dx is not None and dx.dtype != x_dtype:
+        dx = dx.to(x_dtype)
+    return dx, dscale, dbias, dweight
+
+
 # --------------------------------------------------------------------------------------------
 # Custom ops (torch.compile) and the eager autograd entry point; both call the impls above.
 # --------------------------------------------------------------------------------------------
@@ -988,9 +1082,10 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
 @triton_op("ia3_kernels::dense_linear", mutates_args=())
 def _dense_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool,
-                     save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     save_preact: bool, scale_index: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     y, preact = dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out,
-                                   save_preact, traceable=True)
+                                   save_preact, traceable=True, scale_index=scale_index)
     return y, (x.new_empty(0) if preact is None else preact)  # custom ops return tensors
 
 
@@ -999,39 +1094,41 @@ def _dense_linear_backward_op(
         dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         scale: torch.Tensor, preact: torch.Tensor, feedforward: bool, fan_in_fan_out: bool, need_dx: bool,
         need_dscale: bool, need_dbias: bool, need_dweight: bool,
-        x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_dtype: torch.dtype, scale_index: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Custom ops cannot return None: gradients not asked for come back as empty tensors.
     grads = dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
                                 need_dx, need_dscale, need_dbias, need_dweight, x_dtype,
-                                traceable=True)
+                                traceable=True, scale_index=scale_index)
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
 def _save_for_backward(ctx, x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
-                       save_preact):
+                       save_preact, scale_index):
     """What both entry points keep: x for the feedforward dl and for dW; u for the attention dl
     (or, when the caller did not save it, x and the bias to recompute it)."""
     kept_u = save_preact or feedforward
     keep_x = feedforward or weight.requires_grad or not kept_u
-    ctx.save_for_backward(x if keep_x else None, weight, None if kept_u else bias, scale, preact)
+    ctx.save_for_backward(x if keep_x else None, weight, None if kept_u else bias, scale, preact,
+                          scale_index)
     ctx.flags = (feedforward, fan_in_fan_out, x.dtype)
 
 
 def _backward_args(ctx, dy):
     """(positional args of dense_backward_impl, wanted): `wanted` orders the input-grad flags
     as (dx, dscale, dbias, dweight) from the op's (x, weight, bias, scale, ...)."""
-    x, weight, bias, scale, preact = ctx.saved_tensors
+    x, weight, bias, scale, preact, scale_index = ctx.saved_tensors
     feedforward, fan_in_fan_out, x_dtype = ctx.flags
     need = ctx.needs_input_grad
     wanted = (need[0], need[3], need[2], need[1])
     return (dy.contiguous(), x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
-            *wanted, x_dtype), wanted
+            *wanted, x_dtype, scale_index), wanted
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact = inputs
+    x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact, scale_index = inputs
     _save_for_backward(ctx, x, weight, bias, scale, output[1], feedforward, fan_in_fan_out,
-                       save_preact)
+                       save_preact, scale_index)
 
 
 def _backward(ctx, dy, _dpreact):
@@ -1040,7 +1137,7 @@ def _backward(ctx, dy, _dpreact):
         args = (args[0], dy.new_empty(0)) + args[2:]  # custom ops take no None tensors for x
     grads = torch.ops.ia3_kernels.dense_linear_backward(*args)
     dx, dscale, dbias, dweight = (g if w else None for g, w in zip(grads, wanted))
-    return dx, dweight, dbias, dscale, None, None, None
+    return dx, dweight, dbias, dscale, None, None, None, None
 
 
 torch.library.register_autograd("ia3_kernels::dense_linear", _backward, setup_context=_setup_context)
@@ -1053,18 +1150,19 @@ class _DenseLinearFunction(torch.autograd.Function):
     so autograd never materialises a zero M x N gradient for it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact):
+    def forward(ctx, x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact,
+                scale_index):
         y, preact = dense_forward_impl(x, weight, bias, scale, feedforward, fan_in_fan_out,
-                                       save_preact)
+                                       save_preact, scale_index=scale_index)
         _save_for_backward(ctx, x, weight, bias, scale, preact, feedforward, fan_in_fan_out,
-                           save_preact)
+                           save_preact, scale_index)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         args, _ = _backward_args(ctx, dy)
         dx, dscale, dbias, dweight = dense_backward_impl(*args)
-        return dx, dweight, dbias, dscale, None, None, None
+        return dx, dweight, dbias, dscale, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1073,12 +1171,14 @@ class _DenseLinearFunction(torch.autograd.Function):
 
 
 def torch_ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool = False):
+                     scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool = False,
+                     adapter_index: Optional[torch.Tensor] = None):
     """Pure-PyTorch reference, PEFT's exact arithmetic (peft.tuners.ia3.layer.Linear.forward):
     feedforward `F.linear((x.to(l.dtype) * l).to(x.dtype), W, b)`, attention
-    `(F.linear(x, W, b) * l).to(dtype)`. The ground truth of the tests and the CPU path."""
+    `(F.linear(x, W, b) * l).to(dtype)`. The ground truth of the tests and the CPU path.
+    adapter_index: a mixed-adapter batch, scale being the (adapters, F) table (mixed.py)."""
     w = weight.t() if fan_in_fan_out else weight
-    scale = scale.reshape(-1)
+    scale = mixed.gathered_scale(scale, adapter_index, x.dim())
     if feedforward:
         return F.linear((x.to(scale.dtype) * scale).to(x.dtype), w, bias)
     u = F.linear(x, w, bias)
@@ -1093,11 +1193,13 @@ def _where(describe) -> str:
     return describe() if describe is not None else "ia3_linear"
 
 
-def _check_scale_and_bias(where: str, scale, bias, K: int, N: int, feedforward: bool) -> None:
+def _check_scale_and_bias(where: str, scale, bias, K: int, N: int, feedforward: bool,
+                          adapter_index=None) -> None:
     """The IA3 vector has in_features (feedforward) or out_features (attention) values; the
-    bias out_features. Shared by every op family's input checks."""
+    bias out_features. Shared by every op family's input checks. A mixed-adapter batch's table
+    is checked by mixed.check_adapter_index."""
     expected = K if feedforward else N
-    if scale.numel() != expected:
+    if adapter_index is None and scale.numel() != expected:
         kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
         raise ValueError(f"{where}: a {kind} layer needs {expected} scaling values, "
                          f"got a vector of shape {tuple(scale.shape)}")
@@ -1106,7 +1208,8 @@ def _check_scale_and_bias(where: str, scale, bias, K: int, N: int, feedforward: 
                          f"{tuple(bias.shape)}")
 
 
-def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=None):
+def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=None,
+                  adapter_index=None):
     """Clear errors before anything launches, prefixed with describe() (the layer) if given."""
     if weight.dim() != 2:
         raise ValueError(f"{_where(describe)}: weight must be 2-D, got shape {tuple(weight.shape)}")
@@ -1115,8 +1218,11 @@ def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=
         layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
         raise ValueError(f"{_where(describe)}: x's last dimension must be in_features={K} (weight "
                          f"{tuple(weight.shape)} stored {layout}), got x of shape {tuple(x.shape)}")
-    _check_scale_and_bias(_where(describe), scale, bias, K, N, feedforward)
+    _check_scale_and_bias(_where(describe), scale, bias, K, N, feedforward, adapter_index)
     _check_devices_and_dtypes(lambda: _where(describe), x, weight, bias, scale)
+    if adapter_index is not None:
+        mixed.check_adapter_index(_where(describe), x, scale, adapter_index,
+                                  K if feedforward else N, feedforward)
 
 
 def _check_devices_and_dtypes(where, x, weight, bias, scale, stored=None) -> None:
@@ -1174,7 +1280,7 @@ def _use_kernels(x, weight, bias, scale) -> bool:
 
 def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                scale: torch.Tensor, feedforward: bool, fan_in_fan_out: bool = False, *,
-               describe=None) -> torch.Tensor:
+               adapter_index: Optional[torch.Tensor] = None, describe=None) -> torch.Tensor:
     """(IA)^3 linear. x: (..., in_features); weight (out, in), or (in, out) with
     fan_in_fan_out=True (GPT-2's Conv1D); bias (out,) or None; scale: the product of the
     active IA3 vectors, in_features values (feedforward) or out_features (attention).
@@ -1182,10 +1288,15 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Feedforward: `(x*l) W^T + b`; attention: `(x W^T + b) * l`. Result dtype: the weight's
     compute dtype (x's dtype without autocast), as nn.Linear. Differentiable in x, scale,
     bias and weight. `describe`: optional callable naming the caller (a layer) in error messages.
+
+    Mixed-adapter batch: `adapter_index` (B,) int32/int64 with x (B, ..., in_features), and
+    `scale` an (adapters, in or out features) table: example b scales with row adapter_index[b]
+    (mixed.py); the table's gradient gives each row the sum over its own examples only.
     """
-    _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe)
+    _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe, adapter_index)
     if not _use_kernels(x, weight, bias, scale):
-        return torch_ia3_linear(x, weight, bias, scale, feedforward, fan_in_fan_out)
+        return torch_ia3_linear(x, weight, bias, scale, feedforward, fan_in_fan_out,
+                                adapter_index)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # What F.linear does under autocast: weight and bias in the autocast dtype (x is cast
@@ -1207,13 +1318,14 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     save_preact = (not feedforward) and scale.requires_grad and grad_mode
     if torch.compiler.is_compiling():
         y, _ = torch.ops.ia3_kernels.dense_linear(x2d, weight, bias, scale, feedforward,
-                                                  fan_in_fan_out, save_preact)
+                                                  fan_in_fan_out, save_preact, adapter_index)
     elif grad_mode and (x.requires_grad or scale.requires_grad or weight.requires_grad
                         or (bias is not None and bias.requires_grad)):
         y = _DenseLinearFunction.apply(x2d, weight, bias, scale, feedforward, fan_in_fan_out,
-                                       save_preact)
+                                       save_preact, adapter_index)
     else:
         # Nothing to differentiate (serving, no_grad): autograd.Function.apply alone costs
         # ~5 us of Python, a quarter of a small layer's eager call.
-        y, _ = dense_forward_impl(x2d, weight, bias, scale, feedforward, fan_in_fan_out, False)
+        y, _ = dense_forward_impl(x2d, weight, bias, scale, feedforward, fan_in_fan_out, False,
+                                  scale_index=adapter_index)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
