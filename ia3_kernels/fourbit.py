@@ -28,6 +28,7 @@ from torch.library import triton_op
 from . import config
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
                     _launch_scale_reduce, _path_override, _sm_count, _where, split_k_for)
+from .mixed import check_adapter_index
 from .quantized import compute_dtype as _autocast_or
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -173,17 +174,19 @@ def dequantize_4bit(w: FourBitWeight, dtype: torch.dtype) -> torch.Tensor:
 
 def torch_ia3_linear_4bit(x: torch.Tensor, w: FourBitWeight, bias: Optional[torch.Tensor],
                           scale: torch.Tensor, feedforward: bool,
-                          compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                          compute_dtype: Optional[torch.dtype] = None,
+                          adapter_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pure-PyTorch reference: PEFT's IA3 arithmetic (dense.torch_ia3_linear) on the dequantized
     weight in the compute dtype (autocast's, else `compute_dtype` or x's), returned in x's
     dtype as bnb's Linear4bit returns. A float64 x computes in float64 (the tests' ground
-    truth). Differentiable in x, scale and bias."""
+    truth). Differentiable in x, scale and bias. adapter_index: a mixed-adapter batch."""
     from .dense import torch_ia3_linear
 
     dtype = torch.float64 if x.dtype == torch.float64 else _compute_dtype(x, compute_dtype)
     weight = dequantize_4bit(w, dtype)
     b = None if bias is None else bias.to(dtype)
-    return torch_ia3_linear(x.to(dtype), weight, b, scale, feedforward).to(x.dtype)
+    return torch_ia3_linear(x.to(dtype), weight, b, scale, feedforward,
+                            adapter_index=adapter_index).to(x.dtype)
 
 
 def _compute_dtype(x: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -212,10 +215,12 @@ def _fourbit_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
                        code: torch.Tensor, absmax2: Optional[torch.Tensor],
                        code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
                        shape: list[int], bias: Optional[torch.Tensor], scale: torch.Tensor,
-                       feedforward: bool, save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       feedforward: bool, save_preact: bool,
+                       scale_index: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     w = _weight(packed, absmax, code, absmax2, code2, offset, shape)
     y, preact = quantized_forward_impl(x, w, bias, scale, feedforward, save_preact,
-                                       traceable=True)
+                                       traceable=True, scale_index=scale_index)
     return y, (x.new_empty(0) if preact is None else preact)
 
 
@@ -225,47 +230,51 @@ def _fourbit_linear_backward_op(
         code: torch.Tensor, absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
         offset: Optional[torch.Tensor], shape: list[int], bias: Optional[torch.Tensor],
         scale: torch.Tensor, preact: torch.Tensor, feedforward: bool, need_dx: bool,
-        need_dscale: bool, need_dbias: bool,
-        x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_dscale: bool, need_dbias: bool, x_dtype: torch.dtype,
+        scale_index: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w = _weight(packed, absmax, code, absmax2, code2, offset, shape)
     grads = quantized_backward_impl(dy, x, w, bias, scale, preact, feedforward, need_dx,
-                                    need_dscale, need_dbias, x_dtype, traceable=True)
+                                    need_dscale, need_dbias, x_dtype, scale_index,
+                                    traceable=True)
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
-def _save(ctx, x, w, scale, preact, feedforward, bias):
+def _save(ctx, x, w, scale, preact, feedforward, bias, scale_index):
     """x for the feedforward dl; u for the attention dl, or, when the caller did not save u
     (direct op users, opcheck), x and the bias to recompute it."""
     kept_u = feedforward or (preact is not None and preact.numel() > 0)
     ctx.save_for_backward(x if not (kept_u and not feedforward) else None, scale,
-                          None if feedforward else preact, None if kept_u else bias,
+                          None if feedforward else preact, None if kept_u else bias, scale_index,
                           *w.tensors())
     ctx.flags = (feedforward, x.dtype, None if bias is None else bias.dtype, _shape(w))
 
 
 def _unpack(ctx):
-    x, scale, preact, bias, *tensors = ctx.saved_tensors
+    x, scale, preact, bias, scale_index, *tensors = ctx.saved_tensors
     feedforward, x_dtype, bias_dtype, shape = ctx.flags
-    return x, scale, preact, bias, tensors, feedforward, x_dtype, bias_dtype, shape
+    return x, scale, preact, bias, scale_index, tensors, feedforward, x_dtype, bias_dtype, shape
 
 
 def _backward(ctx, dy, _dpreact):
-    x, scale, preact, bias, tensors, feedforward, x_dtype, bias_dtype, shape = _unpack(ctx)
+    x, scale, preact, bias, scale_index, tensors, feedforward, x_dtype, bias_dtype, shape = \
+        _unpack(ctx)
     need = ctx.needs_input_grad  # (x, packed, absmax, code, absmax2, code2, offset, shape, bias, scale, ...)
     wanted = (need[0], need[9], need[8])
     empty = dy.new_empty(0)
     grads = torch.ops.ia3_kernels.fourbit_linear_backward(
         dy.contiguous(), empty if x is None else x, *tensors, shape, bias, scale,
-        empty if preact is None else preact, feedforward, *wanted, x_dtype)
+        empty if preact is None else preact, feedforward, *wanted, x_dtype, scale_index)
     dx, dscale, dbias = (g if w else None for g, w in zip(grads, wanted))
     dbias = None if dbias is None else dbias.to(bias_dtype)
-    return (dx, None, None, None, None, None, None, None, dbias, dscale, None, None)
+    return (dx, None, None, None, None, None, None, None, dbias, dscale, None, None, None)
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, absmax, code, absmax2, code2, offset, shape, bias, scale, feedforward, _ = inputs
+    (x, packed, absmax, code, absmax2, code2, offset, shape, bias, scale, feedforward, _,
+     scale_index) = inputs
     w = _weight(packed, absmax, code, absmax2, code2, offset, shape)
-    _save(ctx, x, w, scale, output[1], feedforward, bias)
+    _save(ctx, x, w, scale, output[1], feedforward, bias, scale_index)
 
 
 torch.library.register_autograd("ia3_kernels::fourbit_linear", _backward,
@@ -277,19 +286,22 @@ class _FourBitLinearFunction(torch.autograd.Function):
     a custom op's dispatch: see dense._DenseLinearFunction)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, scale, feedforward, save_preact):
-        y, preact = quantized_forward_impl(x, w, bias, scale, feedforward, save_preact)
-        _save(ctx, x, w, scale, preact, feedforward, bias)
+    def forward(ctx, x, w, bias, scale, feedforward, save_preact, scale_index):
+        y, preact = quantized_forward_impl(x, w, bias, scale, feedforward, save_preact,
+                                           scale_index=scale_index)
+        _save(ctx, x, w, scale, preact, feedforward, bias, scale_index)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, preact, bias, tensors, feedforward, x_dtype, bias_dtype, shape = _unpack(ctx)
+        x, scale, preact, bias, scale_index, tensors, feedforward, x_dtype, bias_dtype, shape = \
+            _unpack(ctx)
         need = ctx.needs_input_grad  # (x, w, bias, scale, ...)
         dx, dscale, dbias = quantized_backward_impl(
             dy.contiguous(), x, _weight(*tensors, shape), bias, scale, preact, feedforward,
-            need[0], need[3], need[2], x_dtype)
-        return dx, None, None if dbias is None else dbias.to(bias_dtype), dscale, None, None
+            need[0], need[3], need[2], x_dtype, scale_index)
+        return (dx, None, None if dbias is None else dbias.to(bias_dtype), dscale, None, None,
+                None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +309,8 @@ class _FourBitLinearFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None):
+def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None,
+                  adapter_index=None):
     """Clear errors before anything launches."""
     where = _where(describe)
     N, K = w.out_features, w.in_features
@@ -326,10 +339,12 @@ def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None):
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (4-bit weight "
                          f"({N}, {K})), got x of shape {tuple(x.shape)}")
-    _check_scale_and_bias(where, scale, bias, K, N, feedforward)
+    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index)
     _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {
         "weight": w.packed, "absmax": w.absmax, "code": w.code, "absmax2": w.absmax2,
         "code2": w.code2, "offset": w.offset})
+    if adapter_index is not None:
+        check_adapter_index(where, x, scale, adapter_index, K if feedforward else N, feedforward)
 
 
 def _as_kernel_weight(w: FourBitWeight) -> FourBitWeight:
@@ -351,21 +366,25 @@ def _as_kernel_weight(w: FourBitWeight) -> FourBitWeight:
 
 def ia3_linear_4bit(x: torch.Tensor, weight: FourBitWeight, bias: Optional[torch.Tensor],
                     scale: torch.Tensor, feedforward: bool, *,
-                    compute_dtype: Optional[torch.dtype] = None, describe=None) -> torch.Tensor:
+                    compute_dtype: Optional[torch.dtype] = None,
+                    adapter_index: Optional[torch.Tensor] = None, describe=None) -> torch.Tensor:
     """(IA)^3 linear on a bitsandbytes 4-bit weight (`FourBitWeight.from_bnb(param.data,
     param.quant_state)`). x: (..., in_features); bias (out,) or None; scale: the product of the
     active IA3 vectors. Computes in autocast's dtype, else `compute_dtype` (bnb's
     Linear4bit.compute_dtype) or x's; returns x's dtype, as bnb's Linear4bit.
-    Differentiable in x, scale and bias (the 4-bit weight is frozen)."""
-    _check_inputs(x, weight, bias, scale, feedforward, describe)
+    Differentiable in x, scale and bias (the 4-bit weight is frozen). adapter_index: a
+    mixed-adapter batch, scale the (adapters, F) table (dense.ia3_linear, mixed.py)."""
+    _check_inputs(x, weight, bias, scale, feedforward, describe, adapter_index)
     dtype = _compute_dtype(x, compute_dtype)
     if not use_kernels(x, dtype, scale, "4-bit"):
-        return torch_ia3_linear_4bit(x, weight, bias, scale, feedforward, compute_dtype)
+        return torch_ia3_linear_4bit(x, weight, bias, scale, feedforward, compute_dtype,
+                                     adapter_index)
     weight = _as_kernel_weight(weight)
     y = run_quantized(
         x, dtype, bias, scale, feedforward, compiled_op=torch.ops.ia3_kernels.fourbit_linear,
         op_weight_args=(*weight.tensors(), _shape(weight)), function=_FourBitLinearFunction,
         function_weight_args=(weight,),
         eager_forward=lambda x2d, b, s: quantized_forward_impl(x2d, weight, b, s, feedforward,
-                                                               False))
+                                                               False, scale_index=adapter_index),
+        adapter_index=adapter_index)
     return y if y.dtype == x.dtype else y.to(x.dtype)  # bnb's Linear4bit returns x's dtype

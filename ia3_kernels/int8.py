@@ -29,6 +29,7 @@ from torch.library import triton_op
 
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
                     _launch_scale_reduce, _path_override, _where)
+from .mixed import check_adapter_index
 from .quantized import compute_dtype as _compute_dtype
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -84,33 +85,35 @@ def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> 
 
 def torch_ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                           bias: Optional[torch.Tensor], scale: torch.Tensor,
-                          feedforward: bool) -> torch.Tensor:
+                          feedforward: bool,
+                          adapter_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pure-PyTorch reference: PEFT's IA3 arithmetic (dense.torch_ia3_linear) on the dequantized
     weight, in the compute dtype (autocast's, else x's). The ground truth of the tests and the
-    CPU path. Differentiable in x, scale and bias."""
+    CPU path. Differentiable in x, scale and bias. adapter_index: a mixed-adapter batch."""
     from .dense import torch_ia3_linear
 
     dtype = _compute_dtype(x)
     w = dequantize_int8(cb, scb, dtype if x.dtype != torch.float64 else torch.float64)
     xw = x if x.dtype == torch.float64 else x.to(dtype)
     b = None if bias is None else bias.to(w.dtype)
-    return torch_ia3_linear(xw, w, b, scale, feedforward)
+    return torch_ia3_linear(xw, w, b, scale, feedforward, adapter_index=adapter_index)
 
 
 def int8_forward_impl(x, cb, scb, bias, scale, feedforward: bool, save_preact: bool,
-                      traceable: bool = False):
+                      traceable: bool = False, scale_index=None):
     """x: (M, K) in the compute dtype, any strides; cb (N, K) int8; scb (N,) fp32.
     Returns (y, u): u = x W^T + b for attention layers when save_preact, else None."""
     return quantized_forward_impl(x, Int8Weight(cb, scb), bias, scale, feedforward, save_preact,
-                                  traceable)
+                                  traceable, scale_index)
 
 
 def int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward: bool, need_dx: bool,
                        need_dscale: bool, need_dbias: bool, x_dtype: torch.dtype,
-                       traceable: bool = False):
+                       scale_index=None, traceable: bool = False):
     """Gradients (dx, dscale, dbias); see quantized.quantized_backward_impl."""
     return quantized_backward_impl(dy, x, Int8Weight(cb, scb), bias, scale, preact, feedforward,
-                                   need_dx, need_dscale, need_dbias, x_dtype, traceable)
+                                   need_dx, need_dscale, need_dbias, x_dtype, scale_index,
+                                   traceable)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,9 +124,10 @@ def int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward: bool, n
 @triton_op("ia3_kernels::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                     bias: Optional[torch.Tensor], scale: torch.Tensor, feedforward: bool,
-                    save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    save_preact: bool, scale_index: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     y, preact = int8_forward_impl(x, cb, scb, bias, scale, feedforward, save_preact,
-                                  traceable=True)
+                                  traceable=True, scale_index=scale_index)
     return y, (x.new_empty(0) if preact is None else preact)
 
 
@@ -132,33 +136,34 @@ def _int8_linear_backward_op(
         dy: torch.Tensor, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
         bias: Optional[torch.Tensor], scale: torch.Tensor, preact: torch.Tensor,
         feedforward: bool, need_dx: bool, need_dscale: bool, need_dbias: bool,
-        x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_dtype: torch.dtype, scale_index: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = int8_backward_impl(dy, x, cb, scb, bias, scale, preact, feedforward, need_dx,
-                               need_dscale, need_dbias, x_dtype, traceable=True)
+                               need_dscale, need_dbias, x_dtype, scale_index, traceable=True)
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
-def _save(ctx, x, cb, scb, scale, preact, feedforward, bias):
+def _save(ctx, x, cb, scb, scale, preact, feedforward, bias, scale_index):
     """x for the feedforward dl; u for the attention dl, or, when the caller did not save u
     (direct op users, opcheck), x and the bias to recompute it."""
     kept_u = feedforward or (preact is not None and preact.numel() > 0)
     ctx.save_for_backward(x if not (kept_u and not feedforward) else None, cb, scb, scale,
-                          None if feedforward else preact, None if kept_u else bias)
+                          None if feedforward else preact, None if kept_u else bias, scale_index)
     ctx.flags = (feedforward, x.dtype, None if bias is None else bias.dtype)
 
 
 def _backward_args(ctx, dy):
-    x, cb, scb, scale, preact, bias = ctx.saved_tensors
+    x, cb, scb, scale, preact, bias, scale_index = ctx.saved_tensors
     feedforward, x_dtype, _ = ctx.flags
     need = ctx.needs_input_grad  # (x, cb, scb, bias, scale, ...)
     wanted = (need[0], need[4], need[3])
     return (dy.contiguous(), x, cb, scb, bias, scale, preact, feedforward, *wanted,
-            x_dtype), wanted
+            x_dtype, scale_index), wanted
 
 
 def _setup_context(ctx, inputs, output):
-    x, cb, scb, bias, scale, feedforward, _ = inputs
-    _save(ctx, x, cb, scb, scale, output[1], feedforward, bias)
+    x, cb, scb, bias, scale, feedforward, _, scale_index = inputs
+    _save(ctx, x, cb, scb, scale, output[1], feedforward, bias, scale_index)
 
 
 def _backward(ctx, dy, _dpreact):
@@ -169,7 +174,8 @@ def _backward(ctx, dy, _dpreact):
     dx, dscale, dbias = (g if w else None for g, w in
                          zip(torch.ops.ia3_kernels.int8_linear_backward(*args), wanted))
     bias_dtype = ctx.flags[2]
-    return dx, None, None, None if dbias is None else dbias.to(bias_dtype), dscale, None, None
+    return (dx, None, None, None if dbias is None else dbias.to(bias_dtype), dscale, None, None,
+            None)
 
 
 torch.library.register_autograd("ia3_kernels::int8_linear", _backward,
@@ -181,9 +187,10 @@ class _Int8LinearFunction(torch.autograd.Function):
     a custom op's dispatch: see dense._DenseLinearFunction)."""
 
     @staticmethod
-    def forward(ctx, x, cb, scb, bias, scale, feedforward, save_preact):
-        y, preact = int8_forward_impl(x, cb, scb, bias, scale, feedforward, save_preact)
-        _save(ctx, x, cb, scb, scale, preact, feedforward, bias)
+    def forward(ctx, x, cb, scb, bias, scale, feedforward, save_preact, scale_index):
+        y, preact = int8_forward_impl(x, cb, scb, bias, scale, feedforward, save_preact,
+                                      scale_index=scale_index)
+        _save(ctx, x, cb, scb, scale, preact, feedforward, bias, scale_index)
         return y
 
     @staticmethod
@@ -191,7 +198,8 @@ class _Int8LinearFunction(torch.autograd.Function):
         args, _ = _backward_args(ctx, dy)
         dx, dscale, dbias = int8_backward_impl(*args)
         bias_dtype = ctx.flags[2]
-        return dx, None, None, None if dbias is None else dbias.to(bias_dtype), dscale, None, None
+        return (dx, None, None, None if dbias is None else dbias.to(bias_dtype), dscale, None,
+                None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ class _Int8LinearFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None):
+def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None, adapter_index=None):
     """Clear errors before anything launches."""
     where = _where(describe)
     if cb.dim() != 2 or cb.dtype != torch.int8:
@@ -212,25 +220,30 @@ def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None):
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (CB {tuple(cb.shape)}"
                          f" stored (out, in)), got x of shape {tuple(x.shape)}")
-    _check_scale_and_bias(where, scale, bias, K, N, feedforward)
+    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index)
     _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {"CB": cb, "SCB": scb})
+    if adapter_index is not None:
+        check_adapter_index(where, x, scale, adapter_index, K if feedforward else N, feedforward)
 
 
 def ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                     bias: Optional[torch.Tensor], scale: torch.Tensor, feedforward: bool, *,
-                    describe=None) -> torch.Tensor:
+                    adapter_index: Optional[torch.Tensor] = None, describe=None) -> torch.Tensor:
     """(IA)^3 linear on an LLM.int8 weight W = CB * SCB / 127. x: (..., in_features); cb int8
     (out, in) and scb (out,) as bitsandbytes stores them (`weight.CB`/`weight.data`,
     `weight.SCB` or `state.SCB`); bias (out,) or None; scale: the product of the active IA3
     vectors. Returns the compute dtype (x's, or autocast's), as bnb's Linear8bitLt.
-    Differentiable in x, scale and bias (the int8 weight is frozen)."""
-    _check_inputs(x, cb, scb, bias, scale, feedforward, describe)
+    Differentiable in x, scale and bias (the int8 weight is frozen). adapter_index: a
+    mixed-adapter batch, scale the (adapters, F) table (dense.ia3_linear, mixed.py)."""
+    _check_inputs(x, cb, scb, bias, scale, feedforward, describe, adapter_index)
     dtype = _compute_dtype(x)
     if not use_kernels(x, dtype, scale, "int8"):
-        return torch_ia3_linear_int8(x, cb, scb, bias, scale, feedforward)
+        return torch_ia3_linear_int8(x, cb, scb, bias, scale, feedforward, adapter_index)
     if scb.dtype != torch.float32 or not scb.is_contiguous():
         scb = scb.float().contiguous()
     return run_quantized(
         x, dtype, bias, scale, feedforward, compiled_op=torch.ops.ia3_kernels.int8_linear,
         op_weight_args=(cb, scb), function=_Int8LinearFunction, function_weight_args=(cb, scb),
-        eager_forward=lambda x2d, b, s: int8_forward_impl(x2d, cb, scb, b, s, feedforward, False))
+        eager_forward=lambda x2d, b, s: int8_forward_impl(x2d, cb, scb, b, s, feedforward, False,
+                                                          scale_index=adapter_index),
+        adapter_index=adapter_index)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import config
+from . import config, mixed
 from .dense import _KERNEL_DTYPES
 from .dense import (_cublas_linear, _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
                     _reduce_partials)
@@ -34,9 +34,10 @@ ATTN_DL_IN_KERNEL_MAX_N = 1024
 
 
 def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: bool,
-                           traceable: bool = False):
+                           traceable: bool = False, scale_index=None):
     """x: (M, K) in the compute dtype, any strides; wq: the quantized weight (its format's
-    object). Returns (y, u): u = x W^T + b for attention layers when save_preact, else None."""
+    object); scale_index: a mixed-adapter batch, scale its (adapters, F) table (mixed.py).
+    Returns (y, u): u = x W^T + b for attention layers when save_preact, else None."""
     M, K = x.shape
     N = wq.out_features
     dtype = x.dtype
@@ -46,31 +47,39 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
         fused = wq.fused_args(M, "fwd", dtype)
         if feedforward:
             y, _, _, _ = _launch_matmul(x, out_shape=(M, N), out_dtype=dtype, scale_a=scale,
-                                        bias=bias, traceable=traceable, **fused)
+                                        bias=bias, scale_index=scale_index, traceable=traceable,
+                                        **fused)
             return y, None
         y, u, _, _ = _launch_matmul(x, out_shape=(M, N), out_dtype=dtype, scale_c=scale,
-                                    bias=bias, store_preact=save_preact, traceable=traceable,
-                                    **fused)
+                                    bias=bias, store_preact=save_preact, scale_index=scale_index,
+                                    traceable=traceable, **fused)
         return y, u
-    # W (feedforward: W diag(l), exact) dequantized whole, one cuBLAS GEMM.
+    # W (feedforward: W diag(l), exact) dequantized whole, one cuBLAS GEMM. A mixed batch's
+    # feedforward l differs per example: a pass scales x instead (M x K scratch).
+    fold = feedforward and scale_index is None
     w = wq.dequantize_into(torch.empty((N, K), device=x.device, dtype=dtype),
-                           scale=scale if feedforward else None, scale_axis=1,
-                           traceable=traceable)
+                           scale=scale if fold else None, scale_axis=1, traceable=traceable)
+    if feedforward and not fold:
+        xs = torch.empty((M, K), device=x.device, dtype=dtype)
+        x = _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
+                                 traceable=traceable)[0]
     out = _cublas_linear(x, w.t(), bias)
     del w
     if feedforward:
         return out, None
     y = torch.empty_like(out)
-    _launch_scale_reduce(out, scale=scale, scale_axis=1, out=y, traceable=traceable)
+    _launch_scale_reduce(out, scale=scale, scale_axis=1, out=y, scale_index=scale_index,
+                         traceable=traceable)
     return y, (out if save_preact else None)
 
 
 def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, need_dx: bool,
                             need_dscale: bool, need_dbias: bool, x_dtype: torch.dtype,
-                            traceable: bool = False):
+                            scale_index=None, traceable: bool = False):
     """Gradients (dx, dscale, dbias); entries not asked for are None. dy: (M, N) in the compute
     dtype; x: what the forward multiplied (compute dtype); preact: u (attention), or None/empty
-    when the forward did not save it (x and bias are then given to recompute it)."""
+    when the forward did not save it (x and bias are then given to recompute it). With
+    scale_index (a mixed-adapter batch) dscale is the (adapters, F) table's gradient."""
     M, N = dy.shape
     K = wq.in_features
     dtype = dy.dtype
@@ -84,8 +93,13 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
             dbias = dy.new_zeros((N,))
         return dx, dscale, dbias
     if not feedforward and need_dscale and (preact is None or preact.numel() == 0):
-        preact = quantized_forward_impl(x, wq, bias, scale, False, True, traceable)[1]
+        preact = quantized_forward_impl(x, wq, bias, scale, False, True, traceable,
+                                        scale_index)[1]
     cublas = wq.use_cublas(M, "bwd", dy.device)
+    if scale_index is not None:
+        return _quantized_backward_mixed(dy, x, wq, scale, preact, scale_index, feedforward,
+                                         need_dx, need_dscale, need_dbias, x_dtype, cublas,
+                                         traceable)
     partial = None
     if feedforward and (need_dx or need_dscale):
         # g = dy W; dx = g*l; dl = sum_rows g*x (from g in registers, or from cuBLAS's g).
@@ -130,6 +144,34 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
     return dx, dscale, dbias
 
 
+def _quantized_backward_mixed(dy, x, wq, scale, preact, scale_index, feedforward, need_dx,
+                              need_dscale, need_dbias, x_dtype, cublas, traceable):
+    """quantized_backward_impl for a mixed-adapter batch (mixed.mixed_backward)."""
+    M, N = dy.shape
+    K = wq.in_features
+
+    def grad_input(a, scaled):
+        if cublas:
+            if scaled:  # (dy*l) W: l differs per example, so it scales dy, not W
+                a = _launch_scale_reduce(a, scale=scale, scale_axis=1, out=torch.empty_like(a),
+                                         scale_index=scale_index, traceable=traceable)[0]
+            w = wq.dequantize_into(torch.empty((N, K), device=a.device, dtype=a.dtype),
+                                   traceable=traceable)
+            return torch.matmul(a, w)
+        return _launch_matmul(a, out_shape=(M, K), out_dtype=a.dtype,
+                              scale_a=scale if scaled else None,
+                              scale_index=scale_index if scaled else None, traceable=traceable,
+                              **wq.fused_args(M, "bwd", a.dtype))[0]
+
+    dx, dscale = (mixed.mixed_backward(dy, x, scale, preact, scale_index, feedforward, need_dx,
+                                       need_dscale, grad_input, traceable)
+                  if need_dx or need_dscale else (None, None))
+    dbias = mixed.mixed_bias_grad(dy, scale, scale_index, feedforward) if need_dbias else None
+    if dx is not None and dx.dtype != x_dtype:
+        dx = dx.to(x_dtype)
+    return dx, dscale, dbias
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """bnb's layers return x's dtype; under autocast, the autocast dtype (as F.linear)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -164,11 +206,13 @@ def use_kernels(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor, family
 
 
 def run_quantized(x, dtype, bias: Optional[torch.Tensor], scale, feedforward: bool, *,
-                  compiled_op, op_weight_args, function, function_weight_args, eager_forward):
+                  compiled_op, op_weight_args, function, function_weight_args, eager_forward,
+                  adapter_index=None):
     """x (..., K) -> the op's (M, N) output in the compute dtype, reshaped to x's leading dims.
     Traced: the custom op (compiled_op(x2d, *op_weight_args, bias, scale, feedforward,
-    save_preact)); with something to differentiate: the eager autograd.Function; else (serving,
-    no_grad) eager_forward(x2d, bias, scale) straight, as .apply alone costs ~5 us of Python."""
+    save_preact, adapter_index)); with something to differentiate: the eager
+    autograd.Function; else (serving, no_grad) eager_forward(x2d, bias, scale) straight, as
+    .apply alone costs ~5 us of Python."""
     if not scale.is_contiguous():
         scale = scale.contiguous()
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -179,10 +223,12 @@ def run_quantized(x, dtype, bias: Optional[torch.Tensor], scale, feedforward: bo
     grad_mode = torch.is_grad_enabled()
     save_preact = (not feedforward) and scale.requires_grad and grad_mode
     if torch.compiler.is_compiling():
-        y, _ = compiled_op(x2d, *op_weight_args, bias, scale, feedforward, save_preact)
+        y, _ = compiled_op(x2d, *op_weight_args, bias, scale, feedforward, save_preact,
+                           adapter_index)
     elif grad_mode and (x.requires_grad or scale.requires_grad
                         or (bias is not None and bias.requires_grad)):
-        y = function.apply(x2d, *function_weight_args, bias, scale, feedforward, save_preact)
+        y = function.apply(x2d, *function_weight_args, bias, scale, feedforward, save_preact,
+                           adapter_index)
     else:
         y, _ = eager_forward(x2d, bias, scale)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
