@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, mixed
 from .dense import _KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce
 from .launch import FastKernel, cdiv
 
@@ -190,22 +190,26 @@ def _rows_by_channel_strides(t: torch.Tensor, collapse: bool = True):
 
 
 def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float32,
-                  partial_shape=()):
+                  partial_shape=(), scale_index=None):
     """_launch_scale_reduce over activations: out = src * l per channel and/or per-block sums
-    of src * aux per channel. out may be src (in place). Returns the partial sums (or None)."""
-    src_layout = _rows_by_channel_strides(src)
+    of src * aux per channel. out may be src (in place). Returns the partial sums (or None).
+    scale_index: a mixed-adapter batch (scale an (adapters, C) table, example n uses row
+    scale_index[n]); the partial sums then come per example: (N, blocks, C)."""
+    per_example = scale_index is not None
+    src_layout = _rows_by_channel_strides(src, collapse=not per_example)
     if src_layout is None:
         if out is src:
             raise RuntimeError(f"ia3_conv: cannot scale a tensor of strides {src.stride()} in place")
         src = src.contiguous()
-        src_layout = _rows_by_channel_strides(src)
+        src_layout = _rows_by_channel_strides(src, collapse=not per_example)
     aux_layout = None
     if aux is not None:
-        aux_layout = _rows_by_channel_strides(aux)
+        aux_layout = _rows_by_channel_strides(aux, collapse=not per_example)
         if aux_layout is None:
             aux = aux.contiguous()
-            aux_layout = _rows_by_channel_strides(aux)
-    out_layout = src_layout if out is src else (None if out is None else _rows_by_channel_strides(out))
+            aux_layout = _rows_by_channel_strides(aux, collapse=not per_example)
+    out_layout = src_layout if out is src else (
+        None if out is None else _rows_by_channel_strides(out, collapse=not per_example))
     tensors = (src, out, aux)
     layouts = [src_layout, out_layout, aux_layout]
     if len({lay[0] for lay in layouts if lay is not None}) > 1:
@@ -216,7 +220,10 @@ def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float3
     strides = [(0, 0, 0) if lay is None else lay[1] for lay in layouts]
     _, partial = _launch_scale_reduce(src, scale=scale, scale_axis=1, out=out, aux=aux,
                                       sum_dtype=sum_dtype, traceable=False,
-                                      batched=(shape, *strides), partial_shape=partial_shape)
+                                      batched=(shape, *strides), partial_shape=partial_shape,
+                                      scale_index=scale_index)
+    if per_example and partial is not None:
+        return partial.view(shape[0], -1, shape[2])
     return partial
 
 
@@ -318,6 +325,71 @@ def _sum_partials(partial, dtype):
     return total if dtype == torch.float32 else total.to(dtype)
 
 
+def mixed_conv_forward(x, weight, bias, table, feedforward: bool, geometry, adapter_index):
+    """(y, u) of a mixed-adapter batch; u = conv(x, W, b) for attention layers, else None."""
+    stride, padding, dilation, groups = geometry
+    src = x if feedforward else _conv(x, weight, bias, stride, padding, dilation, groups)
+    scaled = torch.empty_like(src)
+    _channel_pass(src, scale=table, out=scaled, scale_index=adapter_index)
+    if feedforward:
+        return _conv(scaled, weight, bias, stride, padding, dilation, groups), None
+    return scaled, src
+
+
+class _MixedConvFunction(torch.autograd.Function):
+    """A mixed-adapter batch (mixed.py): l differs per example, so it cannot fold into the
+    weight. Feedforward: one pass writes x*l (per example, per channel), cuDNN convolves;
+    backward g = dy conv^T W, one pass turns g into dx = g*l in place and reduces each
+    example's sum(g*x) per channel. Attention: cuDNN's u = conv(x, W, b), one pass writes
+    y = u*l; backward one pass forms dy*l for cuDNN (dx, dW, db) and one reduces each
+    example's sum(dy*u). Each adapter's gradient sums its own examples (mixed.adapter_sums)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, table, feedforward, geometry, adapter_index):
+        y, u = mixed_conv_forward(x, weight, bias, table, feedforward, geometry, adapter_index)
+        ctx.flags = (feedforward, geometry)
+        ctx.save_for_backward(x, weight, table, adapter_index, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, table, adapter_index, u = ctx.saved_tensors
+        feedforward, (stride, padding, dilation, groups) = ctx.flags
+        need_dx, need_dweight, need_dbias, need_dtable = ctx.needs_input_grad[:4]
+        if not _dense(dy):
+            dy = dy.contiguous(memory_format=_memory_format(x))
+        out_pad = [0] * len(stride)
+        bias_sizes = [weight.shape[0]] if need_dbias else None
+        dx = dweight = dbias = dtable = per_example = None
+        if feedforward:
+            xs = None
+            if need_dweight:
+                xs = torch.empty_like(x)
+                _channel_pass(x, scale=table, out=xs, scale_index=adapter_index)
+            g, dweight, dbias = _CONV_BACKWARD(
+                dy, xs if xs is not None else x, weight, bias_sizes, stride, padding, dilation,
+                False, out_pad, groups, [need_dx or need_dtable, need_dweight, need_dbias])
+            if (need_dx or need_dtable) and x.numel() > 0:
+                per_example = _channel_pass(g, scale=table if need_dx else None,
+                                            out=g if need_dx else None,
+                                            aux=x if need_dtable else None,
+                                            scale_index=adapter_index)
+            dx = g if need_dx else None
+        else:
+            if need_dx or need_dweight or need_dbias:
+                dyl = torch.empty_like(dy)
+                _channel_pass(dy, scale=table, out=dyl, scale_index=adapter_index)
+                dx, dweight, dbias = _CONV_BACKWARD(
+                    dyl, x, weight, bias_sizes, stride, padding, dilation, False, out_pad,
+                    groups, [need_dx, need_dweight, need_dbias])
+            if need_dtable and dy.numel() > 0:
+                per_example = _channel_pass(dy, aux=u, scale_index=adapter_index)
+        if need_dtable:
+            dtable = (torch.zeros_like(table) if per_example is None else mixed.adapter_sums(
+                per_example.sum(1), adapter_index, table.shape[0], table))
+        return dx, dweight, dbias, dtable, None, None, None
+
+
 class _ConvFunction(torch.autograd.Function):
     """Eager autograd entry: saves x and W for feedforward; y, W' (and x, W, b for a zero l or
     a weight gradient) for attention."""
@@ -392,16 +464,21 @@ def _conv(x, weight, bias, stride, padding, dilation, groups):
 
 def torch_ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    scale: torch.Tensor, feedforward: bool, stride=1, padding=0, dilation=1,
-                   groups: int = 1, padding_mode: str = "zeros") -> torch.Tensor:
+                   groups: int = 1, padding_mode: str = "zeros",
+                   adapter_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pure-PyTorch reference, PEFT's exact arithmetic (peft.tuners.ia3.layer._ConvNd.forward):
     feedforward `conv((x.to(l.dtype) * l).to(x.dtype), W, b)`, attention
-    `(conv(x, W, b).to(l.dtype) * l).to(x.dtype)`, l of shape (1, C, 1, ...)."""
+    `(conv(x, W, b).to(l.dtype) * l).to(x.dtype)`, l of shape (1, C, 1, ...).
+    adapter_index: a mixed-adapter batch, scale the (adapters, C) table (mixed.py)."""
     nd = weight.dim() - 2
     stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
     pads = _explicit_padding(padding, weight.shape[2:], dilation, nd)
     # (C, 1, ...) on an unbatched x: nn.Conv's unbatched output (PEFT's (1, C, 1, ...) vector
     # would broadcast it to a batch of one).
-    lvec = scale.reshape(*([1] * (x.dim() - nd - 1)), -1, *([1] * nd))
+    if adapter_index is not None:
+        lvec = scale[adapter_index].reshape(adapter_index.numel(), -1, *([1] * nd))
+    else:
+        lvec = scale.reshape(*([1] * (x.dim() - nd - 1)), -1, *([1] * nd))
     if feedforward:
         x = (x.to(scale.dtype) * lvec).to(x.dtype)
     x, num_pad = _pad_input(x, pads, padding_mode)
@@ -424,7 +501,7 @@ class _Caller:
         return self.describe() if self.describe is not None else "ia3_conv"
 
 
-def _check_inputs(x, weight, bias, scale, feedforward, groups, describe):
+def _check_inputs(x, weight, bias, scale, feedforward, groups, describe, adapter_index=None):
     where = _Caller(describe)
     nd = weight.dim() - 2
     if nd not in (1, 2, 3):
@@ -438,7 +515,12 @@ def _check_inputs(x, weight, bias, scale, feedforward, groups, describe):
         raise ValueError(f"{where}: x must be (N, {c_in}, {nd} spatial dims) or unbatched, "
                          f"got shape {tuple(x.shape)}")
     expected = c_in if feedforward else c_out
-    if scale.numel() != expected:
+    if adapter_index is not None:
+        if x.dim() != nd + 2:
+            raise ValueError(f"{where}: a mixed-adapter batch needs a batched x (N, C, ...), got "
+                             f"shape {tuple(x.shape)}")
+        mixed.check_adapter_index(str(where), x, scale, adapter_index, expected, feedforward)
+    elif scale.numel() != expected:
         kind = ("feedforward (scales in_channels)" if feedforward
                 else "attention (scales out_channels)")
         raise ValueError(f"{where}: a {kind} layer needs {expected} scaling values, got a "
@@ -482,13 +564,16 @@ def _folded_conv_torch(x, weight, bias, scale, feedforward, geometry):
 
 def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              scale: torch.Tensor, feedforward: bool, stride=1, padding=0, dilation=1,
-             groups: int = 1, padding_mode: str = "zeros", *, describe=None) -> torch.Tensor:
+             groups: int = 1, padding_mode: str = "zeros", *,
+             adapter_index: Optional[torch.Tensor] = None, describe=None) -> torch.Tensor:
     """(IA)^3 convolution, as nn.Conv1d/2d/3d with the same arguments. scale: the product of
     the active IA3 vectors, C_in values (feedforward: scales the input channels) or C_out
     (attention: scales the output channels, bias included). NCHW or channels_last x; output
     in cuDNN's layout for x, dtype x's (autocast's under autocast). Differentiable in x, scale,
-    weight and bias."""
-    where, nd = _check_inputs(x, weight, bias, scale, feedforward, groups, describe)
+    weight and bias. adapter_index: a mixed-adapter batch, scale the (adapters, C) table; example
+    n uses row adapter_index[n] (mixed.py)."""
+    where, nd = _check_inputs(x, weight, bias, scale, feedforward, groups, describe,
+                              adapter_index)
     backend = config.get_backend()
     use = backend != "torch" and not (backend == "auto" and x.device.type != "cuda")
     if use:
@@ -496,9 +581,10 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         if reason is not None:
             config.fallback(reason)
             use = False
-    if not use:
+    if not use or (adapter_index is not None and torch.compiler.is_compiling()):
+        # Compiled mixed batches: the reference's gather, which Inductor fuses.
         return torch_ia3_conv(x, weight, bias, scale, feedforward, stride, padding, dilation,
-                              groups, padding_mode)
+                              groups, padding_mode, adapter_index)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # what nn.Conv does under autocast
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -516,6 +602,14 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if not scale.is_contiguous():
         scale = scale.contiguous()
     geometry = (list(stride), list(num_pad), list(dilation), groups)
+    if adapter_index is not None:
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
+                                        or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _MixedConvFunction.apply(x, weight, bias, scale, feedforward, geometry,
+                                            adapter_index)
+        y, _ = mixed_conv_forward(x, weight, bias, scale, feedforward, geometry, adapter_index)
+        return y
     if torch.compiler.is_compiling():
         y = _folded_conv_torch(x, weight, bias, scale, feedforward, geometry)
     elif torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or weight.requires_grad
