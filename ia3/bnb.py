@@ -19,6 +19,7 @@ from ia3_kernels.fourbit import FourBitWeight, ia3_linear_4bit
 from ia3_kernels.int8 import ia3_linear_int8
 
 from .layer import active_scaling
+from .mixed import MixedBatchForward
 
 HAS_BNB_8BIT = hasattr(peft_ia3_bnb, "Linear8bitLt")
 HAS_BNB_4BIT = hasattr(peft_ia3_bnb, "Linear4bit")
@@ -44,7 +45,7 @@ def _unfusable_reason(base: nn.Module, bnb_class: type) -> Optional[str]:
     return None
 
 
-class _FusedBnbForward:
+class _FusedBnbForward(MixedBatchForward):
     """The forward both bnb wrappers share: PEFT's own forward where it does something else
     (adapters disabled, extra arguments), the bare base without an active adapter, PEFT's math
     around the base with a one-time warning where the kernels do not cover the base
@@ -56,6 +57,9 @@ class _FusedBnbForward:
                 f"active adapters {list(self.active_adapters)})")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names, args, kwargs)
         if self.disable_adapters or args or kwargs:
             return super().forward(x, *args, **kwargs)
         scaling = active_scaling(self)
@@ -63,6 +67,9 @@ class _FusedBnbForward:
             return self.base_layer(x)
         out = self._fused_forward(x, scaling, self.get_base_layer())
         return scaled_base_forward(self, x, scaling) if out is None else out
+
+    def _fused_mixed(self, x, table, index):
+        return self._fused_forward(x, table, self.get_base_layer(), adapter_index=index)
 
 
 def _int8_unfusable_reason(base: nn.Module) -> Optional[str]:
@@ -96,7 +103,7 @@ if HAS_BNB_8BIT:
         """Drop-in for `peft.tuners.ia3.bnb.Linear8bitLt` (bnb `Linear8bitLt` bases with
         `has_fp16_weights=False`, any `threshold`: the fused op never quantizes activations)."""
 
-        def _fused_forward(self, x, scaling, base) -> Optional[torch.Tensor]:
+        def _fused_forward(self, x, scaling, base, adapter_index=None) -> Optional[torch.Tensor]:
             reason = _int8_unfusable_reason(base)
             cb, scb = int8_weight(base) if reason is None else (None, None)
             if reason is None and scb is None:
@@ -105,7 +112,7 @@ if HAS_BNB_8BIT:
                 config.fallback(reason)
                 return None
             return ia3_linear_int8(x, cb, scb, base.bias, scaling, self.is_feedforward,
-                                   describe=self._describe)
+                                   adapter_index=adapter_index, describe=self._describe)
 
 
 def _4bit_unfusable_reason(base: nn.Module) -> Optional[str]:
@@ -130,7 +137,7 @@ if HAS_BNB_4BIT:
         base's compute_dtype (autocast's under autocast) and returns x's dtype, as the bare
         bnb layer does."""
 
-        def _fused_forward(self, x, scaling, base) -> Optional[torch.Tensor]:
+        def _fused_forward(self, x, scaling, base, adapter_index=None) -> Optional[torch.Tensor]:
             reason = _4bit_unfusable_reason(base)
             if reason is not None:
                 config.fallback(reason)
@@ -141,4 +148,5 @@ if HAS_BNB_4BIT:
             weight = base.weight
             return ia3_linear_4bit(x, FourBitWeight.from_bnb(weight.data, weight.quant_state),
                                    base.bias, scaling, self.is_feedforward,
-                                   compute_dtype=base.compute_dtype, describe=self._describe)
+                                   compute_dtype=base.compute_dtype, adapter_index=adapter_index,
+                                   describe=self._describe)

@@ -14,6 +14,8 @@ from transformers.pytorch_utils import Conv1D
 from ia3_kernels import config, ia3_linear
 from ia3_kernels.conv import ia3_conv
 
+from .mixed import MixedBatchForward
+
 # Base layers whose forward is exactly `x W^T + b` (nn.Linear) or `x W + b` (GPT-2's Conv1D).
 _PLAIN_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 
@@ -51,7 +53,7 @@ def _unfusable_reason(base: nn.Module, plain_forwards: tuple, computes: str) -> 
     return None
 
 
-class _FusedForward:
+class _FusedForward(MixedBatchForward):
     """The forward every dense fused layer shares: PEFT's own forward where it does something
     else (adapters disabled or merged, extra arguments), PEFT's forward with a one-time warning
     where the base is not the plain layer the op computes, the bare base without an active
@@ -61,14 +63,12 @@ class _FusedForward:
     _COMPUTES = ""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names, args, kwargs)
         if self._disable_adapters or self.merged_adapters or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        if isinstance(base, BaseTunerLayer):
-            # get_base_layer() probes hasattr(module, "base_layer"), which raises and catches an
-            # AttributeError on every plain nn.Linear: ~5 us a call. Only nested wrappers need it.
-            base = base.get_base_layer()
-        reason = _unfusable_reason(base, self._PLAIN_FORWARDS, self._COMPUTES)
+        base, reason = self._fusable_base()
         if reason is not None:
             config.fallback(reason)
             return super().forward(x)
@@ -76,6 +76,22 @@ class _FusedForward:
         if scaling is None:
             return self.base_layer(x)
         return self._fused_forward(x, base, scaling)
+
+    def _fusable_base(self):
+        """(the plain base layer, why the op cannot compute it or None)."""
+        base = self.base_layer
+        if isinstance(base, BaseTunerLayer):
+            # get_base_layer() probes hasattr(module, "base_layer"), which raises and catches an
+            # AttributeError on every plain nn.Linear: ~5 us a call. Only nested wrappers need it.
+            base = base.get_base_layer()
+        return base, _unfusable_reason(base, self._PLAIN_FORWARDS, self._COMPUTES)
+
+    def _fused_mixed(self, x, table, index):
+        base, reason = self._fusable_base()
+        if reason is not None:
+            config.fallback(reason)
+            return None
+        return self._fused_forward(x, base, table, adapter_index=index)
 
 
 class _ExactUnmerge:
@@ -124,9 +140,10 @@ class Linear(_FusedForward, _ExactUnmerge, peft_ia3_layer.Linear):
         return (f"ia3.Linear({type(self.get_base_layer()).__name__} {self.in_features}->"
                 f"{self.out_features}, {kind}, active adapters {list(self.active_adapters)})")
 
-    def _fused_forward(self, x, base, scaling):
+    def _fused_forward(self, x, base, scaling, adapter_index=None):
         return ia3_linear(x, base.weight, base.bias, scaling, feedforward=self.is_feedforward,
-                          fan_in_fan_out=self.fan_in_fan_out, describe=self._describe)
+                          fan_in_fan_out=self.fan_in_fan_out, adapter_index=adapter_index,
+                          describe=self._describe)
 
 
 class _FusedConv(_FusedForward, _ExactUnmerge):
@@ -142,10 +159,10 @@ class _FusedConv(_FusedForward, _ExactUnmerge):
                 f"kernel {tuple(base.kernel_size)}, groups {base.groups}, {kind}, "
                 f"active adapters {list(self.active_adapters)})")
 
-    def _fused_forward(self, x, base, scaling):
+    def _fused_forward(self, x, base, scaling, adapter_index=None):
         return ia3_conv(x, base.weight, base.bias, scaling, self.is_feedforward, base.stride,
                         base.padding, base.dilation, base.groups, base.padding_mode,
-                        describe=self._describe)
+                        adapter_index=adapter_index, describe=self._describe)
 
 
 class Conv2d(_FusedConv, peft_ia3_layer.Conv2d):

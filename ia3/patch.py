@@ -11,7 +11,7 @@ from peft.tuners.ia3 import layer as peft_ia3_layer
 from peft.tuners.ia3 import model as peft_ia3_model
 from torch import nn
 
-from . import bnb
+from . import bnb, mixed
 from .layer import Conv2d, Conv3d, Linear
 
 # PEFT layer class -> fused twin. Layer types not listed here stay PEFT's.
@@ -34,7 +34,9 @@ _saved_originals: list[list[tuple[object, str, type]]] = []
 
 def patch_peft() -> None:
     """Make PEFT's IA3 tuner build fused layers (get_peft_model, PeftModel.from_pretrained,
-    load_adapter, add_weighted_adapter on new modules). Idempotent."""
+    load_adapter, add_weighted_adapter on new modules), and give PEFT's IA3Model the
+    adapter_names hook for mixed-adapter batches (ia3.mixed). Idempotent."""
+    mixed.install()
     with _lock:
         for module, name in _LOOKUPS:
             current = getattr(module, name, None)
@@ -77,7 +79,8 @@ def _swap(model: nn.Module, mapping: dict[type, type]) -> nn.Module:
 def fuse(model: nn.Module) -> nn.Module:
     """Swap every PEFT IA3 layer of `model` for its fused twin, in place; returns the model.
     Calling it twice is harmless. For a PeftModel, its IA3 configs are checked on the way
-    (check_feedforward_modules: a feedforward pattern that matches nothing warns)."""
+    (check_feedforward_modules: a feedforward pattern that matches nothing warns), and PEFT's
+    IA3Model learns mixed-adapter batches (`adapter_names=`, ia3.mixed)."""
     from peft.tuners.ia3.config import IA3Config
 
     from .training import check_feedforward_modules
@@ -85,6 +88,7 @@ def fuse(model: nn.Module) -> nn.Module:
     for config in getattr(model, "peft_config", {}).values():
         if isinstance(config, IA3Config):
             check_feedforward_modules(config, model)
+    mixed.install()
     return _swap(model, FUSED_CLASSES)
 
 

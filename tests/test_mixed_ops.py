@@ -171,3 +171,35 @@ def test_bad_mixed_input_raises_before_launch(triton_backend, monkeypatch, famil
     op, _ = _family(family, w, torch.float32)
     with pytest.raises(ValueError, match=match):
         op(x, b, table, True, index)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_mixed_batch_conv_against_reference(triton_backend, dtype, feedforward, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 5, 7, generator=g).to(DEVICE, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.randn(8, 3, 3, 3, generator=g) / 5).to(DEVICE, dtype)
+    b = torch.randn(8, generator=g).to(DEVICE, dtype)
+    table = (torch.rand(ADAPTERS, 6 if feedforward else 8, generator=g) + 0.5).to(DEVICE)
+    index = torch.tensor(INDEX[:3], device=DEVICE)
+
+    def run(fn, x, w, b, table, dy=None):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, table)]
+        y = fn(*leaves, feedforward, padding=1, groups=2, adapter_index=index)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y) \
+            if dy is None else dy
+        return y, torch.autograd.grad(y, leaves, dy.to(y.dtype)), dy
+
+    y, grads, dy = run(ia3_kernels.ia3_conv, x, w, b, table)
+    y_peft, grads_peft, _ = run(ia3_kernels.torch_ia3_conv, x, w, b, table, dy)
+    y_ref, grads_ref, _ = run(ia3_kernels.torch_ia3_conv, x.double(), w.double(), b.double(),
+                              table.double(), dy.double())
+    assert_within_peft_bar(y, y_peft, y_ref, dtype, "y")
+    for name, g_, gp, gr in zip(["dx", "dweight", "dbias", "dtable"], grads, grads_peft,
+                                grads_ref):
+        assert g_.shape == gp.shape and g_.dtype == gp.dtype, name
+        assert_within_peft_bar(g_, gp, gr, dtype, name)
+    assert torch.all(grads[3][[1]] == 0)
