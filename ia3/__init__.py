@@ -9,6 +9,7 @@ from ia3_kernels import (IA3FallbackError, get_backend, ia3_conv, ia3_linear, is
 
 from .bnb import HAS_BNB_4BIT, HAS_BNB_8BIT
 from .layer import Conv2d, Conv3d, Linear, active_scaling, set_keep_original_on_merge
+from .mixed import BASE_ADAPTER, AdapterBatch
 from .patch import FUSED_CLASSES, fuse, patch_peft, patched_peft, unfuse, unpatch_peft
 from .training import IA3GradNormCallback, check_feedforward_modules, ia3_grad_norms
 
@@ -20,7 +21,7 @@ if HAS_BNB_4BIT:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Conv2d", "Conv3d", "FUSED_CLASSES", "HAS_BNB_4BIT", "HAS_BNB_8BIT", "IA3FallbackError",
+    "AdapterBatch", "BASE_ADAPTER", "Conv2d", "Conv3d", "FUSED_CLASSES", "HAS_BNB_4BIT", "HAS_BNB_8BIT", "IA3FallbackError",
     "IA3GradNormCallback", "Linear", "active_scaling",
     "check_feedforward_modules", "fuse", "get_backend", "ia3_conv", "ia3_grad_norms", "ia3_linear",
     "is_strict", "patch_peft", "patched_peft", "set_backend", "set_keep_original_on_merge",

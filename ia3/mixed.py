@@ -29,20 +29,25 @@ BASE_ADAPTER = "__base__"
 
 
 class AdapterBatch:
-    """One adapter name per example, resolved once: `adapters` (distinct names other than
-    "__base__", in order of first appearance) and each example's table row (`len(adapters)`
-    for "__base__"), as a host tensor copied once to each device that asks."""
+    """One adapter name per example, resolved once: `adapters` (the table's rows: distinct
+    names other than "__base__" in order of first appearance, or the given `adapters`, e.g. a
+    server's whole set so that its cached tables serve every batch) and each example's table
+    row (`len(adapters)` for "__base__"), as a host tensor copied once to each device."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], adapters: Optional[Sequence[str]] = None):
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
             raise TypeError(f"adapter_names must be a list of adapter names (str), one per example, "
                             f"got {names!r}")
         self.names = list(names)
         position: dict[str, int] = {}
-        for name in self.names:
+        for name in (self.names if adapters is None else adapters):
             if name != BASE_ADAPTER and name not in position:
                 position[name] = len(position)
+        missing = {n for n in self.names if n != BASE_ADAPTER and n not in position}
+        if missing:
+            raise ValueError(f"adapter_names {sorted(missing)} are not among adapters={adapters}")
         self.adapters = tuple(position)
+        self._given = None if adapters is None else tuple(adapters)
         base_row = len(self.adapters)
         self._host_index = torch.tensor([position.get(n, base_row) for n in self.names],
                                         dtype=torch.int32)
@@ -60,7 +65,7 @@ class AdapterBatch:
 
     def repeated(self, times: int) -> "AdapterBatch":
         """Each example's name `times` times in a row (beam search expands the batch so)."""
-        return AdapterBatch([n for n in self.names for _ in range(times)])
+        return AdapterBatch([n for n in self.names for _ in range(times)], self._given)
 
 
 def as_adapter_batch(adapter_names) -> AdapterBatch:
