@@ -187,11 +187,12 @@ def markdown(env: dict, rows: list[dict]) -> str:
            "|" + "---|" * 14]
     for r in rows:
         sub = r["peft_sub_us"]
+        speedup = "" if sub is None else f"{sub / r['mixed_us']:.1f}"
         out.append(f"| {r['fmt']} | {r['layer']} | {r['k']}->{r['n']} | {r['mode']} | "
                    f"{r['phase']} | {r['m']} | {r['adapters']} | {r['timing']} | "
                    f"{fmt(r['bare_us'])} | {fmt(r['single_us'])} | {fmt(r['mixed_us'])} | "
                    f"{fmt(sub)} | {r['mixed_us'] / r['single_us']:.3f} | "
-                   f"{'' if sub is None else f'{sub / r['mixed_us']:.1f}'} |")
+                   f"{speedup} |")
     return "\n".join(out) + "\n"
 
 

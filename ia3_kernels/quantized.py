@@ -43,8 +43,21 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     dtype = x.dtype
     if M == 0:
         return x.new_empty((0, N)), (x.new_empty((0, N)) if save_preact else None)
+    if feedforward and scale_index is not None:
+        # A mixed batch's l differs per example: one pass forms x*l (M x K, rounded as PEFT's
+        # x*l), then the dequantize-matmul runs without scaling. Gathering the table in the
+        # fused K-loop cost up to 1.2x the single-adapter layer on NF4 14336->4096 at M = 64
+        # (H100, CUDA graphs, benchmarks/results/mixed-h100.md); the pass costs ~2 us there.
+        xs = torch.empty((M, K), device=x.device, dtype=dtype)
+        x = _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
+                                 traceable=traceable)[0]
+        scale = scale_index = None
     if not wq.use_cublas(M, "fwd", x.device):
         fused = wq.fused_args(M, "fwd", dtype)
+        if feedforward and scale is None:
+            y, _, _, _ = _launch_matmul(x, out_shape=(M, N), out_dtype=dtype, bias=bias,
+                                        traceable=traceable, **fused)
+            return y, None
         if feedforward:
             y, _, _, _ = _launch_matmul(x, out_shape=(M, N), out_dtype=dtype, scale_a=scale,
                                         bias=bias, scale_index=scale_index, traceable=traceable,
@@ -54,15 +67,10 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
                                     bias=bias, store_preact=save_preact, scale_index=scale_index,
                                     traceable=traceable, **fused)
         return y, u
-    # W (feedforward: W diag(l), exact) dequantized whole, one cuBLAS GEMM. A mixed batch's
-    # feedforward l differs per example: a pass scales x instead (M x K scratch).
-    fold = feedforward and scale_index is None
+    # W (feedforward: W diag(l), exact) dequantized whole, one cuBLAS GEMM.
     w = wq.dequantize_into(torch.empty((N, K), device=x.device, dtype=dtype),
-                           scale=scale if fold else None, scale_axis=1, traceable=traceable)
-    if feedforward and not fold:
-        xs = torch.empty((M, K), device=x.device, dtype=dtype)
-        x = _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
-                                 traceable=traceable)[0]
+                           scale=scale if feedforward else None, scale_axis=1,
+                           traceable=traceable)
     out = _cublas_linear(x, w.t(), bias)
     del w
     if feedforward:

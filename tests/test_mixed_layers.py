@@ -24,7 +24,7 @@ def _multi_adapter(build, seed=0, convert=None):
     """A fused PEFT model holding adapters a, b, c with random vectors (eval mode)."""
     torch.manual_seed(seed)
     base, config = build()
-    base = base.to(DEVICE) if convert is None else convert(base)
+    base = base.to(DEVICE) if convert is None else convert(base.to(DEVICE))
     model = get_peft_model(base, config, adapter_name=ADAPTERS[0])
     for name in ADAPTERS[1:]:
         model.add_adapter(name, copy.deepcopy(config))
@@ -210,3 +210,25 @@ def test_cached_table_follows_vector_updates(triton_backend):
     assert layer._ia3_table_cache[1] is not table
     assert not torch.allclose(first[0], updated[0])  # example 0 uses adapter a
     torch.testing.assert_close(first[1], updated[1])  # example 1 is __base__
+
+
+def test_kept_adapter_batch_reuses_tables_until_cleared(triton_backend):
+    """A caller may pass one AdapterBatch to many calls (a server's fixed batch): its tables
+    are stacked once; clear_tables() after a vector update makes them follow."""
+    model = _multi_adapter(llama)
+    inputs = _inputs("llama", len(NAMES))
+    batch = ia3.AdapterBatch(NAMES, adapters=ADAPTERS)
+    with torch.no_grad():
+        first = model(**inputs, adapter_names=batch).logits
+        tables = dict(batch.tables)
+        assert len(tables) == sum(isinstance(m, ia3.Linear) for m in model.modules())
+        torch.testing.assert_close(model(**inputs, adapter_names=batch).logits, first,
+                                   rtol=0, atol=0)
+        assert all(batch.tables[k] is t for k, t in tables.items())
+        for name, p in model.named_parameters():
+            if "ia3_l.gamma" in name:
+                p.mul_(2.0)
+        batch.clear_tables()
+        updated = model(**inputs, adapter_names=batch).logits
+    assert not torch.allclose(first[2], updated[2])  # example 2 uses gamma
+    torch.testing.assert_close(first[0], updated[0])
