@@ -20,6 +20,7 @@ from ia3_kernels.int8 import ia3_linear_int8
 
 from .layer import active_scaling
 from .mixed import MixedBatchForward
+from .quant_merge import QuantizedMerge, merge_4bit, unmerge_4bit
 
 HAS_BNB_8BIT = hasattr(peft_ia3_bnb, "Linear8bitLt")
 HAS_BNB_4BIT = hasattr(peft_ia3_bnb, "Linear4bit")
@@ -60,6 +61,12 @@ class _FusedBnbForward(MixedBatchForward):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:
             return self._mixed_forward(x, adapter_names, args, kwargs)
+        if self.merged:
+            # The base holds the merged weights (quant_merge.py); PEFT's bnb wrappers never
+            # merge, so their forward would scale again.
+            if self.disable_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or args or kwargs:
             return super().forward(x, *args, **kwargs)
         scaling = active_scaling(self)
@@ -99,7 +106,7 @@ def int8_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 if HAS_BNB_8BIT:
 
-    class Linear8bitLt(_FusedBnbForward, peft_ia3_bnb.Linear8bitLt):
+    class Linear8bitLt(_FusedBnbForward, QuantizedMerge, peft_ia3_bnb.Linear8bitLt):
         """Drop-in for `peft.tuners.ia3.bnb.Linear8bitLt` (bnb `Linear8bitLt` bases with
         `has_fp16_weights=False`, any `threshold`: the fused op never quantizes activations)."""
 
@@ -131,11 +138,14 @@ def _4bit_unfusable_reason(base: nn.Module) -> Optional[str]:
 
 if HAS_BNB_4BIT:
 
-    class Linear4bit(_FusedBnbForward, peft_ia3_bnb.Linear4bit):
+    class Linear4bit(_FusedBnbForward, QuantizedMerge, peft_ia3_bnb.Linear4bit):
         """Drop-in for `peft.tuners.ia3.bnb.Linear4bit` (bnb `Linear4bit` bases: NF4 or FP4,
         any blocksize and quant_storage, with or without double quantization). Computes in the
         base's compute_dtype (autocast's under autocast) and returns x's dtype, as the bare
         bnb layer does."""
+
+        _MERGE = staticmethod(merge_4bit)
+        _UNMERGE = staticmethod(unmerge_4bit)
 
         def _fused_forward(self, x, scaling, base, adapter_index=None) -> Optional[torch.Tensor]:
             reason = _4bit_unfusable_reason(base)

@@ -273,10 +273,31 @@ def _checkpointing_hooks(model: nn.Module, batch: AdapterBatch) -> None:
         layer._ia3_checkpoint_hooks.append(layer.register_full_backward_hook(drop_hooks))
 
 
+def unload_and_optionally_merge(self, *args, **kwargs):
+    """IA3Model._unload_and_optionally_merge without PEFT's refusal of quantized models when
+    every IA3 layer is ours (which merge into bnb weights: ia3.quant_merge)."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    merge = kwargs.get("merge", args[0] if args else True)
+    quantized = (getattr(self.model, "is_loaded_in_8bit", False)
+                 or getattr(self.model, "is_loaded_in_4bit", False))
+    layers = [m for m in self.modules() if isinstance(m, IA3Layer)]
+    if merge and quantized and all(isinstance(m, _fused_classes()) for m in layers):
+        return BaseTuner._unload_and_optionally_merge(self, *args, **kwargs)
+    return _PEFT_UNLOAD[0](self, *args, **kwargs)
+
+
+_PEFT_UNLOAD: list = []
+
+
 def install() -> None:
-    """Give PEFT's IA3Model the adapter_names hook. Idempotent."""
+    """Give PEFT's IA3Model the adapter_names hook and merge_and_unload on quantized bases.
+    Idempotent."""
     from peft.tuners.ia3.model import IA3Model
 
     if getattr(IA3Model, "_enable_peft_forward_hooks", None) is not enable_peft_forward_hooks:
         IA3Model._enable_peft_forward_hooks = enable_peft_forward_hooks
+    if IA3Model._unload_and_optionally_merge is not unload_and_optionally_merge:
+        _PEFT_UNLOAD[:] = [IA3Model._unload_and_optionally_merge]
+        IA3Model._unload_and_optionally_merge = unload_and_optionally_merge
 
