@@ -182,7 +182,7 @@ def test_attention_dscale_without_saved_preact(triton_backend, path):
     x, w, b, scale = make_case(9, 40, 24, False, False, True, torch.float32)
     s = scale.clone().requires_grad_()
     with ia3_kernels.dense_path(path):
-        y = dense._DenseLinearFunction.apply(x, w, b, s, False, False, False)
+        y = dense._DenseLinearFunction.apply(x, w, b, s, False, False, False, None)
     y.square().sum().backward()
     sr = scale.double().requires_grad_()
     ia3_kernels.torch_ia3_linear(x.double(), w.double(), b.double(), sr, False).square().sum().backward()
@@ -203,7 +203,7 @@ def test_custom_op_autograd_matches_eager_function(triton_backend, feedforward, 
     for call in (lambda *a: torch.ops.ia3_kernels.dense_linear(*a)[0],
                  dense._DenseLinearFunction.apply):
         xg, sg, bg = (t.clone().requires_grad_() for t in (x, scale, b))
-        y = call(xg, w, bg, sg, feedforward, False, save)
+        y = call(xg, w, bg, sg, feedforward, False, save, None)
         results.append([y] + list(torch.autograd.grad(y, [xg, sg, bg], dy)))
     for op_result, eager_result in zip(*results):
         torch.testing.assert_close(op_result, eager_result, rtol=1e-6, atol=1e-6)

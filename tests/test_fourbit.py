@@ -170,7 +170,7 @@ def test_attention_scale_grad_when_u_was_not_saved(triton_backend):
     """A direct caller that does not save u still gets dl (u is recomputed)."""
     x, w, b, scale = make_case(9, 64, 30, False, True, torch.float32)
     scale.requires_grad_()
-    y = fourbit._FourBitLinearFunction.apply(x, w, b, scale, False, False)
+    y = fourbit._FourBitLinearFunction.apply(x, w, b, scale, False, False, None)
     (g,) = torch.autograd.grad(y, scale, torch.ones_like(y))
     s = scale.detach().clone().requires_grad_()
     (g_ref,) = torch.autograd.grad(fourbit.torch_ia3_linear_4bit(x, w, b, s, False), s,

@@ -37,3 +37,38 @@ def test_mixed_llama_shapes_bf16(family, feedforward, k, n, batch, tokens):
     _, again, _ = _run(op, x, b, table, feedforward, index, dy)
     for first, second in zip(grads, again):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("path", ["fused", "cublas"])
+@pytest.mark.parametrize("feedforward,save_preact", [(True, False), (False, True), (False, False)])
+def test_opcheck_mixed(path, feedforward, save_preact):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, 256, generator=g).cuda().to(torch.bfloat16).reshape(36, 256)
+    w = (torch.randn(96, 256, generator=g) / 16).cuda().to(torch.bfloat16)
+    b = torch.randn(96, generator=g).cuda().to(torch.bfloat16)
+    table = (torch.rand(5, 256 if feedforward else 96, generator=g) + 0.5).cuda()
+    index = torch.tensor([3, 0, 3, 1], device="cuda")
+    args = (x.requires_grad_(), w, b, table.requires_grad_(), feedforward, False, save_preact,
+            index)
+    with ia3_kernels.dense_path(path):
+        torch.library.opcheck(torch.ops.ia3_kernels.dense_linear, args)
+
+
+def test_torch_compile_mixed_batch_fullgraph():
+    """A compiled layer with a mixed batch: no graph break, the eager op's outputs and grads."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 512, generator=g).cuda().to(torch.bfloat16)
+    w = (torch.randn(384, 512, generator=g) / 23).cuda().to(torch.bfloat16)
+    table = (torch.rand(4, 512, generator=g) + 0.5).cuda()
+    index = torch.tensor([0, 2, 2, 1, 0, 3], device="cuda")
+
+    def layer(x, t):
+        return ia3_kernels.ia3_linear(x, w, None, t, True, adapter_index=index)
+
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):
+        xg, tg = x.clone().requires_grad_(), table.clone().requires_grad_()
+        y = fn(xg, tg)
+        results.append([y, *torch.autograd.grad(y.float().square().sum(), [xg, tg])])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)

@@ -264,7 +264,7 @@ def test_attention_scale_grad_when_u_was_not_saved(triton_backend):
     """A direct caller of the op that does not save u still gets dl (u is recomputed)."""
     x, cb, scb, b, scale = make_case(9, 40, 30, False, True, torch.float32)
     scale.requires_grad_()
-    y = int8._Int8LinearFunction.apply(x, cb, scb, b, scale, False, False)
+    y = int8._Int8LinearFunction.apply(x, cb, scb, b, scale, False, False, None)
     (g,) = torch.autograd.grad(y, scale, torch.ones_like(y))
     s = scale.detach().clone().requires_grad_()
     (g_ref,) = torch.autograd.grad(int8.torch_ia3_linear_int8(x, cb, scb, b, s, False), s,

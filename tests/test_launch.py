@@ -24,9 +24,9 @@ def _binder_for(kernel, args, kwargs):
 
 def _scale_args(src, scale, out):
     R, C = src.shape
-    args = (src, scale, out, None, None, None, None, None, None, None, R, C, R, src.stride(0),
-            src.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0, 0)  # aux, batch strides
-    kwargs = dict(SCALE_AXIS=1, STORE_OUT=True, REDUCE_AUX=False, ROW_SCALE=False,
+    args = (src, scale, out, None, None, None, None, None, None, None, None, R, C, R, 1,
+            src.stride(0), src.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0, 0)
+    kwargs = dict(SCALE_AXIS=1, SCALE_GATHER=False, STORE_OUT=True, REDUCE_AUX=False, ROW_SCALE=False,
                   ROW_SCALE_MUL=1.0, SRC_4BIT=False, Q_BLOCKSIZE=64, Q_NESTED=False,
                   Q_BLOCKSIZE2=256, Q_ALIGNED=False, BLOCK_R=16, BLOCK_C=32, num_warps=4)
     return args, kwargs
@@ -51,8 +51,8 @@ def test_key_separates_what_triton_specialises():
     shifted = torch.randn(33 * 40 + 1)[1:].view(33, 40)
     assert key_of(shifted, *args[1:]) != key
     assert key_of(src.half(), *args[1:]) != key  # dtype
-    assert key_of(*args[:10], 1, *args[11:]) != key  # an int (R) that becomes 1
-    assert key_of(*args[:10], 32, *args[11:]) != key  # divisible by 16
+    assert key_of(*args[:11], 1, *args[12:]) != key  # an int (R) that becomes 1
+    assert key_of(*args[:11], 32, *args[12:]) != key  # divisible by 16
     assert key_of(*args, num_warps=8)[-2:] != key[-2:]  # launch options
     assert key_of(*args, BLOCK_C=64) != key  # constexpr values
     assert key_of(*args) == key  # and the same call keys the same
