@@ -1197,12 +1197,14 @@ def _where(describe) -> str:
 
 
 def _check_scale_and_bias(where: str, scale, bias, K: int, N: int, feedforward: bool,
-                          adapter_index=None) -> None:
-    """The IA3 vector has in_features (feedforward) or out_features (attention) values; the
-    bias out_features. Shared by every op family's input checks. A mixed-adapter batch's table
-    is checked by mixed.check_adapter_index."""
+                          adapter_index=None, x=None) -> None:
+    """The IA3 vector has in_features (feedforward) or out_features (attention) values, or a
+    mixed-adapter batch's table one row of them per adapter and one index per example of x;
+    the bias out_features. Shared by every op family's input checks."""
     expected = K if feedforward else N
-    if adapter_index is None and scale.numel() != expected:
+    if adapter_index is not None:
+        mixed.check_adapter_index(where, x, scale, adapter_index, expected, feedforward)
+    elif scale.numel() != expected:
         kind = "feedforward (scales in_features)" if feedforward else "attention (scales out_features)"
         raise ValueError(f"{where}: a {kind} layer needs {expected} scaling values, "
                          f"got a vector of shape {tuple(scale.shape)}")
@@ -1221,11 +1223,8 @@ def _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe=
         layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
         raise ValueError(f"{_where(describe)}: x's last dimension must be in_features={K} (weight "
                          f"{tuple(weight.shape)} stored {layout}), got x of shape {tuple(x.shape)}")
-    _check_scale_and_bias(_where(describe), scale, bias, K, N, feedforward, adapter_index)
+    _check_scale_and_bias(_where(describe), scale, bias, K, N, feedforward, adapter_index, x)
     _check_devices_and_dtypes(lambda: _where(describe), x, weight, bias, scale)
-    if adapter_index is not None:
-        mixed.check_adapter_index(_where(describe), x, scale, adapter_index,
-                                  K if feedforward else N, feedforward)
 
 
 def _check_devices_and_dtypes(where, x, weight, bias, scale, stored=None) -> None:

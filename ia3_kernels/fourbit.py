@@ -28,7 +28,6 @@ from torch.library import triton_op
 from . import config
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
                     _launch_scale_reduce, _path_override, _sm_count, _where, split_k_for)
-from .mixed import check_adapter_index
 from .quantized import compute_dtype as _autocast_or
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -339,12 +338,10 @@ def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None,
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (4-bit weight "
                          f"({N}, {K})), got x of shape {tuple(x.shape)}")
-    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index)
+    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index, x)
     _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {
         "weight": w.packed, "absmax": w.absmax, "code": w.code, "absmax2": w.absmax2,
         "code2": w.code2, "offset": w.offset})
-    if adapter_index is not None:
-        check_adapter_index(where, x, scale, adapter_index, K if feedforward else N, feedforward)
 
 
 def _as_kernel_weight(w: FourBitWeight) -> FourBitWeight:

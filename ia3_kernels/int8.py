@@ -29,7 +29,6 @@ from torch.library import triton_op
 
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
                     _launch_scale_reduce, _path_override, _where)
-from .mixed import check_adapter_index
 from .quantized import compute_dtype as _compute_dtype
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -220,10 +219,8 @@ def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None, adapter_i
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (CB {tuple(cb.shape)}"
                          f" stored (out, in)), got x of shape {tuple(x.shape)}")
-    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index)
+    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index, x)
     _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {"CB": cb, "SCB": scb})
-    if adapter_index is not None:
-        check_adapter_index(where, x, scale, adapter_index, K if feedforward else N, feedforward)
 
 
 def ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,

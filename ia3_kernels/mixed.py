@@ -67,8 +67,7 @@ def gathered_scale(scale: torch.Tensor, adapter_index: Optional[torch.Tensor], x
 def gathered_rows(scale: torch.Tensor, adapter_index: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows, F): each row's table row, rows split evenly over the examples (the rarely taken
     paths that build a scaled copy in PyTorch: a weight gradient)."""
-    per_example = rows // max(1, adapter_index.numel())
-    return scale[adapter_index.repeat_interleave(per_example)]
+    return scale[row_index(adapter_index, rows)]
 
 
 def row_index(adapter_index: torch.Tensor, rows: int) -> torch.Tensor:
