@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ia3_kernels.fourbit import FourBitWeight, dequantize_4bit
+from ia3_kernels.fourbit import FourBitWeight, _absmax_fp32, dequantize_4bit
 from ia3_kernels.int8 import dequantize_int8
 
 
@@ -63,12 +63,10 @@ def merge_int8(layer, scale: torch.Tensor, keep_original: bool, what: str = "mer
     Returns what unmerge needs."""
     base = layer.get_base_layer()
     cb, scb = _int8_tensors(base)
-    saved = {"scb": scb.clone(), "bias": None if base.bias is None else base.bias.data.clone()}
+    saved = {"scb": scb.clone()}
     flat = scale.reshape(-1).float()
     if not layer.is_feedforward:
         scb.mul_(flat)  # in place: weight.SCB and state.SCB are one tensor
-        if base.bias is not None:
-            base.bias.data = (base.bias.data.float() * flat).to(base.bias.dtype)
         return saved
     exact = dequantize_int8(cb, scb, torch.float32) * flat[None, :]
     new_cb, new_scb = _quantize_rows(exact)
@@ -81,16 +79,13 @@ def merge_int8(layer, scale: torch.Tensor, keep_original: bool, what: str = "mer
 
 
 def unmerge_int8(layer, saved: dict, scale: torch.Tensor) -> None:
-    base = layer.get_base_layer()
-    cb, scb = _int8_tensors(base)
+    cb, scb = _int8_tensors(layer.get_base_layer())
     if layer.is_feedforward and "cb" not in saved:
         merge_int8(layer, 1.0 / scale, keep_original=False, what="unmerge")
         return
     if "cb" in saved:
         cb.copy_(saved["cb"])
     scb.copy_(saved["scb"])
-    if saved["bias"] is not None:
-        base.bias.data = saved["bias"]
 
 
 # ---- bitsandbytes 4-bit --------------------------------------------------------------------
@@ -104,23 +99,19 @@ def merge_4bit(layer, scale: torch.Tensor, keep_original: bool, what: str = "mer
     """Fold `scale` into the layer's 4-bit weight: into the absmax statistics where exact,
     else by re-quantizing. Returns what unmerge needs (the original data and quant_state
     objects, untouched: the merge builds new ones)."""
-    base = layer.get_base_layer()
-    weight = base.weight
+    weight = layer.get_base_layer().weight
     state = weight.quant_state
-    saved = {"bias": None if base.bias is None else base.bias.data.clone()}
+    saved = {}
     flat = scale.reshape(-1).float()
     out_features, in_features = state.shape
     w4 = FourBitWeight.from_bnb(weight.data, state)
     if not layer.is_feedforward and in_features % state.blocksize == 0:
         saved.update(_state_copy(weight))  # statistics only: a few % of the weight's bytes
-        from ia3_kernels.fourbit import _absmax_fp32
         absmax = _absmax_fp32(w4).view(out_features, -1) * flat[:, None]
         new_state = copy.copy(state)
         new_state.absmax = absmax.reshape(-1).contiguous()
         new_state.nested, new_state.state2, new_state.offset = False, None, None
         weight.quant_state = new_state
-        if base.bias is not None:
-            base.bias.data = (base.bias.data.float() * flat).to(base.bias.dtype)
         return saved
     import bitsandbytes as bnb
 
@@ -134,27 +125,25 @@ def merge_4bit(layer, scale: torch.Tensor, keep_original: bool, what: str = "mer
     new_state.dtype = state.dtype
     weight.data = packed.view(weight.data.dtype) if packed.dtype != weight.data.dtype else packed
     weight.quant_state = new_state
-    if not layer.is_feedforward and base.bias is not None:
-        base.bias.data = (base.bias.data.float() * flat).to(base.bias.dtype)
     merged = dequantize_4bit(FourBitWeight.from_bnb(weight.data, new_state), torch.float32)
     _warn_requantized(layer, what, _relative_error(merged, exact))
     return saved
 
 
 def unmerge_4bit(layer, saved: dict, scale: torch.Tensor) -> None:
-    base = layer.get_base_layer()
     if "quant_state" not in saved:
         merge_4bit(layer, 1.0 / scale, keep_original=False, what="unmerge")
-    else:
-        base.weight.data = saved["data"]
-        base.weight.quant_state = saved["quant_state"]
-    if saved["bias"] is not None:
-        base.bias.data = saved["bias"]
+        return
+    weight = layer.get_base_layer().weight
+    weight.data = saved["data"]
+    weight.quant_state = saved["quant_state"]
 
 
 class QuantizedMerge:
     """merge / unmerge for the fused bnb layers (ia3.Linear8bitLt, ia3.Linear4bit): the product
-    of the adapters to merge is folded in once (one re-quantization, not one per adapter)."""
+    of the adapters to merge is folded in once (one re-quantization, not one per adapter). The
+    format's _MERGE / _UNMERGE handle the weight; the bias (attention: b * l, restored by
+    unmerge) is handled here for both."""
 
     _MERGE = staticmethod(merge_int8)
     _UNMERGE = staticmethod(unmerge_int8)
@@ -179,7 +168,13 @@ class QuantizedMerge:
             raise ValueError(f"NaNs detected in the merged weights. The adapter {names} seems to "
                              "be broken")
         keep = _merge_defaults["keep_original"] if keep_original is None else keep_original
-        self._ia3_merge_saved = (self._MERGE(self, scale, keep), scale)
+        saved = self._MERGE(self, scale, keep)
+        bias = self.get_base_layer().bias
+        saved["bias"] = None
+        if bias is not None and not self.is_feedforward:
+            saved["bias"] = bias.data.clone()
+            bias.data = (bias.data.float() * scale.reshape(-1)).to(bias.dtype)
+        self._ia3_merge_saved = (saved, scale)
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
@@ -188,5 +183,7 @@ class QuantizedMerge:
             return
         saved, scale = self._ia3_merge_saved
         self._UNMERGE(self, saved, scale)
+        if saved["bias"] is not None:
+            self.get_base_layer().bias.data = saved["bias"]
         self._ia3_merge_saved = None
         self.merged_adapters.clear()
