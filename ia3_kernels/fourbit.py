@@ -11,8 +11,9 @@ a second-level fp32 absmax per `state2.blocksize` blocks, plus `offset`; `code` 
 table (NF4 or FP4). A weight is `code[q] * absmax` in fp32, rounded to the compute dtype: the
 kernels dequantize exactly so, tile by tile in registers, so our GEMM sees bnb's own weight.
 
-Paths by M (FOURBIT_*_CUBLAS_MIN_M): the fused dequantize-matmul (GEMV at M = 1, tl.dot with M
-padded to 16 above, split-K where the tiles do not fill the GPU); at large M a Triton pass
+Paths by M (FOURBIT_*_CUBLAS_MIN_M): the forward at M <= 64 is small_m.py's weight-streaming
+kernel (GEMV at M = 1, the weight tile as the dot's A operand above); other fused calls are
+dense.py's dequantize-matmul (split-K where the tiles do not fill the GPU); at large M a Triton pass
 dequantizes the weight (with l folded in where exact) into a scratch that cuBLAS multiplies,
 which is what bnb itself does there (dequantize + F.linear) but with IA3 folded into the pass.
 The backward stays fused through M = 1024: no (out, in) copy of the weight where bnb's
@@ -29,6 +30,7 @@ from . import config
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
                     _launch_scale_reduce, _path_override, _sm_count, _where, split_k_for)
 from .quantized import compute_dtype as _autocast_or
+from .small_m import SMALL_M_MAX_M
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
 
@@ -89,6 +91,14 @@ class FourBitWeight:
         min_m = FOURBIT_FWD_CUBLAS_MIN_M if phase == "fwd" else FOURBIT_BWD_CUBLAS_MIN_M
         return (device.type == "cuda" and M >= min_m
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
+
+    def use_small_m(self, M: int) -> bool:
+        """small_m's forward: M <= 64 and quantization blocks that never straddle rows."""
+        return (M <= SMALL_M_MAX_M and self.in_features % self.blocksize == 0
+                and _path_override["path"] != "cublas")
+
+    def small_m_args(self) -> dict:
+        return dict(w=self.packed, w_scale=self.absmax, quant4=self)
 
     def fused_args(self, M: int, phase: str, dtype: torch.dtype) -> dict:
         """Forward: B = W^T (in-features on the GEMM's K); dx = dy W: B = W (on its N)."""

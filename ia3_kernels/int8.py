@@ -32,12 +32,15 @@ from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and
 from .quantized import compute_dtype as _compute_dtype
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
+from .small_m import SMALL_M_MAX_M
 
 # Where dequantize + cuBLAS replaces the fused GEMM: from M = 512 in GEMMs of >= SMALL_GEMM_FLOP.
 # H100, CUDA graphs, fused against cuBLAS on a chunked scratch: cuBLAS won every Llama-3-8B
 # shape from M = 1024 (14336->4096: 274 against 425 us), lost at M = 256 only to the chunking
 # (16 narrow GEMMs), which the whole-weight scratch removes.
 INT8_CUBLAS_MIN_M = 512
+# small_m.py's forward from this M (to SMALL_M_MAX_M).
+INT8_SMALL_M_MIN_M = 17
 
 
 class Int8Weight:
@@ -55,6 +58,15 @@ class Int8Weight:
             return forced == "cublas"
         return (device.type == "cuda" and M >= INT8_CUBLAS_MIN_M
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
+
+    def use_small_m(self, M: int) -> bool:
+        """small_m's forward from M = 17 to 64 (H100: 2.4x dense.py's tl.dot at M = 64 on
+        14336->4096); below, dense.py's GEMV and M-padded-to-16 tiles were as fast."""
+        return (INT8_SMALL_M_MIN_M <= M <= SMALL_M_MAX_M
+                and _path_override["path"] != "cublas")
+
+    def small_m_args(self) -> dict:
+        return dict(w=self.cb, w_scale=self.scb)
 
     def fused_args(self, M: int, phase: str, dtype: torch.dtype) -> dict:
         cb = self.cb

@@ -26,6 +26,7 @@ from . import config, mixed
 from .dense import _KERNEL_DTYPES
 from .dense import (_cublas_linear, _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
                     _reduce_partials)
+from .small_m import launch_small_m
 
 # The attention backward reduces dl from the dx kernel's dy tiles (one launch) only where the
 # dense kernel measured it a win (dense.ATTN_BWD_FUSED_MAX_*): M <= 64 and N <= 1024.
@@ -52,6 +53,12 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
         x = _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
                                  traceable=traceable)[0]
         scale = scale_index = None
+    if wq.use_small_m(M):
+        return launch_small_m(x, N=N, out_dtype=dtype, bias=bias, traceable=traceable,
+                              scale_a=scale if feedforward else None,
+                              scale_c=None if feedforward else scale,
+                              store_preact=save_preact and not feedforward,
+                              scale_index=scale_index, **wq.small_m_args())
     if not wq.use_cublas(M, "fwd", x.device):
         fused = wq.fused_args(M, "fwd", dtype)
         if feedforward and scale is None:

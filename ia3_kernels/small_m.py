@@ -1,0 +1,270 @@
+"""The forward of (IA)^3 on a quantized weight at small M (decode, M <= SMALL_M_MAX_M): one
+kernel for bitsandbytes 4-bit (NF4/FP4, quantization blocks aligned to rows) and LLM.int8.
+
+Why a kernel of its own: at small M the forward streams the weight (14336x4096 NF4: 29 MB) and
+little else, so the work per weight element decides. dense.py's GEMM puts x on the tensor
+cores' M axis and the dequantized weight on B, transposed: a register tile re-laid through
+shared memory at every K step, which left NF4 at 195 us against bnb's 123 on 14336->4096 at
+M = 16 (H100, L2-cold CUDA graphs, benchmarks/results/tune-quant-small-m-h100.log). Here the
+roles swap (CUTLASS's mixed-input trick, quant-matmul.md section 1): the weight tile, BLOCK_N
+output features x BLOCK_K in-features as stored, is the dot's A operand and x^T (M padded to
+16..64) its B operand, so the time stays nearly flat from M = 2 to 16 (57 us there).
+
+4-bit: each tile is loaded as one (BLOCK_N, blocks, bytes) tensor, up to 256 bytes a row, so
+many bytes are in flight per CTA (64-byte-wide tiles ran 1.5-3x slower). Nibbles index the
+16-entry code table with tl.gather from registers: a global-memory table load per element cost
+7x at M = 16 (386 against 57 us; tune-lut-h100.log). Each weight is bnb's own, code * absmax in
+fp32 rounded once to x's dtype. At M = 1 there are no tensor cores: fp32 FMAs into a tile-sized
+accumulator, the block's absmax applied once per pair of products (the weight is not rounded).
+int8: CB converts to 16 bits exactly; SCB / 127 scales the epilogue.
+
+Split-K (grid axis 1) where the N tiles do not fill the GPU, deterministic: each split parks
+its fp32 partial, the CTA that arrives last sums them in split order and runs the epilogue
+(dense.py's scheme and counters).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import config
+from .dense import (INT8_SCALE_MUL, _absmax_of_blocks, _dot_precision, _split_k_counters,
+                    _sm_count, _traceable)
+from .launch import FastKernel, cdiv
+
+
+@triton.jit
+def _quant_small_m_kernel(
+    x_ptr, w_ptr, c_ptr, scale_a_ptr, scale_c_ptr, bias_ptr, preact_ptr, workspace_ptr,
+    counter_ptr, w_scale_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, scale_index_ptr,
+    M, N, K, rows_per_index,
+    stride_xm, stride_xk, stride_wn, stride_cm, stride_cn,
+    # 1: bnb 4-bit, w_ptr the packed bytes (two codes a byte, high nibble first, rows of K/2
+    # bytes), w_scale_ptr the absmax of each Q_BLOCKSIZE elements (BLOCK_K divides it);
+    # 0: LLM.int8, w_ptr CB (N, K) int8, w_scale_ptr SCB (N,) times W_SCALE_MUL.
+    W_4BIT: tl.constexpr, W_SCALE_MUL: tl.constexpr,
+    Q_BLOCKSIZE: tl.constexpr, Q_NESTED: tl.constexpr, Q_BLOCKSIZE2: tl.constexpr,
+    SCALE_A: tl.constexpr,  # feedforward: x[:, k] * scale_a[k] (rounded as PEFT's x*l)
+    HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr,
+    SCALE_C: tl.constexpr,  # attention: y = u * scale_c[n]
+    SCALE_GATHER: tl.constexpr,  # scale_c is a table, row scale_index[m // rows_per_index]
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rn = offs_n.to(tl.int64)  # N * K can pass 2**31
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rm = offs_m.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = min(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if BLOCK_M == 1:
+        # GEMV (M = 1): FMAs into a BLOCK_N x BLOCK_K accumulator, reduced once after the loop.
+        if W_4BIT:
+            gemv_acc = tl.zeros((BLOCK_N, BLOCK_K // min(BLOCK_K, Q_BLOCKSIZE),
+                                 min(BLOCK_K, Q_BLOCKSIZE) // 2), dtype=tl.float32)
+        else:
+            gemv_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if W_4BIT:
+            # The tile: BLOCK_N rows x NB quantization blocks x SUB/2 bytes, loaded as one 3-D
+            # tensor (many bytes in flight a CTA), each block's absmax broadcast along its bytes.
+            # Even in-features are the high nibbles, odd ones the low: two dots over the tile
+            # as loaded (interleaving the halves would re-lay the tile every step).
+            SUB: tl.constexpr = BLOCK_K if BLOCK_K < Q_BLOCKSIZE else Q_BLOCKSIZE
+            NB: tl.constexpr = BLOCK_K // SUB
+            blocks = tl.arange(0, NB)
+            byte = ((k0 // 2 + blocks * (SUB // 2))[None, :, None]
+                    + tl.arange(0, SUB // 2)[None, None, :])
+            packed = tl.load(w_ptr + rn[:, None, None] * (K // 2) + byte,
+                             mask=mask_n[:, None, None], other=0).to(tl.int32)
+            absmax = _absmax_of_blocks(
+                (rn[:, None] * K + k0 + blocks[None, :] * SUB) // Q_BLOCKSIZE, mask_n[:, None],
+                w_scale_ptr, code2_ptr, absmax2_ptr, offset_ptr, Q_NESTED, Q_BLOCKSIZE2)
+            table = tl.load(code_ptr + tl.arange(0, 16))  # fp32, in registers
+            flat: tl.constexpr = BLOCK_N * BLOCK_K // 2
+            c_even = tl.reshape(tl.gather(table, tl.reshape(packed >> 4, (flat,)), 0),
+                                (BLOCK_N, NB, SUB // 2))
+            c_odd = tl.reshape(tl.gather(table, tl.reshape(packed & 15, (flat,)), 0),
+                               (BLOCK_N, NB, SUB // 2))
+            k_even = (k0 + 2 * tl.arange(0, BLOCK_K // 2)).to(tl.int64)
+            x_even = tl.load(x_ptr + rm[None, :] * stride_xm + k_even[:, None] * stride_xk,
+                             mask=mask_m[None, :], other=0.0)
+            x_odd = tl.load(x_ptr + rm[None, :] * stride_xm + (k_even + 1)[:, None] * stride_xk,
+                            mask=mask_m[None, :], other=0.0)
+            if SCALE_A:
+                s_even = tl.load(scale_a_ptr + k_even).to(tl.float32)
+                s_odd = tl.load(scale_a_ptr + k_even + 1).to(tl.float32)
+                x_even = (x_even.to(tl.float32) * s_even[:, None]).to(dtype)
+                x_odd = (x_odd.to(tl.float32) * s_odd[:, None]).to(dtype)
+            if BLOCK_M == 1:
+                # FMAs in fp32, the block's absmax once per pair of products.
+                x_e3 = tl.reshape(x_even.to(tl.float32), (1, NB, SUB // 2))
+                x_o3 = tl.reshape(x_odd.to(tl.float32), (1, NB, SUB // 2))
+                gemv_acc += (c_even * x_e3 + c_odd * x_o3) * absmax[:, :, None]
+            else:
+                # bnb's weight exactly: code * absmax in fp32, rounded once to x's dtype.
+                w_even = tl.reshape((c_even * absmax[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K // 2))
+                w_odd = tl.reshape((c_odd * absmax[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K // 2))
+                acc = tl.dot(w_even, x_even, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(w_odd, x_odd, acc, input_precision=DOT_PRECISION)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            rk = offs_k.to(tl.int64)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0)
+            x_t = tl.load(x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
+                          mask=mask_m[None, :] & mask_k[:, None], other=0.0)
+            if SCALE_A:
+                s = tl.load(scale_a_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
+                x_t = (x_t.to(tl.float32) * s[:, None]).to(dtype)
+            if BLOCK_M == 1:
+                gemv_acc += w.to(tl.float32) * tl.trans(x_t.to(tl.float32))
+            else:
+                # int8 codes -127..127 are exact in fp16 and bf16.
+                acc = tl.dot(w.to(dtype), x_t, acc, input_precision=DOT_PRECISION)
+
+    if BLOCK_M == 1 and W_4BIT:
+        acc = tl.sum(tl.sum(gemv_acc, axis=2), axis=1)[:, None]
+    elif BLOCK_M == 1:
+        acc = tl.sum(gemv_acc, axis=1)[:, None]
+    # acc[n, m]: output (m, n) lives at c[m * stride_cm + n * stride_cn].
+    offs_2d = rm[None, :] * N + rn[:, None]
+    mask_2d = mask_n[:, None] & mask_m[None, :]
+    is_last = True
+    if SPLIT_K > 1:
+        tl.store(workspace_ptr + pid_k * M * N + offs_2d, acc, mask=mask_2d)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        is_last = arrived == SPLIT_K - 1
+        if is_last:
+            tl.store(counter_ptr + pid_n, 0)  # back to zero for the next launch
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(workspace_ptr + s * M * N + offs_2d, mask=mask_2d, other=0.0,
+                               cache_modifier=".cg")
+    if is_last:
+        u = acc
+        if not W_4BIT:
+            ws = tl.load(w_scale_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+            u = u * (ws * W_SCALE_MUL)[:, None]
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        if STORE_PREACT:
+            tl.store(preact_ptr + offs_2d, u.to(preact_ptr.dtype.element_ty), mask=mask_2d)
+        out = u
+        if SCALE_C and SCALE_GATHER:
+            row = tl.load(scale_index_ptr + offs_m // rows_per_index, mask=mask_m,
+                          other=0).to(tl.int64)
+            out = u * tl.load(scale_c_ptr + row[None, :] * N + rn[:, None], mask=mask_2d,
+                              other=0.0).to(tl.float32)
+        elif SCALE_C:
+            out = u * tl.load(scale_c_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(c_ptr + rm[None, :] * stride_cm + rn[:, None] * stride_cn,
+                 out.to(c_ptr.dtype.element_ty), mask=mask_2d)
+
+
+_KERNELS = {
+    False: (_quant_small_m_kernel if config.triton_interpreted()
+            else FastKernel(_quant_small_m_kernel)),
+    True: _traceable(_quant_small_m_kernel),
+}
+
+# The largest M this kernel takes (M padded to BLOCK_M = 16..64 on the dot's N axis).
+SMALL_M_MAX_M = 64
+# Split-K workspace (splits x M x N fp32) cap: 8 MiB, against the 117 MB bf16 weight copy that
+# bnb's own dequantize + F.linear path allocates at these M.
+SMALL_M_WORKSPACE_BYTES = 8 << 20
+
+
+def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_M = 1 is the GEMV.
+    `tiles` = (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K or 0 = auto, GEMV at M = 1)
+    overrides the table (benchmarks/tune_quant_small_m.py). 4-bit: BLOCK_K halves until it
+    divides K (a multiple of the blocksize, >= 32), so 4-bit tiles need no mask along K.
+
+    The table: H100 sweeps on the Llama-3-8B shapes, L2-cold CUDA graphs
+    (benchmarks/results/tune-lut-h100.log, tune-quant-small-m-h100.log). NF4, us:
+      M = 1 GEMV: 14336->4096 (64, 256, 4) 42.9; 4096->4096 (64, 128, 4) 14.1; 4096->14336
+        (16, 512, 4) 37.8 (bnb 31.3, 11.4, 30.5; dense.py 56.9, 18.0, 48.5);
+      M = 16: (128, 128, 4) best on all three: 57.1, 19.4, 61.2 (bnb 125.4, 38.0, 67.8);
+      M = 64: (64, 256, 8) 129.6 on 14336->4096, (128, 128, 8) 97.4 on 4096->14336 (bnb 126.6,
+        123.3; dense.py 408.6, 179.3).
+    int8 (M = 17..64 only; dense.py's tuned GEMV and tl.dot tiles hold below): (64, 128, 4, 3)
+      at M = 64: 14336->4096 46.7 with 4 splits, 4096->4096 19.3, 4096->1024 9.3 (dense.py
+      113.4, 31.0, 17.7)."""
+    interpret = config.triton_interpreted()
+    gemv = M == 1
+    if tiles is not None:
+        bn, bk, warps, stages, split, gemv = tiles
+        gemv = gemv and M == 1
+    elif interpret:
+        bn, bk, warps, stages, split = 16, 64, 4, 1, 0
+    elif not four_bit:
+        bn, bk, warps, stages, split = 64, 128, 4, 3, 0
+    elif M == 1:
+        bn, bk, warps, stages, split = ((16, 512, 4, 2, 0) if N >= 8192 else
+                                        (64, 256, 4, 2, 0) if K >= 8192 else (64, 128, 4, 2, 0))
+    elif M <= 16:
+        bn, bk, warps, stages, split = 128, 128, 4, 2, 0
+    else:
+        bn, bk, warps, stages, split = (64, 256, 8, 2, 0) if K >= 8192 else (128, 128, 8, 2, 0)
+    if four_bit:
+        while K % bk:  # the in-features are whole quantization blocks: tiles need no K mask
+            bk //= 2
+    bm = 1 if gemv else max(16, triton.next_power_of_2(M))
+    if split == 0:
+        n_tiles = cdiv(N, bn)
+        split = 1
+        if not interpret and n_tiles < 2 * _sm_count(device):
+            # ~4 CTAs an SM streaming the weight, at least 2 BLOCK_K steps each.
+            split = max(1, min(cdiv(4 * _sm_count(device), n_tiles), K // (2 * bk), 64,
+                               SMALL_M_WORKSPACE_BYTES // max(1, 4 * M * N)))
+    return bm, bn, bk, split, warps, stages
+
+
+def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=None,
+                   scale_a=None, scale_c=None, bias=None, store_preact=False, scale_index=None,
+                   tiles=None):
+    """y (M, N) = epilogue(x_scaled @ W^T) for a quantized W; returns (y, u or None).
+    4-bit (quant4 given, its blocks aligned to rows): w = the packed bytes, w_scale = absmax.
+    int8: w = CB (N, K), w_scale = SCB. scale_a: feedforward l (along K); scale_c: attention l
+    (along N; with scale_index an (adapters, N) table gathered per example)."""
+    M, K = x.shape
+    device = x.device
+    four_bit = quant4 is not None
+    bm, bn, bk, split, warps, stages = small_m_tiles(M, N, K, four_bit, device, tiles)
+    c = torch.empty((M, N), device=device, dtype=out_dtype)
+    preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
+    n_tiles = cdiv(N, bn)
+    if split > 1:
+        workspace = torch.empty((split, M, N), device=device, dtype=torch.float32)
+        counters = _split_k_counters(n_tiles, device, traceable)
+    else:
+        workspace = counters = None
+    if four_bit:
+        q_ptrs = (quant4.code, quant4.code2, quant4.absmax2, quant4.offset)
+        q_const = (quant4.blocksize, quant4.nested, quant4.blocksize2)
+    else:
+        q_ptrs, q_const = (None, None, None, None), (64, False, 256)
+    _KERNELS[traceable][(n_tiles, split)](
+        x, w, c, scale_a, scale_c, bias, preact, workspace, counters, w_scale, *q_ptrs,
+        scale_index, M, N, K, M // scale_index.numel() if scale_index is not None else 1,
+        x.stride(0), x.stride(1), 0 if four_bit else w.stride(0), c.stride(0), c.stride(1),
+        W_4BIT=four_bit, W_SCALE_MUL=INT8_SCALE_MUL, Q_BLOCKSIZE=q_const[0],
+        Q_NESTED=q_const[1], Q_BLOCKSIZE2=q_const[2], SCALE_A=scale_a is not None,
+        HAS_BIAS=bias is not None, STORE_PREACT=store_preact, SCALE_C=scale_c is not None,
+        SCALE_GATHER=scale_index is not None, SPLIT_K=split,
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages,
+    )
+    return c, preact

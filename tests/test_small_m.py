@@ -1,0 +1,170 @@
+"""small_m.py, the quantized forward at M <= 64: every tile shape the table can pick (several
+quantization blocks a tile, BLOCK_K halved to divide K, GEMV at M = 1, split-K), both formats,
+feedforward and attention (bias, stored u, gathered per-example vectors), against the float64
+reference with the "2x PEFT's error" bar; the dispatch rules; determinism."""
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, assert_within_peft_bar
+from ia3_kernels import dense, fourbit, int8, small_m
+from ia3_kernels.fourbit import FourBitWeight
+from ia3_kernels.int8 import Int8Weight
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def nf4_weight(N, K, blocksize=64, nested=True, quant_type="nf4", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    packed, state = bnb.functional.quantize_4bit(w.to(DEVICE), blocksize=blocksize,
+                                                 compress_statistics=nested, quant_type=quant_type)
+    return FourBitWeight.from_bnb(packed, state)
+
+
+def int8_weight(N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    scb = w.abs().amax(dim=1).clamp_min(1e-8)
+    cb = torch.round(w * (127.0 / scb[:, None])).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(cb.to(DEVICE), scb.float().to(DEVICE))
+
+
+def reference(x, wq, bias, scale, feedforward, dtype, adapter_index=None):
+    """(PEFT's arithmetic in dtype, the float64 ground truth) for a quantized weight."""
+    if isinstance(wq, FourBitWeight):
+        fn = lambda xx, b, s: fourbit.torch_ia3_linear_4bit(xx, wq, b, s, feedforward,
+                                                           adapter_index=adapter_index)
+    else:
+        fn = lambda xx, b, s: int8.torch_ia3_linear_int8(xx, wq.cb, wq.scb, b, s, feedforward,
+                                                        adapter_index=adapter_index)
+    peft = fn(x, bias, scale)
+    ref = fn(x.double(), None if bias is None else bias.double(), scale.double())
+    return peft, ref
+
+
+def launch(x, wq, bias, scale, feedforward, tiles=None, store_preact=False, scale_index=None):
+    return small_m.launch_small_m(
+        x, N=wq.out_features, out_dtype=x.dtype, traceable=False, bias=bias,
+        scale_a=scale if feedforward else None, scale_c=None if feedforward else scale,
+        store_preact=store_preact, scale_index=scale_index, tiles=tiles, **wq.small_m_args())
+
+
+# (M, K, N, tiles): tiles = (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, GEMV at M = 1)
+NF4_CASES = [
+    (1, 512, 40, (16, 256, 4, 1, 1, True)),  # GEMV, 4 quantization blocks a tile
+    (1, 192, 33, (16, 128, 4, 1, 2, True)),  # BLOCK_K halves to 64 (192 % 128), 2 splits
+    (1, 256, 24, (16, 64, 4, 1, 1, False)),  # M = 1 on the dot path (M padded to 16)
+    (5, 512, 48, (16, 256, 4, 1, 2, False)),  # 4 blocks a tile, split-K
+    (16, 384, 17, (16, 128, 4, 1, 3, False)),  # 3 splits of 128 in-features
+    (37, 128, 70, (32, 64, 4, 1, 1, False)),  # BLOCK_M 64
+]
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("M,K,N,tiles", NF4_CASES)
+@pytest.mark.parametrize("fmt", ["nf4", "fp4-plain"])
+def test_4bit_tiles_against_reference(M, K, N, tiles, feedforward, fmt):
+    dtype = torch.float32
+    wq = nf4_weight(N, K, quant_type=fmt[:3], nested=fmt == "nf4")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
+    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    y, u = launch(x, wq, bias, scale, feedforward, tiles, store_preact=not feedforward)
+    peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
+    assert_within_peft_bar(y, peft, ref, dtype, "y")
+    if not feedforward:  # u = x W^T + b, stored before the output scaling
+        u_peft, u_ref = reference(x, wq, bias, torch.ones_like(scale), False, dtype)
+        assert_within_peft_bar(u, u_peft, u_ref, dtype, "u")
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_4bit_other_blocksizes_with_several_blocks_a_tile(blocksize):
+    wq = nf4_weight(24, 512, blocksize=blocksize)
+    x = torch.randn(3, 512, device=DEVICE)
+    scale = torch.rand(512, device=DEVICE) + 0.5
+    for tiles in ((16, 256, 4, 1, 1, False), (16, 512, 4, 1, 2, True)):
+        y, _ = launch(x[:1] if tiles[5] else x, wq, None, scale, True, tiles)
+        peft, ref = reference(x[:1] if tiles[5] else x, wq, None, scale, True, torch.float32)
+        assert_within_peft_bar(y, peft, ref, torch.float32, f"bs {blocksize} {tiles}")
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("M,K,N,split", [(17, 300, 40, 1), (33, 256, 24, 2), (64, 130, 9, 1)])
+def test_int8_against_reference(M, K, N, split, feedforward, dtype):
+    wq = int8_weight(N, K)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
+    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    y, _ = launch(x, wq, bias, scale, feedforward, (16, 64, 4, 1, split, False))
+    peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
+    assert_within_peft_bar(y, peft, ref, dtype, "y")
+
+
+@pytest.mark.parametrize("wq_kind", ["nf4", "int8"])
+def test_mixed_adapter_attention_gathers_each_examples_vector(wq_kind):
+    """A mixed batch's attention epilogue: example e's rows take table row index[e]."""
+    N, K, examples, rows = 24, 256, 4, 3
+    wq = nf4_weight(N, K) if wq_kind == "nf4" else int8_weight(N, K)
+    x = torch.randn(examples * rows, K, device=DEVICE)
+    table = torch.rand(3, N, device=DEVICE) + 0.5
+    index = torch.tensor([2, 0, 1, 2], device=DEVICE)
+    y, _ = launch(x, wq, None, table, False, (16, 64, 4, 1, 2, False), scale_index=index)
+    for e in range(examples):
+        part = slice(e * rows, (e + 1) * rows)
+        peft, ref = reference(x[part], wq, None, table[index[e]], False, torch.float32)
+        assert_within_peft_bar(y[part], peft, ref, torch.float32, f"example {e}")
+
+
+def test_split_k_is_deterministic():
+    wq = nf4_weight(40, 1024)
+    x = torch.randn(4, 1024, device=DEVICE)
+    scale = torch.rand(1024, device=DEVICE) + 0.5
+    tiles = (16, 64, 4, 1, 8, False)
+    first = launch(x, wq, None, scale, True, tiles)[0]
+    for _ in range(3):
+        assert torch.equal(launch(x, wq, None, scale, True, tiles)[0], first)
+
+
+def test_dispatch():
+    """4-bit takes small_m at M <= 64 when blocks align with rows; int8 from M = 17; a forced
+    cuBLAS path never takes it."""
+    aligned, straddling = nf4_weight(8, 128), nf4_weight(8, 200)
+    assert aligned.use_small_m(1) and aligned.use_small_m(64) and not aligned.use_small_m(65)
+    assert not straddling.use_small_m(1)
+    q8 = int8_weight(8, 64)
+    assert not q8.use_small_m(16) and q8.use_small_m(17) and q8.use_small_m(64)
+    assert not q8.use_small_m(65)
+    with dense.dense_path("cublas"):
+        assert not aligned.use_small_m(1) and not q8.use_small_m(32)
+
+
+def test_tiles_table_and_split_rule():
+    """4-bit BLOCK_K halves to a divisor of K; the GEMV only at M = 1; M padded to 16..64."""
+    dev = torch.device(DEVICE)
+    bm, bn, bk, split, _, _ = small_m.small_m_tiles(1, 64, 192, True, dev, (16, 128, 4, 1, 0, True))
+    assert (bm, bk) == (1, 64)
+    bm, *_ = small_m.small_m_tiles(2, 64, 192, True, dev, (16, 128, 4, 1, 0, True))
+    assert bm == 16
+    assert small_m.small_m_tiles(40, 64, 256, False, dev, (16, 128, 4, 1, 0, False))[0] == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 16, 33, 64])
+@pytest.mark.parametrize("K,N", [(4096, 1024), (1024, 4096), (14336, 512)])
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_gpu_default_tiles_llama_shapes(K, N, M, dtype, feedforward):
+    """The table's own tiles (and split-K rule) on the GPU, bf16 included, both formats."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
+    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    for wq in (nf4_weight(N, K), int8_weight(N, K)):
+        y, _ = launch(x, wq, bias, scale, feedforward)
+        peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
+        assert_within_peft_bar(y, peft, ref, dtype, f"{type(wq).__name__} y")
+        assert torch.equal(launch(x, wq, bias, scale, feedforward)[0], y)  # run to run
