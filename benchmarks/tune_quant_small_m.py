@@ -20,12 +20,12 @@ from ia3_kernels.fourbit import FourBitWeight
 from ia3_kernels.int8 import Int8Weight
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
-NF4_TILES = [(bn, 64, w, s) for bn, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4, 6))]
+NF4_TILES = [(bn, bk, w, 2) for bn, bk, w in itertools.product((32, 64, 128), (128, 256, 512), (4, 8))]
 INT8_TILES = [(bn, bk, 4, s) for bn, bk, s in itertools.product((32, 64, 128), (128, 256, 512),
                                                                     (3, 4))]
 INT8_TILES += [(64, 256, 8, 4), (128, 256, 8, 4), (64, 512, 8, 3)]
-# M = 1 without tensor cores (fp32 FMAs): NF4 tiles stay inside one 64-element block.
-NF4_GEMV_TILES = [(bn, 64, w, s) for bn, w, s in itertools.product((16, 32, 64, 128), (4, 8), (1, 3))]
+# M = 1 without tensor cores (fp32 FMAs).
+NF4_GEMV_TILES = [(bn, bk, w, 2) for bn, bk, w in itertools.product((16, 32, 64), (128, 256, 512), (4, 8))]
 INT8_GEMV_TILES = [(bn, bk, w, s) for bn, bk, w, s in itertools.product((8, 16, 32), (256, 512, 1024), (4,), (1, 3))]
 
 
@@ -67,13 +67,10 @@ def weights_of(fmt, layers):
     return [Int8Weight(q.weight.CB, q.weight.SCB) for q in layers]
 
 
-def ours_small_m(fmt, w, x, scale, tiles, code):
-    if fmt == "nf4":
-        return lambda: small_m.launch_small_m(
-            x, w.packed, w.absmax, w.out_features, x.dtype, four_bit=True, traceable=False,
-            quant4=w, code_cast=code, scale_a=scale, tiles=tiles)
-    return lambda: small_m.launch_small_m(x, w.cb, w.scb, w.out_features, x.dtype, four_bit=False,
-                                          traceable=False, scale_a=scale, tiles=tiles)
+def ours_small_m(w, x, scale, tiles):
+    return lambda: small_m.launch_small_m(x, N=w.out_features, out_dtype=x.dtype,
+                                          traceable=False, scale_a=scale, tiles=tiles,
+                                          **w.small_m_args())
 
 
 def main(argv=None) -> int:
@@ -89,7 +86,6 @@ def main(argv=None) -> int:
             layers = build(fmt, k, n, copies)
             weights = weights_of(fmt, layers)
             scale = torch.rand(k, device="cuda") + 0.5
-            code = weights[0].code.to(torch.bfloat16) if fmt == "nf4" else None
             for m in map(int, args.m.split(",")):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 bare = time_rotated([lambda q=q: q(x) for q in layers]) if fmt == "nf4" else float("nan")
@@ -107,7 +103,7 @@ def main(argv=None) -> int:
                                                         else INT8_GEMV_TILES)]
                 for tiles in candidates:
                     try:
-                        us = time_rotated([ours_small_m(fmt, w, x, scale, (*tiles[:4], 0, tiles[4]), code)
+                        us = time_rotated([ours_small_m(w, x, scale, (*tiles[:4], 0, tiles[4]))
                                            for w in weights])
                     except Exception as exc:  # out of shared memory, registers
                         print(f"  {tiles} failed: {type(exc).__name__}: {str(exc)[:80]}")
@@ -118,12 +114,12 @@ def main(argv=None) -> int:
                 splits = []
                 for split in (1, 2, 4, 8, 16, 32):
                     try:
-                        us = time_rotated([ours_small_m(fmt, w, x, scale, (*best[:4], split, best[4]), code)
+                        us = time_rotated([ours_small_m(w, x, scale, (*best[:4], split, best[4]))
                                            for w in weights])
                         splits.append(f"{split}:{us:.1f}")
                     except Exception as exc:
                         splits.append(f"{split}:fail")
-                auto = small_m.small_m_tiles(m, n, k, fmt == "nf4", 64, x.device, (*best[:4], 0, best[4]))[3]
+                auto = small_m.small_m_tiles(m, n, k, fmt == "nf4", x.device, (*best[:4], 0, best[4]))[3]
                 top = "  ".join(f"{t}:{us:.1f}" for us, t in results[:4])
                 print(f"{fmt} {k}->{n} M={m}: bare {bare:.1f} dense {dense_us:.1f} | "
                       f"best {top} | split(auto {auto}) {' '.join(splits)}", flush=True)
