@@ -95,22 +95,28 @@ def _quant_small_m_kernel(
                                 (BLOCK_N, NB, SUB // 2))
             c_odd = tl.reshape(tl.gather(table, tl.reshape(packed & 15, (flat,)), 0),
                                (BLOCK_N, NB, SUB // 2))
-            k_even = (k0 + 2 * tl.arange(0, BLOCK_K // 2)).to(tl.int64)
-            x_even = tl.load(x_ptr + rm[None, :] * stride_xm + k_even[:, None] * stride_xk,
-                             mask=mask_m[None, :], other=0.0)
-            x_odd = tl.load(x_ptr + rm[None, :] * stride_xm + (k_even + 1)[:, None] * stride_xk,
-                            mask=mask_m[None, :], other=0.0)
-            if SCALE_A:
-                s_even = tl.load(scale_a_ptr + k_even).to(tl.float32)
-                s_odd = tl.load(scale_a_ptr + k_even + 1).to(tl.float32)
-                x_even = (x_even.to(tl.float32) * s_even[:, None]).to(dtype)
-                x_odd = (x_odd.to(tl.float32) * s_odd[:, None]).to(dtype)
             if BLOCK_M == 1:
-                # FMAs in fp32, the block's absmax once per pair of products.
-                x_e3 = tl.reshape(x_even.to(tl.float32), (1, NB, SUB // 2))
-                x_o3 = tl.reshape(x_odd.to(tl.float32), (1, NB, SUB // 2))
-                gemv_acc += (c_even * x_e3 + c_odd * x_o3) * absmax[:, :, None]
+                # GEMV: x comes as (blocks, bytes) like the tile, so it broadcasts along the rows
+                # with no re-layout; FMAs in fp32, the block's absmax once per pair of products.
+                k_e = (k0 + 2 * ((blocks * (SUB // 2))[:, None]
+                                 + tl.arange(0, SUB // 2)[None, :])).to(tl.int64)
+                x_e = tl.load(x_ptr + k_e * stride_xk).to(tl.float32)
+                x_o = tl.load(x_ptr + (k_e + 1) * stride_xk).to(tl.float32)
+                if SCALE_A:  # rounded as PEFT's x*l
+                    x_e = (x_e * tl.load(scale_a_ptr + k_e).to(tl.float32)).to(dtype).to(tl.float32)
+                    x_o = (x_o * tl.load(scale_a_ptr + k_e + 1).to(tl.float32)).to(dtype).to(tl.float32)
+                gemv_acc += (c_even * x_e[None, :, :] + c_odd * x_o[None, :, :]) * absmax[:, :, None]
             else:
+                k_even = (k0 + 2 * tl.arange(0, BLOCK_K // 2)).to(tl.int64)
+                x_even = tl.load(x_ptr + rm[None, :] * stride_xm + k_even[:, None] * stride_xk,
+                                 mask=mask_m[None, :], other=0.0)
+                x_odd = tl.load(x_ptr + rm[None, :] * stride_xm + (k_even + 1)[:, None] * stride_xk,
+                                mask=mask_m[None, :], other=0.0)
+                if SCALE_A:
+                    s_even = tl.load(scale_a_ptr + k_even).to(tl.float32)
+                    s_odd = tl.load(scale_a_ptr + k_even + 1).to(tl.float32)
+                    x_even = (x_even.to(tl.float32) * s_even[:, None]).to(dtype)
+                    x_odd = (x_odd.to(tl.float32) * s_odd[:, None]).to(dtype)
                 # bnb's weight exactly: code * absmax in fp32, rounded once to x's dtype.
                 w_even = tl.reshape((c_even * absmax[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K // 2))
                 w_odd = tl.reshape((c_odd * absmax[:, :, None]).to(dtype), (BLOCK_N, BLOCK_K // 2))
