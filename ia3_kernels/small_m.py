@@ -227,7 +227,7 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
     if four_bit:
         while K % bk:  # the in-features are whole quantization blocks: tiles need no K mask
             bk //= 2
-    bm = 1 if gemv else max(16, triton.next_power_of_2(M))
+    bm = 1 if gemv else max(16, 1 << (M - 1).bit_length())  # not triton.next_power_of_2: ~1.5 us
     if split == 0:
         n_tiles = cdiv(N, bn)
         split = 1
