@@ -124,6 +124,26 @@ def _dequant_4bit_pairs(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off
 
 
 @triton.jit
+def split_k_reduce(acc, workspace_ptr, counter_ptr, pid_k, split_stride, offs, mask,
+                   SPLIT_K: tl.constexpr):
+    """Deterministic split-K: park this split's fp32 partial at workspace[pid_k], count it on
+    the tile's counter; the CTA that arrives last sums every partial in split order (the same
+    order whoever is last), puts the counter back to zero for the next launch and returns
+    (sum, True); the others return (acc, False)."""
+    tl.store(workspace_ptr + pid_k * split_stride + offs, acc, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    is_last = arrived == SPLIT_K - 1
+    if is_last:
+        tl.store(counter_ptr, 0)
+        acc = tl.zeros_like(acc)
+        for s in range(SPLIT_K):
+            acc += tl.load(workspace_ptr + s * split_stride + offs, mask=mask, other=0.0,
+                           cache_modifier=".cg")
+    return acc, is_last
+
+
+@triton.jit
 def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
@@ -317,17 +337,8 @@ def _ia3_matmul_kernel(
         # runs the epilogue: one launch, no order-dependent adds. The counters are zero when a
         # launch starts, and the last CTA of each tile puts its counter back to zero, so a
         # buffer kept per stream needs no memset launch before the next kernel.
-        tile = pid_m * num_pid_n + pid_n
-        tl.store(workspace_ptr + pid_k * M * N + offs_2d, acc, mask=mask_2d)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        is_last = arrived == SPLIT_K - 1
-        if is_last:
-            tl.store(counter_ptr + tile, 0)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(workspace_ptr + s * M * N + offs_2d, mask=mask_2d, other=0.0,
-                               cache_modifier=".cg")
+        acc, is_last = split_k_reduce(acc, workspace_ptr, counter_ptr + pid_m * num_pid_n + pid_n,
+                                      pid_k, M * N, offs_2d, mask_2d, SPLIT_K)
 
     if is_last:
         u = acc

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from . import config
-from .dense import (INT8_SCALE_MUL, _absmax_of_blocks, _dot_precision, _split_k_counters,
-                    _sm_count, _traceable)
+from .dense import (INT8_SCALE_MUL, _absmax_of_blocks, _dot_precision, _sm_count,
+                    _split_k_counters, _traceable, split_k_reduce)
 from .launch import FastKernel, cdiv
 
 
@@ -148,16 +148,8 @@ def _quant_small_m_kernel(
     mask_2d = mask_n[:, None] & mask_m[None, :]
     is_last = True
     if SPLIT_K > 1:
-        tl.store(workspace_ptr + pid_k * M * N + offs_2d, acc, mask=mask_2d)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        is_last = arrived == SPLIT_K - 1
-        if is_last:
-            tl.store(counter_ptr + pid_n, 0)  # back to zero for the next launch
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(workspace_ptr + s * M * N + offs_2d, mask=mask_2d, other=0.0,
-                               cache_modifier=".cg")
+        acc, is_last = split_k_reduce(acc, workspace_ptr, counter_ptr + pid_n, pid_k, M * N,
+                                      offs_2d, mask_2d, SPLIT_K)
     if is_last:
         u = acc
         if not W_4BIT:
