@@ -11,7 +11,8 @@ LLM.int8 matmul also quantizes the activations to int8 per row (outlier columns 
 threshold (README "8-bit" shows both errors).
 
 Paths, as in dense.py, chosen by M from H100 timings (benchmarks/results/int8-h100-paths-chunked.md):
-"fused", one Triton GEMM reading CB as stored, below INT8_CUBLAS_MIN_M; above it "cublas": a
+"fused", one Triton GEMM reading CB as stored (the forward at M = 17..64: small_m.py's kernel),
+below INT8_CUBLAS_MIN_M; above it "cublas": a
 Triton pass dequantizes W (SCB, and l where that is exact, folded in) into a bf16 scratch and
 cuBLAS multiplies it. The int8 -> bf16 conversion inside a Triton tl.dot ran at about half of
 cuBLAS's bf16 speed from M = 256 on (4096->4096 at M = 2048: 207 us against 91 for bf16), while

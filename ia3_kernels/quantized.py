@@ -1,11 +1,13 @@
 """Forward and backward of (IA)^3 on a frozen quantized weight (LLM.int8 in int8.py, bitsandbytes
-4-bit in fourbit.py): one implementation of the IA3 math, two strategies, and a small interface
+4-bit in fourbit.py): one implementation of the IA3 math, three strategies, and a small interface
 per storage format.
 
-Strategies, chosen per phase by the format's `use_cublas(M, phase, device)`:
+Strategies, chosen per phase by the format's `use_small_m(M)` and `use_cublas(M, phase, device)`:
 * fused: dense.py's GEMM kernel reads the stored weight and dequantizes it tile by tile in
   registers (`fused_args`: what the format hands `_launch_matmul`), with IA3's scaling in the
   prologue or epilogue as for a float weight;
+* small_m (forward at small M, the format's `use_small_m`): small_m.py's weight-streaming
+  kernel, the stored weight tile as the tensor cores' A operand;
 * cublas: a Triton pass dequantizes the whole weight into a compute-dtype scratch, with l folded
   in where that is exact (feedforward along in-features, attention backward along
   out-features), cuBLAS multiplies it and the scratch is freed right after. bitsandbytes' own
