@@ -26,7 +26,6 @@ INT8_TILES = [(bn, bk, 4, s) for bn, bk, s in itertools.product((32, 64, 128), (
 INT8_TILES += [(64, 256, 8, 4), (128, 256, 8, 4), (64, 512, 8, 3)]
 # M = 1 without tensor cores (fp32 FMAs).
 NF4_GEMV_TILES = [(bn, bk, w, 2) for bn, bk, w in itertools.product((16, 32, 64), (128, 256, 512), (4, 8))]
-INT8_GEMV_TILES = [(bn, bk, w, s) for bn, bk, w, s in itertools.product((8, 16, 32), (256, 512, 1024), (4,), (1, 3))]
 
 
 def time_rotated(calls, rep_ms=40) -> float:
@@ -98,9 +97,8 @@ def main(argv=None) -> int:
                         x, w.cb, w.scb, None, scale, True) for w in weights])
                 results = []
                 candidates = [(*t, False) for t in (NF4_TILES if fmt == "nf4" else INT8_TILES)]
-                if m == 1:
-                    candidates += [(*t, True) for t in (NF4_GEMV_TILES if fmt == "nf4"
-                                                        else INT8_GEMV_TILES)]
+                if m == 1 and fmt == "nf4":
+                    candidates += [(*t, True) for t in NF4_GEMV_TILES]
                 for tiles in candidates:
                     try:
                         us = time_rotated([ours_small_m(w, x, scale, (*tiles[:4], 0, tiles[4]))

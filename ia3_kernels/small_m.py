@@ -66,21 +66,19 @@ def _quant_small_m_kernel(
     k_start = pid_k * k_per_split
     k_end = min(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if BLOCK_M == 1:
-        # GEMV (M = 1): FMAs into a BLOCK_N x BLOCK_K accumulator, reduced once after the loop.
-        if W_4BIT:
-            gemv_acc = tl.zeros((BLOCK_N, BLOCK_K // min(BLOCK_K, Q_BLOCKSIZE),
-                                 min(BLOCK_K, Q_BLOCKSIZE) // 2), dtype=tl.float32)
-        else:
-            gemv_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if W_4BIT:
+        # 4-bit tiles: BLOCK_N rows x NB quantization blocks x SUB/2 bytes, loaded as one 3-D
+        # tensor (many bytes in flight a CTA), each block's absmax broadcast along its bytes.
+        SUB: tl.constexpr = BLOCK_K if BLOCK_K < Q_BLOCKSIZE else Q_BLOCKSIZE
+        NB: tl.constexpr = BLOCK_K // SUB
+        table = tl.load(code_ptr + tl.arange(0, 16))  # fp32 code values, in registers
+        if BLOCK_M == 1:
+            # GEMV (M = 1): FMAs into a tile-shaped accumulator, reduced once after the loop.
+            gemv_acc = tl.zeros((BLOCK_N, NB, SUB // 2), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if W_4BIT:
-            # The tile: BLOCK_N rows x NB quantization blocks x SUB/2 bytes, loaded as one 3-D
-            # tensor (many bytes in flight a CTA), each block's absmax broadcast along its bytes.
             # Even in-features are the high nibbles, odd ones the low: two dots over the tile
             # as loaded (interleaving the halves would re-lay the tile every step).
-            SUB: tl.constexpr = BLOCK_K if BLOCK_K < Q_BLOCKSIZE else Q_BLOCKSIZE
-            NB: tl.constexpr = BLOCK_K // SUB
             blocks = tl.arange(0, NB)
             byte = ((k0 // 2 + blocks * (SUB // 2))[None, :, None]
                     + tl.arange(0, SUB // 2)[None, None, :])
@@ -89,7 +87,6 @@ def _quant_small_m_kernel(
             absmax = _absmax_of_blocks(
                 (rn[:, None] * K + k0 + blocks[None, :] * SUB) // Q_BLOCKSIZE, mask_n[:, None],
                 w_scale_ptr, code2_ptr, absmax2_ptr, offset_ptr, Q_NESTED, Q_BLOCKSIZE2)
-            table = tl.load(code_ptr + tl.arange(0, 16))  # fp32, in registers
             flat: tl.constexpr = BLOCK_N * BLOCK_K // 2
             c_even = tl.reshape(tl.gather(table, tl.reshape(packed >> 4, (flat,)), 0),
                                 (BLOCK_N, NB, SUB // 2))
@@ -133,16 +130,11 @@ def _quant_small_m_kernel(
             if SCALE_A:
                 s = tl.load(scale_a_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
                 x_t = (x_t.to(tl.float32) * s[:, None]).to(dtype)
-            if BLOCK_M == 1:
-                gemv_acc += w.to(tl.float32) * tl.trans(x_t.to(tl.float32))
-            else:
-                # int8 codes -127..127 are exact in fp16 and bf16.
-                acc = tl.dot(w.to(dtype), x_t, acc, input_precision=DOT_PRECISION)
+            # int8 codes -127..127 are exact in fp16 and bf16.
+            acc = tl.dot(w.to(dtype), x_t, acc, input_precision=DOT_PRECISION)
 
-    if BLOCK_M == 1 and W_4BIT:
+    if BLOCK_M == 1:
         acc = tl.sum(tl.sum(gemv_acc, axis=2), axis=1)[:, None]
-    elif BLOCK_M == 1:
-        acc = tl.sum(gemv_acc, axis=1)[:, None]
     # acc[n, m]: output (m, n) lives at c[m * stride_cm + n * stride_cn].
     offs_2d = rm[None, :] * N + rn[:, None]
     mask_2d = mask_n[:, None] & mask_m[None, :]
@@ -186,7 +178,7 @@ SMALL_M_WORKSPACE_BYTES = 8 << 20
 
 def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_M = 1 is the GEMV.
-    `tiles` = (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K or 0 = auto, GEMV at M = 1)
+    `tiles` = (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K or 0 = auto, 4-bit GEMV at M = 1)
     overrides the table (benchmarks/tune_quant_small_m.py). 4-bit: BLOCK_K halves until it
     divides K (a multiple of the blocksize, >= 32), so 4-bit tiles need no mask along K.
 
@@ -204,7 +196,6 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
     gemv = M == 1
     if tiles is not None:
         bn, bk, warps, stages, split, gemv = tiles
-        gemv = gemv and M == 1
     elif interpret:
         bn, bk, warps, stages, split = 16, 64, 4, 1, 0
     elif not four_bit:
@@ -216,6 +207,7 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
         bn, bk, warps, stages, split = 128, 128, 4, 2, 0
     else:
         bn, bk, warps, stages, split = (64, 256, 8, 2, 0) if K >= 8192 else (128, 128, 8, 2, 0)
+    gemv = gemv and M == 1 and four_bit  # int8 takes this kernel from M = 17 only
     if four_bit:
         while K % bk:  # the in-features are whole quantization blocks: tiles need no K mask
             bk //= 2

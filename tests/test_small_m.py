@@ -142,13 +142,15 @@ def test_dispatch():
 
 
 def test_tiles_table_and_split_rule():
-    """4-bit BLOCK_K halves to a divisor of K; the GEMV only at M = 1; M padded to 16..64."""
+    """4-bit BLOCK_K halves to a divisor of K; the GEMV only at M = 1 and for 4-bit; M padded to
+    16..64."""
     dev = torch.device(DEVICE)
     bm, bn, bk, split, _, _ = small_m.small_m_tiles(1, 64, 192, True, dev, (16, 128, 4, 1, 0, True))
     assert (bm, bk) == (1, 64)
     bm, *_ = small_m.small_m_tiles(2, 64, 192, True, dev, (16, 128, 4, 1, 0, True))
     assert bm == 16
     assert small_m.small_m_tiles(40, 64, 256, False, dev, (16, 128, 4, 1, 0, False))[0] == 64
+    assert small_m.small_m_tiles(1, 64, 256, False, dev, (16, 128, 4, 1, 0, True))[0] == 16  # int8: no GEMV
 
 
 @pytest.mark.gpu
