@@ -1,4 +1,5 @@
-"""Small models for layer tests: nn.Linear (with and without bias) and GPT-2's Conv1D."""
+"""Small models for layer tests (nn.Linear with and without bias, GPT-2's Conv1D) and the
+bitsandbytes weight quantizers the op tests share."""
 import copy
 
 import torch
@@ -60,6 +61,23 @@ def add_random_adapter(models, name, seed, config=None):
         model.add_adapter(name, config or ia3_config())
         randomize_ia3(model, seed=seed)
         model.set_adapter(name)
+
+
+def quantize_rows(w: torch.Tensor):
+    """LLM.int8's weight quantization (bnb int8_vectorwise_quant): CB = round(127 w / absmax)."""
+    scb = w.abs().amax(dim=1).clamp_min(1e-8)
+    cb = torch.round(w * (127.0 / scb[:, None])).clamp(-127, 127).to(torch.int8)
+    return cb, scb.float()
+
+
+def quantize_4bit(N, K, quant_type="nf4", nested=True, blocksize=64, device=DEVICE, seed=0):
+    """bnb's own 4-bit quantization of a random (N, K) weight: (packed, quant_state)."""
+    import bitsandbytes as bnb
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    return bnb.functional.quantize_4bit(w.to(device), blocksize=blocksize,
+                                        compress_statistics=nested, quant_type=quant_type)
 
 
 def to_int8(model, device=DEVICE, **kwargs):

@@ -13,7 +13,7 @@ from torch import nn
 import ia3
 import ia3_kernels
 from conftest import DEVICE, assert_within_peft_bar
-from helpers import ia3_grads, randomize_ia3, to_4bit
+from helpers import ia3_grads, quantize_4bit, randomize_ia3, to_4bit
 from ia3_kernels import fourbit
 from ia3_kernels.fourbit import FourBitWeight
 
@@ -23,20 +23,11 @@ pytestmark = pytest.mark.skipif(not ia3.HAS_BNB_4BIT, reason="PEFT found no bits
 FORMATS = [(qt, nested) for qt in ("nf4", "fp4") for nested in (False, True)]
 
 
-def quantize(N, K, quant_type="nf4", nested=True, blocksize=64, device=DEVICE, seed=0):
-    """bnb's own 4-bit quantization of a random (N, K) weight, as a FourBitWeight."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g) / K**0.5
-    packed, state = bnb.functional.quantize_4bit(w.to(device), blocksize=blocksize,
-                                                 compress_statistics=nested, quant_type=quant_type)
-    return packed, state
-
-
 def make_case(M, K, N, feedforward, has_bias, dtype, quant_type="nf4", nested=True, blocksize=64,
               seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
-    packed, state = quantize(N, K, quant_type, nested, blocksize, seed=seed)
+    packed, state = quantize_4bit(N, K, quant_type, nested, blocksize, seed=seed)
     b = torch.randn(N, generator=g).to(DEVICE, dtype) if has_bias else None
     scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
     return x, FourBitWeight.from_bnb(packed, state), b, scale

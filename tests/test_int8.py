@@ -12,20 +12,13 @@ from torch import nn
 import ia3
 import ia3_kernels
 from conftest import DEVICE, assert_within_peft_bar
-from helpers import ia3_grads, randomize_ia3, to_int8
+from helpers import ia3_grads, quantize_rows, randomize_ia3, to_int8
 from ia3_kernels import int8
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif(not ia3.HAS_BNB_8BIT, reason="PEFT found no bitsandbytes")
 
 SHAPES = [(1, 33, 17), (37, 100, 70), (5, 300, 40), (70, 48, 130)]
-
-
-def quantize_rows(w: torch.Tensor):
-    """LLM.int8's weight quantization (bnb int8_vectorwise_quant): CB = round(127 w / absmax)."""
-    scb = w.abs().amax(dim=1).clamp_min(1e-8)
-    cb = torch.round(w * (127.0 / scb[:, None])).clamp(-127, 127).to(torch.int8)
-    return cb, scb.float()
 
 
 def make_case(M, K, N, feedforward, has_bias, dtype, device=DEVICE, seed=0):

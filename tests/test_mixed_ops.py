@@ -9,6 +9,7 @@ import torch
 
 import ia3_kernels
 from conftest import DEVICE, KERNEL_DTYPES, assert_within_peft_bar
+from helpers import quantize_rows
 from ia3_kernels import fourbit, int8
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -38,9 +39,7 @@ def _family(name, w, dtype):
                     x, wd.to(x.dtype), None if b is None else b.to(x.dtype), s, ff,
                     adapter_index=i))
     if name == "int8":
-        scb = w.abs().amax(1).clamp_min(1e-8)
-        cb = torch.round(w * (127.0 / scb[:, None])).clamp(-127, 127).to(torch.int8).to(DEVICE)
-        scb = scb.float().to(DEVICE)
+        cb, scb = (t.to(DEVICE) for t in quantize_rows(w))
         return (lambda x, b, s, ff, i: ia3_kernels.ia3_linear_int8(x, cb, scb, b, s, ff,
                                                                    adapter_index=i),
                 lambda x, b, s, ff, i: int8.torch_ia3_linear_int8(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES, assert_within_peft_bar
+from helpers import quantize_rows
 from ia3_kernels import dense, fourbit, int8, small_m
 from ia3_kernels.fourbit import FourBitWeight
 from ia3_kernels.int8 import Int8Weight
@@ -24,9 +25,8 @@ def nf4_weight(N, K, blocksize=64, nested=True, quant_type="nf4", seed=0):
 def int8_weight(N, K, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) / K**0.5
-    scb = w.abs().amax(dim=1).clamp_min(1e-8)
-    cb = torch.round(w * (127.0 / scb[:, None])).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(cb.to(DEVICE), scb.float().to(DEVICE))
+    cb, scb = quantize_rows(w)
+    return Int8Weight(cb.to(DEVICE), scb.to(DEVICE))
 
 
 def reference(x, wq, bias, scale, feedforward, dtype, adapter_index=None):
