@@ -61,7 +61,9 @@ def gathered_scale(scale: torch.Tensor, adapter_index: Optional[torch.Tensor], x
     example's table row shaped (B, 1, ..., 1, F)."""
     if adapter_index is None:
         return scale.reshape(-1)
-    return scale[adapter_index].reshape(adapter_index.numel(), *([1] * (x_dim - 2)), -1)
+    # The feature count is spelled out: an empty batch has no rows to infer a -1 from.
+    return scale[adapter_index].reshape(adapter_index.numel(), *([1] * (x_dim - 2)),
+                                        scale.shape[-1])
 
 
 def gathered_rows(scale: torch.Tensor, adapter_index: torch.Tensor, rows: int) -> torch.Tensor:
