@@ -25,6 +25,8 @@ from torch import nn
 
 from ia3_kernels import config
 
+from . import adapter_names as known_names
+
 BASE_ADAPTER = "__base__"
 
 
@@ -279,6 +281,8 @@ def unload_and_optionally_merge(self, *args, **kwargs):
     from peft.tuners.tuners_utils import BaseTuner
 
     merge = kwargs.get("merge", args[0] if args else True)
+    known_names.check_known(self, kwargs.get("adapter_names", args[3] if len(args) > 3 else None),
+                              "merge_and_unload")
     quantized = (getattr(self.model, "is_loaded_in_8bit", False)
                  or getattr(self.model, "is_loaded_in_4bit", False))
     layers = [m for m in self.modules() if isinstance(m, IA3Layer)]
@@ -291,9 +295,11 @@ _PEFT_UNLOAD: list = []
 
 
 def install() -> None:
-    """Give PEFT's IA3Model the adapter_names hook and merge_and_unload on quantized bases.
-    Idempotent."""
+    """Give PEFT's IA3Model the adapter_names hook, merge_and_unload on quantized bases, and
+    errors for unknown adapter names (ia3.adapter_names). Idempotent."""
     from peft.tuners.ia3.model import IA3Model
+
+    known_names.install()
 
     if getattr(IA3Model, "_enable_peft_forward_hooks", None) is not enable_peft_forward_hooks:
         IA3Model._enable_peft_forward_hooks = enable_peft_forward_hooks

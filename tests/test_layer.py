@@ -196,3 +196,22 @@ def test_bad_input_error_names_the_layer(triton_backend, kernel_calls):
                                          r"device, got \{'x': device\(type='meta'\)"):
         layer(torch.randn(3, 40, device="meta"))
     assert kernel_calls["forward"] == 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.base_model.set_adapter("nope"),
+    lambda m: m.base_model.set_adapter(["default", "nope"]),
+    lambda m: m.merge_adapter(["nope"]),
+    lambda m: m.merge_and_unload(adapter_names=["nope"]),
+], ids=["set_adapter", "set_adapter-list", "merge_adapter", "merge_and_unload"])
+def test_unknown_adapter_names_are_errors_on_fused_models(triton_backend, call):
+    """Stock PEFT accepts these names and silently uses none of them (the model then runs, or
+    is merged, with no IA3 at all); with our layers they raise, naming the known adapters."""
+    peft_model, fused = peft_and_fused()
+    call(peft_model)  # PEFT's own layers: no error, PEFT's behaviour is kept
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['nope'\] not found; this model's IA3 "
+                                         r"adapters are \['default'\]"):
+        call(fused)
+    # Nothing changed: the fused model still runs its adapter.
+    assert fused.active_adapters == ["default"] and not any(
+        getattr(m, "merged_adapters", None) for m in fused.modules())
