@@ -7,7 +7,7 @@ within the numerics bar of the float64 reference. Strict mode is on, so a draw t
 would hand to the reference path fails instead of passing trivially.
 
 Profiles: "ci" (default, bounded for 2 CPU cores under the interpreter) and "long"
-(HYPOTHESIS_PROFILE=long, thousands of cases, run on the GPU; README, Testing)."""
+(HYPOTHESIS_PROFILE=long, 3000 cases or IA3_FUZZ_EXAMPLES, run on the GPU; README, Testing)."""
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -24,7 +24,8 @@ from ia3_kernels import fourbit, int8
 
 settings.register_profile("ci", max_examples=80, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.register_profile("long", max_examples=3000, deadline=None,
+settings.register_profile("long", max_examples=int(os.environ.get("IA3_FUZZ_EXAMPLES", 3000)),
+                          deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -1,9 +1,11 @@
 """Soak: 1,000 training steps of a small Llama (4 layers, hidden 256, 8 x 128 tokens a step) with
 fused IA3 on a bf16, an NF4 and an LLM.int8 base, and on a bf16 base with a mixed-adapter batch
 (two adapters, one per half of each batch), reading the GPU's memory every 100 steps. Passes when
-no step gives a non-finite loss or IA3 vector, the memory allocated after a step is the same at
-every reading from step 200 on, and no 100-step window peaks above the second one (the first
-holds the optimizer's state allocation). Prints the readings (run with -s to log them)."""
+no step gives a non-finite loss or IA3 vector, the memory allocated after a step never exceeds its
+reading at step 200, and no 100-step window peaks above the second one (the first holds the
+optimizer's state allocation). Not "equal": the int8 model's bare bnb layers keep LLM.int8's
+outlier state, whose size follows the data (it fell by 1.5 MiB once in the H100 run). Prints the
+readings (run with -s to log them)."""
 import pytest
 import torch
 from peft import IA3Config, get_peft_model
@@ -78,7 +80,6 @@ def test_thousand_steps_no_memory_growth_no_nan(base):
     finally:
         ia3_kernels.set_strict(False)
     assert all(torch.isfinite(p).all() for p in params)
-    steady = allocated[2 * EVERY]
-    assert all(allocated[s] == steady for s in allocated if s >= 2 * EVERY), allocated
+    assert all(allocated[s] <= allocated[2 * EVERY] for s in allocated if s >= 2 * EVERY), allocated
     assert all(peaks[s] <= peaks[2 * EVERY] for s in peaks if s >= 2 * EVERY), peaks
     assert loss.item() < torch.log(torch.tensor(float(VOCAB))).item() + 1  # it trained, not diverged
