@@ -48,14 +48,29 @@ def linear_kind(kind, N, K):
         return (lambda x, b, s, ff: ia3_kernels.ia3_linear_int8(x, cb, scb, b, s, ff),
                 lambda x, b, s, ff: int8.torch_ia3_linear_int8(x, cb, scb, b, s, ff),
                 lambda: int8.dequantize_int8(cb, scb, torch.float32))
-    bnb = pytest.importorskip("bitsandbytes")
-    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True,
-                                                 quant_type="nf4")
+    packed, state = quantize_nf4(w)
     del w
     w4 = fourbit.FourBitWeight.from_bnb(packed, state)
     return (lambda x, b, s, ff: ia3_kernels.ia3_linear_4bit(x, w4, b, s, ff),
             lambda x, b, s, ff: fourbit.torch_ia3_linear_4bit(x, w4, b, s, ff),
             lambda: fourbit.dequantize_4bit(w4, torch.float32))
+
+
+def quantize_nf4(w, rows_per_call=8192):
+    """bnb's NF4 quantization (blocksize 64, double quantization when the weight fits one call).
+    bnb's quantize_4bit passes the element count to its C kernel as a 32-bit int, so a weight
+    past 2**31 elements is quantized a row chunk at a time (the flat block layout is the same:
+    chunks hold whole blocks), without double quantization, which would need the whole absmax."""
+    bnb = pytest.importorskip("bitsandbytes")
+    F = bnb.functional
+    if w.numel() < 2**31:
+        return F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert (rows_per_call * w.shape[1]) % 64 == 0 and rows_per_call * w.shape[1] < 2**31
+    parts = [F.quantize_4bit(w[i:i + rows_per_call], blocksize=64, compress_statistics=False,
+                             quant_type="nf4") for i in range(0, w.shape[0], rows_per_call)]
+    state = F.QuantState(absmax=torch.cat([st.absmax for _, st in parts]), shape=w.shape,
+                         code=parts[0][1].code, blocksize=64, quant_type="nf4", dtype=w.dtype)
+    return torch.cat([p for p, _ in parts]), state
 
 
 def forward_backward(op, x, b, s, feedforward, dy):
