@@ -176,7 +176,7 @@ SMALL_M_MAX_M = 64
 SMALL_M_WORKSPACE_BYTES = 8 << 20
 
 
-def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
+def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None, elem_size: int = 2):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_M = 1 is the GEMV.
     `tiles` = (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K or 0 = auto, 4-bit GEMV at M = 1)
     overrides the table (benchmarks/tune_quant_small_m.py). 4-bit: BLOCK_K halves until it
@@ -191,7 +191,10 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
         123.3; dense.py 408.6, 179.3).
     int8 (M = 17..64 only; dense.py's tuned GEMV and tl.dot tiles hold below): (64, 128, 4, 3)
       at M = 64: 14336->4096 46.7 with 4 splits, 4096->4096 19.3, 4096->1024 9.3 (dense.py
-      113.4, 31.0, 17.7)."""
+      113.4, 31.0, 17.7).
+    The table is for 16-bit activations; fp32 ones (elem_size 4) take half the BLOCK_K on the
+    tl.dot path: int8 (64, 128, 4, 3) needed 263,680 bytes of shared memory with fp32 x at
+    in_features = out_features = 1 (the H100 allows 232,448; found by the GPU fuzz test)."""
     interpret = config.triton_interpreted()
     gemv = M == 1
     if tiles is not None:
@@ -208,6 +211,8 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None):
     else:
         bn, bk, warps, stages, split = (64, 256, 8, 2, 0) if K >= 8192 else (128, 128, 8, 2, 0)
     gemv = gemv and M == 1 and four_bit  # int8 takes this kernel from M = 17 only
+    if elem_size == 4 and not gemv and tiles is None and not interpret:
+        bk = max(32, bk // 2)
     if four_bit:
         while K % bk:  # the in-features are whole quantization blocks: tiles need no K mask
             bk //= 2
@@ -232,7 +237,8 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
     M, K = x.shape
     device = x.device
     four_bit = quant4 is not None
-    bm, bn, bk, split, warps, stages = small_m_tiles(M, N, K, four_bit, device, tiles)
+    bm, bn, bk, split, warps, stages = small_m_tiles(M, N, K, four_bit, device, tiles,
+                                                     x.element_size())
     c = torch.empty((M, N), device=device, dtype=out_dtype)
     preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
     n_tiles = cdiv(N, bn)

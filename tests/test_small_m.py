@@ -170,3 +170,22 @@ def test_gpu_default_tiles_llama_shapes(K, N, M, dtype, feedforward):
         peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
         assert_within_peft_bar(y, peft, ref, dtype, f"{type(wq).__name__} y")
         assert torch.equal(launch(x, wq, bias, scale, feedforward)[0], y)  # run to run
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_gpu_one_feature_shapes_fit_shared_memory(dtype, feedforward):
+    """in_features / out_features of 1 (and a 4-bit row of one block): Triton specialises
+    strides and sizes of 1, which changed the int8 tile's shared-memory layout to 263,680 bytes
+    with fp32 x (over the H100's 232,448; the GPU fuzz test's find). Every M regime."""
+    for wq, K in ((int8_weight(1, 1), 1), (int8_weight(7, 1), 1), (int8_weight(1, 5), 5),
+                  (nf4_weight(1, 64), 64), (nf4_weight(3, 64, blocksize=64), 64)):
+        N = wq.out_features
+        for M in (1, 16, 21, 64):
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEVICE, dtype)
+            scale = (torch.rand(K if feedforward else N) + 0.5).to(DEVICE)
+            y, _ = launch(x, wq, None, scale, feedforward)
+            peft, ref = reference(x, wq, None, scale, feedforward, dtype)
+            assert_within_peft_bar(y, peft, ref, dtype, f"{type(wq).__name__} M={M} K={K} N={N}")
