@@ -587,8 +587,10 @@ INT8_GEMV_TILE = (8, 1024, 4, 3)
 
 
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool,
-                   stores_preact: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket."""
+                   stores_preact: bool = False, a_elem_size: Optional[int] = None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket. elem_size: the
+    weight's bytes per element (1 picks the int8 rows); a_elem_size: the activation's (x or dy),
+    when it differs."""
     if elem_size == 1 and M == 1:
         # int8 weights at M = 1: the GEMV kernel (BLOCK_M = 1: FMAs, no tl.dot). At M = 4 and 8
         # it lost to tl.dot with M padded to 16 (H100: 63 and 113 us against ~39 on
@@ -627,8 +629,10 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    if elem_size == 4 and not interpret:
-        bk, stages = 32, min(stages, 3)  # fp32 tiles are twice the bytes: stay inside 227 KB smem
+    if 4 in (elem_size, a_elem_size) and bm > 1 and not interpret:
+        # fp32 tiles are twice the bytes: stay inside 227 KB smem. The activation counts too:
+        # int8's 64x64x128 4-stage tile with an fp32 dy asked for 263,680 bytes (GPU fuzz test).
+        bk, stages = 32, min(stages, 3)
     return bm, bn, bk, split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret), warps, stages
 
 
@@ -678,7 +682,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     if tiles is None:
         bm, bn, bk, split_k, warps, stages = _matmul_config(
             M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted(),
-            store_preact)
+            store_preact, a.element_size())
         aligned = False
     else:
         bm, bn, bk, split_k, warps, stages, aligned = tiles

@@ -193,8 +193,9 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None, el
       at M = 64: 14336->4096 46.7 with 4 splits, 4096->4096 19.3, 4096->1024 9.3 (dense.py
       113.4, 31.0, 17.7).
     The table is for 16-bit activations; fp32 ones (elem_size 4) take half the BLOCK_K on the
-    tl.dot path: int8 (64, 128, 4, 3) needed 263,680 bytes of shared memory with fp32 x at
-    in_features = out_features = 1 (the H100 allows 232,448; found by the GPU fuzz test)."""
+    tl.dot path, as dense.py's fp32 rule does: a 16-bit tile fed fp32 operands can pass the
+    H100's 232,448 bytes of shared memory (dense.py's int8 64x64x128 tile asked for 263,680
+    with an fp32 dy; found by the GPU fuzz test)."""
     interpret = config.triton_interpreted()
     gemv = M == 1
     if tiles is not None:

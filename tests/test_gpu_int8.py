@@ -132,3 +132,15 @@ def test_layer_matches_bnb_dequantized_reference_gpu():
     want = int8.torch_ia3_linear_int8(x, cb, scb, None, layer.ia3_l["default"], False)
     torch.testing.assert_close(layer(x), want, rtol=1e-2, atol=1e-2)
     assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("M", [1, 16, 21, 64, 200])
+def test_fp32_tiles_fit_shared_memory(M):
+    """fp32 activations on int8 weights in every M bucket, forward and backward, from one
+    feature to Llama widths: the GPU fuzz test found dense.py's int8 64x64x128 4-stage tile
+    asking 263,680 bytes of shared memory (H100: 232,448) for an fp32 dy at M = 21."""
+    for K, N in ((1, 1), (100, 70), (4096, 1024)):
+        for feedforward in (True, False):
+            x, cb, scb, b, scale = make_case(M, K, N, feedforward, True, torch.float32,
+                                             device="cuda")
+            check_against_reference(x, cb, scb, b, scale, feedforward, torch.float32, "fused")

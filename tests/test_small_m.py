@@ -177,9 +177,9 @@ def test_gpu_default_tiles_llama_shapes(K, N, M, dtype, feedforward):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_gpu_one_feature_shapes_fit_shared_memory(dtype, feedforward):
-    """in_features / out_features of 1 (and a 4-bit row of one block): Triton specialises
-    strides and sizes of 1, which changed the int8 tile's shared-memory layout to 263,680 bytes
-    with fp32 x (over the H100's 232,448; the GPU fuzz test's find). Every M regime."""
+    """in_features / out_features of 1 (and a 4-bit row of one block), every dtype and M
+    regime: the shapes with which the GPU fuzz test found an fp32 tile over the H100's shared
+    memory (in dense.py's int8 backward; see test_int8's fp32 backward test)."""
     for wq, K in ((int8_weight(1, 1), 1), (int8_weight(7, 1), 1), (int8_weight(1, 5), 5),
                   (nf4_weight(1, 64), 64), (nf4_weight(3, 64, blocksize=64), 64)):
         N = wq.out_features
