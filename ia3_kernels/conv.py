@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from . import config, mixed
-from .dense import _KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce
+from .dense import (_KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce,
+                    check_matching_dtypes)
 from .launch import FastKernel, cdiv
 
 
@@ -574,6 +575,7 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     n uses row adapter_index[n] (mixed.py)."""
     where, nd = _check_inputs(x, weight, bias, scale, feedforward, groups, describe,
                               adapter_index)
+    check_matching_dtypes(lambda: str(where), x, weight, bias, "nn.Conv")
     backend = config.get_backend()
     use = backend != "torch" and not (backend == "auto" and x.device.type != "cuda")
     if use:
@@ -590,9 +592,6 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         compute_dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(compute_dtype), weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
-    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"{where}: x ({x.dtype}), weight ({weight.dtype}) and bias must share a "
-                        "dtype outside autocast, as nn.Conv needs")
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)

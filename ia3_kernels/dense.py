@@ -1268,6 +1268,19 @@ def _check_devices_and_dtypes(where, x, weight, bias, scale, stored=None) -> Non
                                 f"got {t.dtype}")
 
 
+def check_matching_dtypes(where, x, weight, bias, what: str) -> None:
+    """Outside autocast x, weight and bias must share a dtype, as `what` (nn.Linear, nn.Conv)
+    needs: checked before the kernels-or-reference choice, so that a float64 x on a float32
+    layer gets this error naming the layer, not the reference's bare matmul error."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{where()}: x is {x.dtype} but weight is {weight.dtype}; {what} needs "
+                        "them equal outside autocast")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{where()}: bias is {bias.dtype} but weight is {weight.dtype}")
+
+
 def _kernel_refusal(x, weight, bias, scale) -> Optional[str]:
     """Why the kernels cannot take this call (None if they can)."""
     if weight.dtype not in _KERNEL_DTYPES:
@@ -1311,6 +1324,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     (mixed.py); the table's gradient gives each row the sum over its own examples only.
     """
     _check_inputs(x, weight, bias, scale, feedforward, fan_in_fan_out, describe, adapter_index)
+    check_matching_dtypes(lambda: _where(describe), x, weight, bias, "nn.Linear")
     if not _use_kernels(x, weight, bias, scale):
         return torch_ia3_linear(x, weight, bias, scale, feedforward, fan_in_fan_out,
                                 adapter_index)
@@ -1321,11 +1335,6 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         compute_dtype = torch.get_autocast_dtype(device_type)
         weight = weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
-    elif x.dtype != weight.dtype:
-        raise TypeError(f"{_where(describe)}: x is {x.dtype} but weight is {weight.dtype}; "
-                        "nn.Linear needs them equal outside autocast")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"{_where(describe)}: bias is {bias.dtype} but weight is {weight.dtype}")
     # The kernels index the scaling vector by its flat position: PEFT's (1, in) and (out, 1)
     # parameters go in as they are (no view op per call) and get gradients of their own shape.
     if not scale.is_contiguous():
