@@ -10,31 +10,82 @@ import torch
 import ia3
 import ia3_kernels
 from conftest import DEVICE
-from helpers import peft_and_fused
+from helpers import peft_and_fused, quantize_4bit, quantize_rows
+from ia3_kernels import fourbit, int8
 from test_dense_op import PATHS, make_case
 from test_models import batch, llama, train
 from helpers import randomize_ia3
 
 
+def special_value_ops(kind, x, w, feedforward):
+    """(ours, reference) for one layer kind on the same weight (quantized from w for int8/NF4)."""
+    if kind == "dense":
+        return (lambda xx, s: ia3_kernels.ia3_linear(xx, w, None, s, feedforward),
+                lambda xx, s: ia3_kernels.torch_ia3_linear(xx, w, None, s, feedforward))
+    if kind == "int8":
+        cb, scb = (t.to(DEVICE) for t in quantize_rows(w.cpu()))
+        return (lambda xx, s: ia3_kernels.ia3_linear_int8(xx, cb, scb, None, s, feedforward),
+                lambda xx, s: int8.torch_ia3_linear_int8(xx, cb, scb, None, s, feedforward))
+    pytest.importorskip("bitsandbytes")
+    w4 = fourbit.FourBitWeight.from_bnb(*quantize_4bit(*w.shape, "nf4", True, 32))
+    return (lambda xx, s: ia3_kernels.ia3_linear_4bit(xx, w4, None, s, feedforward),
+            lambda xx, s: fourbit.torch_ia3_linear_4bit(xx, w4, None, s, feedforward))
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
-def test_special_values_in_the_vector_match_the_reference(triton_backend, feedforward, path):
+@pytest.mark.parametrize("kind", ["dense", "int8", "nf4"])
+def test_special_values_in_the_vector_match_the_reference(triton_backend, kind, feedforward, path):
     """Zeros, negatives, inf and NaN in l: NaN exactly where the reference has NaN, same values
-    elsewhere (forward and every gradient)."""
-    x, w, b, scale = make_case(7, 40, 24, feedforward, False, True, torch.float32)
-    scale[0], scale[1], scale[2], scale[3] = 0.0, -1.5, float("inf"), float("nan")
-    dy = torch.randn(7, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    elsewhere (forward and every gradient), for M = 7 (tiled / small-M kernels) and M = 1."""
+    for M in (7, 1):
+        x, w, b, scale = make_case(M, 64, 24, feedforward, False, True, torch.float32)
+        scale[0], scale[1], scale[2], scale[3] = 0.0, -1.5, float("inf"), float("nan")
+        dy = torch.randn(M, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        results = []
+        for fn, dense_path in zip(special_value_ops(kind, x, w, feedforward), (path, "auto")):
+            xg, sg = x.clone().requires_grad_(), scale.clone().requires_grad_()
+            with ia3_kernels.dense_path(dense_path):
+                y = fn(xg, sg)
+            y.backward(dy)
+            results.append((y, xg.grad, sg.grad))
+        for ours, ref, name in zip(results[0], results[1], ("y", "dx", "dl")):
+            assert torch.equal(torch.isnan(ours), torch.isnan(ref)), (M, name)
+            finite = torch.isfinite(ref)
+            assert torch.equal(ours[~finite & ~torch.isnan(ref)], ref[~finite & ~torch.isnan(ref)])
+            torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-5, atol=1e-5,
+                                       msg=f"{name} M={M}")
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_special_values_in_a_conv_vector(triton_backend, feedforward):
+    """Conv folds l into the weight (conv(x, W*l)). Zeros, negatives and NaN give the
+    reference's result; inf in an attention (output-channel) vector is the one exception: W*inf
+    holds +inf and -inf, whose sum is NaN across that channel where the reference's u*inf is
+    +-inf. NaN stays inside the channels whose l is not finite."""
+    from test_conv import make_case as conv_case
+
+    x, w, b, scale, kw = conv_case("3x3", feedforward, True, torch.float32, False)
+    flat = scale.view(-1)
+    flat[0], flat[1], flat[2], flat[3] = 0.0, -1.5, float("inf"), float("nan")
     results = []
-    for fn, dense_path in ((ia3_kernels.ia3_linear, path), (ia3_kernels.torch_ia3_linear, "auto")):
+    for fn in (ia3_kernels.ia3_conv, ia3_kernels.torch_ia3_conv):
         xg, sg = x.clone().requires_grad_(), scale.clone().requires_grad_()
-        with ia3_kernels.dense_path(dense_path):
-            y = fn(xg, w, b, sg, feedforward)
-        y.backward(dy)
+        y = fn(xg, w, b, sg, feedforward, **kw)
+        y.backward(torch.ones_like(y))
         results.append((y, xg.grad, sg.grad))
-    for ours, ref, name in zip(results[0], results[1], ("y", "dx", "dl")):
-        assert torch.equal(torch.isnan(ours), torch.isnan(ref)), name
-        finite = torch.isfinite(ref)
-        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-5, atol=1e-5, msg=name)
+    (y, dx, dl), (y_ref, dx_ref, dl_ref) = results
+    if feedforward:
+        for ours, ref, name in ((y, y_ref, "y"), (dx, dx_ref, "dx"), (dl, dl_ref, "dl")):
+            assert torch.equal(torch.isnan(ours), torch.isnan(ref)), name
+            torch.testing.assert_close(ours[torch.isfinite(ref)], ref[torch.isfinite(ref)],
+                                       rtol=1e-5, atol=1e-5, msg=name)
+    else:
+        finite_channels = [c for c in range(y.shape[1]) if c not in (2, 3)]
+        torch.testing.assert_close(y[:, finite_channels], y_ref[:, finite_channels],
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.isnan(y[:, 3]).all() and torch.isnan(y_ref[:, 3]).all()
+        assert torch.isinf(y_ref[:, 2]).any() and not torch.isfinite(y[:, 2]).any()
 
 
 def tiny_llama_pair():
