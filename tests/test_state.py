@@ -127,11 +127,17 @@ def test_deepcopy_pickle_and_state_dict_round_trip(triton_backend):
     assert pickle.loads(pickle.dumps(fused.state_dict())).keys() == fused.state_dict().keys()
 
 
+@pytest.mark.parametrize("how", ["to", "method"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
-def test_model_dtype_moves(triton_backend, dtype):
-    """model.to(dtype) keeps fused layers working; float64 runs the reference (warned once)."""
+def test_model_dtype_moves(triton_backend, dtype, how):
+    """model.to(dtype) / model.half() / model.double() keep fused layers working; float64 runs
+    the reference (warned once)."""
     peft_model, fused = peft_and_fused()
-    peft_model, fused = peft_model.to(dtype), fused.to(dtype)
+    if how == "to":
+        peft_model, fused = peft_model.to(dtype), fused.to(dtype)
+    else:
+        method = "half" if dtype == torch.float16 else "double"
+        peft_model, fused = getattr(peft_model, method)(), getattr(fused, method)()
     x = torch.randn(3, 24, device=DEVICE, dtype=dtype)
     if dtype == torch.float64:
         with pytest.warns(RuntimeWarning, match="float64"):
