@@ -41,20 +41,26 @@ def triton_backend():
     ia3_kernels.set_backend(old)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts forward launches of the dense kernels' entry point, to prove a test used them."""
-    from ia3_kernels import dense
-
-    calls = {"forward": 0}
-    real = dense.dense_forward_impl
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Replace module.name by a wrapper that appends its arguments to the returned list and
+    calls the original: `len(calls)` proves (or disproves) that a test reached that code."""
+    calls = []
+    real = getattr(module, name)
 
     def counting(*args, **kwargs):
-        calls["forward"] += 1
+        calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dense, "dense_forward_impl", counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Forward launches of the dense kernels' entry point, to prove a test used them."""
+    from ia3_kernels import dense
+
+    return count_calls(monkeypatch, dense, "dense_forward_impl")
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ def test_torch_backend_never_runs_kernels(kernel_calls):
         y = ia3_kernels.ia3_linear(*case(), feedforward=True)
     finally:
         ia3_kernels.set_backend(old)
-    assert kernel_calls["forward"] == 0
+    assert len(kernel_calls) == 0
     torch.testing.assert_close(y, ia3_kernels.torch_ia3_linear(*case(), feedforward=True))
 
 
@@ -45,13 +45,13 @@ def test_torch_backend_never_runs_kernels(kernel_calls):
 def test_auto_runs_reference_on_cpu_without_warning(kernel_calls, recwarn):
     ia3_kernels.set_backend("auto")
     ia3_kernels.ia3_linear(*case(), feedforward=True)
-    assert kernel_calls["forward"] == 0
+    assert len(kernel_calls) == 0
     assert not [w for w in recwarn if "falling back" in str(w.message)]
 
 
 def test_triton_backend_runs_kernels(triton_backend, kernel_calls):
     ia3_kernels.ia3_linear(*case(), feedforward=True)
-    assert kernel_calls["forward"] == 1
+    assert len(kernel_calls) == 1
 
 
 def test_uncovered_dtype_warns_once_then_errors_in_strict_mode(triton_backend, kernel_calls):
@@ -63,7 +63,7 @@ def test_uncovered_dtype_warns_once_then_errors_in_strict_mode(triton_backend, k
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ia3_kernels.ia3_linear(x, w, b, s, True)  # second time: silent
-    assert kernel_calls["forward"] == 0
+    assert len(kernel_calls) == 0
     ia3.set_strict(True)
     with pytest.raises(ia3.IA3FallbackError, match="float64"):
         ia3_kernels.ia3_linear(x, w, b, s, True)
@@ -110,7 +110,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
 def test_bad_input_is_a_clear_error(triton_backend, kernel_calls, bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ia3_kernels.ia3_linear(*bad(*case()), feedforward=True)
-    assert kernel_calls["forward"] == 0
+    assert len(kernel_calls) == 0
 
 
 def test_attention_scale_size_error_names_the_mode(triton_backend):

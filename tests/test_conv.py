@@ -11,7 +11,7 @@ from torch import nn
 
 import ia3
 import ia3_kernels
-from conftest import DEVICE, assert_within_peft_bar
+from conftest import DEVICE, assert_within_peft_bar, count_calls
 from helpers import ia3_grads, randomize_ia3
 
 # (weight shape (C_out, C_in, *k), conv kwargs). C_in/C_out and spatial sizes off any block.
@@ -135,20 +135,13 @@ def test_backend_torch_runs_the_reference_and_kernels_differ_from_it(triton_back
     """The kernel path is taken (its weight kernel runs) on the triton backend, not on torch."""
     from ia3_kernels import conv
 
-    calls = {"n": 0}
-    real = conv.scale_conv_weight
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(conv, "scale_conv_weight", counting)
+    calls = count_calls(monkeypatch, conv, "scale_conv_weight")
     x, w, b, scale, kwargs = make_case("3x3", True, True, torch.float32, False)
     ia3_kernels.ia3_conv(x, w, b, scale, True, **kwargs)
-    assert calls["n"] == 1
+    assert len(calls) == 1
     ia3_kernels.set_backend("torch")
     ia3_kernels.ia3_conv(x, w, b, scale, True, **kwargs)
-    assert calls["n"] == 1
+    assert len(calls) == 1
 
 
 def test_bad_input_is_refused_before_any_launch(triton_backend):
@@ -223,14 +216,11 @@ def test_fuse_builds_conv_subclasses_and_patch_peft_too():
 def test_layers_match_peft_forward_and_gradients(triton_backend, monkeypatch):
     from ia3_kernels import conv
 
-    calls = {"n": 0}
-    real = conv.conv_forward_impl
-    monkeypatch.setattr(conv, "conv_forward_impl",
-                        lambda *a, **k: calls.__setitem__("n", calls["n"] + 1) or real(*a, **k))
+    calls = count_calls(monkeypatch, conv, "conv_forward_impl")
     peft_model, fused = conv_models()
     x = conv_input()
     y_peft, y = peft_model(x), fused(x)
-    assert calls["n"] == 4  # every conv went through the fused op
+    assert len(calls) == 4  # every conv went through the fused op
     torch.testing.assert_close(y, y_peft, rtol=1e-4, atol=1e-5)
     y_peft.square().sum().backward()
     y.square().sum().backward()

@@ -12,7 +12,7 @@ from torch import nn
 
 import ia3
 import ia3_kernels
-from conftest import DEVICE, assert_within_peft_bar
+from conftest import DEVICE, assert_within_peft_bar, count_calls
 from helpers import ia3_grads, quantize_4bit, randomize_ia3, to_4bit
 from ia3_kernels import fourbit
 from ia3_kernels.fourbit import FourBitWeight
@@ -171,13 +171,9 @@ def test_attention_scale_grad_when_u_was_not_saved(triton_backend):
 
 @pytest.fixture
 def fourbit_calls(monkeypatch):
-    """Counts the quantized impls' forward entry point as fourbit calls it, to prove a test ran
-    the kernels."""
-    calls = []
-    real = fourbit.quantized_forward_impl
-    monkeypatch.setattr(fourbit, "quantized_forward_impl",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    """The quantized impls' forward entry point as fourbit calls it: proves a test ran the
+    kernels."""
+    return count_calls(monkeypatch, fourbit, "quantized_forward_impl")
 
 
 def _with(w, **changes):

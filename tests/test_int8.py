@@ -11,7 +11,7 @@ from torch import nn
 
 import ia3
 import ia3_kernels
-from conftest import DEVICE, assert_within_peft_bar
+from conftest import DEVICE, assert_within_peft_bar, count_calls
 from helpers import ia3_grads, quantize_rows, randomize_ia3, to_int8
 from ia3_kernels import int8
 
@@ -97,11 +97,8 @@ def test_no_bias_empty_3d_and_strided_inputs(triton_backend, feedforward):
 
 @pytest.fixture
 def int8_calls(monkeypatch):
-    """Counts the int8 kernels' forward entry point, to prove a test ran them."""
-    calls = []
-    real = int8.int8_forward_impl
-    monkeypatch.setattr(int8, "int8_forward_impl", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    """The int8 kernels' forward entry point: proves a test ran them."""
+    return count_calls(monkeypatch, int8, "int8_forward_impl")
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -43,7 +43,7 @@ def test_fused_layers_are_peft_subclasses():
 def test_matches_peft(triton_backend, kernel_calls):
     peft_model, fused = peft_and_fused()
     assert_same_training_signal(peft_model, fused, inputs())
-    assert kernel_calls["forward"] == 4  # every fused layer ran the kernels
+    assert len(kernel_calls) == 4  # every fused layer ran the kernels
 
 
 def test_several_active_adapters(triton_backend):
@@ -195,7 +195,7 @@ def test_bad_input_error_names_the_layer(triton_backend, kernel_calls):
     with pytest.raises(ValueError, match=r"ia3.Linear\(Linear 40->24.*all tensors must be on one "
                                          r"device, got \{'x': device\(type='meta'\)"):
         layer(torch.randn(3, 40, device="meta"))
-    assert kernel_calls["forward"] == 0
+    assert len(kernel_calls) == 0
 
 
 @pytest.mark.parametrize("call", [

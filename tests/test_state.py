@@ -105,7 +105,7 @@ def test_gradient_checkpointing(triton_backend, kernel_calls, reentrant):
         model.base_model.model.enable_input_require_grads()
     losses_s, grads_s = train(stock, "llama", steps=2)
     losses_f, grads_f = train(fused, "llama", steps=2)
-    assert kernel_calls["forward"] > 0
+    assert len(kernel_calls) > 0
     torch.testing.assert_close(torch.tensor(losses_f), torch.tensor(losses_s), rtol=1e-5, atol=1e-6)
     for name in grads_s[-1]:
         torch.testing.assert_close(grads_f[-1][name], grads_s[-1][name], rtol=1e-4, atol=1e-6)
@@ -159,7 +159,7 @@ def test_no_grad_and_inference_mode(triton_backend, kernel_calls):
     assert not y_nograd.requires_grad and not y_inf.requires_grad
     torch.testing.assert_close(y_inf, y_nograd, rtol=0, atol=0)
     torch.testing.assert_close(y_nograd, peft_model(x).detach(), rtol=1e-5, atol=1e-5)
-    assert kernel_calls["forward"] == 8
+    assert len(kernel_calls) == 8
 
 
 def test_frozen_adapters_get_no_gradient(triton_backend):
