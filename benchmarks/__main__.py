@@ -14,7 +14,6 @@ point of this package. Other entry points: benchmarks.e2e (training steps), benc
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import warnings
@@ -29,8 +28,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = report.argument_parser("python -m benchmarks", __doc__,
+                               "a few shapes and M values per family", RESULTS,
+                               stem_help="file name stem (default: suite-<device>)")
     p.add_argument("--layers", default="",
                    help=f"comma-separated families ({', '.join(suite.FAMILIES)}) or substrings of "
                         "'family model layer' to keep")
@@ -39,7 +39,6 @@ def parse_args(argv):
     p.add_argument("--m", default="", help=f"comma-separated M values (default {suite.M_VALUES})")
     p.add_argument("--modes", default="ff,attn", help="ff, attn or both")
     p.add_argument("--layouts", default="nchw,channels_last", help="convolutions: nchw, channels_last")
-    p.add_argument("--quick", action="store_true", help="a few shapes and M values per family")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
     p.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per timing")
@@ -47,8 +46,6 @@ def parse_args(argv):
                    help="dense only: also time our op with the fused and the cuBLAS strategy forced")
     p.add_argument("--merge", action="store_true",
                    help="keep the other families' rows of an existing <stem>.json")
-    p.add_argument("--out", default=str(RESULTS), help="directory for JSON + markdown + plots")
-    p.add_argument("--stem", default="", help="file name stem (default: suite-<device>)")
     return p.parse_args(argv)
 
 

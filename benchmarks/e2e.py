@@ -12,7 +12,6 @@ checks the pipeline in well under two minutes; CPU numbers are not the point.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -228,10 +227,8 @@ def markdown(env, rows, note, summary=()) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny configs, a few steps")
-    p.add_argument("--models", default="", help="comma-separated substrings of model names")
+    p = report.argument_parser("python -m benchmarks.e2e", __doc__, "tiny configs, a few steps",
+                               RESULTS, models=True)
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd PEFT and ours (runs without checkpointing)")
     p.add_argument("--compile-ckpt", action="store_true",
@@ -239,8 +236,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing runs")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 8; quick 2)")
     p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--stem", default="")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     cuda, device, dtype = report.run_device()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a cast warning on every int8 call

@@ -14,7 +14,6 @@ and no graphs): checks the pipeline in seconds; CPU numbers are not the point of
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -196,13 +195,9 @@ def markdown(env: dict, rows: list[dict], note: str, targets: bool = True) -> st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny config and a few tokens")
-    p.add_argument("--models", default="", help="comma-separated substrings of model names")
+    p = report.argument_parser("python -m benchmarks.generate", __doc__,
+                               "a tiny config and a few tokens", RESULTS, models=True)
     p.add_argument("--no-graphs", action="store_true", help="eager timings only")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--stem", default="")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     cuda, device, dtype = report.run_device()
     specs = QUICK if args.quick or not cuda else FULL

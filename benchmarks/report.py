@@ -3,6 +3,7 @@ bandwidth and bf16 matmul rate), the timing rule of the targets, number formatti
 markdown of a fused-vs-cuBLAS strategy comparison."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import platform
 
@@ -44,6 +45,20 @@ def measure_ceilings() -> dict:
     ms = do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
     return {"copy_tb_per_s": round(bandwidth, 3),
             "bf16_matmul_tflops": round(2 * 8192**3 / (ms * 1e-3) / 1e12, 1)}
+
+
+def argument_parser(prog: str, doc: str, quick_help: str, out_dir, *, models: bool = False,
+                    stem_help: str = "file name stem") -> argparse.ArgumentParser:
+    """The arguments every benchmark entry point shares: --quick, --out, --stem (and --models
+    for the whole-model benchmarks); each adds its own."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    if models:
+        p.add_argument("--models", default="", help="comma-separated substrings of model names")
+    p.add_argument("--out", default=str(out_dir), help="directory for JSON + markdown + plots")
+    p.add_argument("--stem", default="", help=stem_help)
+    return p
 
 
 def run_device() -> tuple[bool, torch.device, torch.dtype]:
