@@ -19,6 +19,7 @@ Backward (one Triton pass over the activations, deterministic per-channel partia
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -28,8 +29,8 @@ import triton
 import triton.language as tl
 
 from . import config, mixed
-from .dense import (_KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce,
-                    check_matching_dtypes)
+from .dense import (_KERNEL_DTYPES, _check_devices_and_dtypes, _launch_matmul,
+                    _launch_scale_reduce, _reduce_partials, check_matching_dtypes)
 from .launch import FastKernel, cdiv
 
 
@@ -258,6 +259,61 @@ def _memory_format(t: torch.Tensor):
     return torch.contiguous_format
 
 
+# The feedforward backward of a pointwise conv (1x1 kernel, stride 1, no padding, one group) on
+# channels_last activations is a linear layer over pixels: dx = (dy W) * l and dl = sum x*(dy W)
+# as ONE fused GEMM (dense.py's kernel: reads dy and x, writes dx) instead of cuDNN's input
+# gradient g plus a pass (writes g, reads g and x, writes dx: two activation-sized transfers
+# more). ResNet-50's 1x1 64->64 channels_last forward+backward measured 1.85x the bare conv with
+# the pass (benchmarks/results/conv-h100.md). "gemm" takes the GEMM route there; "auto" keeps
+# the pass until an H100 run of `python -m benchmarks.conv --compare-paths` decides.
+_CONV_PATHS = ("auto", "pass", "gemm")
+_conv_path = {"path": "auto"}
+
+
+@contextlib.contextmanager
+def conv_path(path: str):
+    """Force the pointwise feedforward backward strategy: "pass" (cuDNN + channel pass), "gemm"
+    (one fused GEMM where the conv is pointwise and channels_last), "auto"."""
+    if path not in _CONV_PATHS:
+        raise ValueError(f"path must be one of {_CONV_PATHS}, got {path!r}")
+    old = _conv_path["path"]
+    _conv_path["path"] = path
+    try:
+        yield
+    finally:
+        _conv_path["path"] = old
+
+
+def _pixel_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """A channels_last(_3d) activation as its (pixels, channels) matrix: a view, or None."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is None or not t.is_contiguous(memory_format=fmt):
+        return None
+    return t.permute(0, *range(2, t.dim()), 1).reshape(-1, t.shape[1])
+
+
+def _pointwise_feedforward_grads(dy, x, weight, scale, geometry, need_dx, need_dscale):
+    """(dx, dl) of a pointwise channels_last feedforward conv from one fused GEMM, or None
+    where the conv or the layouts do not qualify (or the path is not "gemm")."""
+    stride, padding, _, groups = geometry
+    if (_conv_path["path"] != "gemm" or groups != 1 or any(k != 1 for k in weight.shape[2:])
+            or any(s != 1 for s in stride) or any(p != 0 for p in padding)
+            or x.numel() == 0 or scale.numel() != x.shape[1]):
+        return None
+    x_rows, dy_rows = _pixel_rows(x), _pixel_rows(dy.to(weight.dtype))
+    if x_rows is None or dy_rows is None:
+        return None
+    w = weight.reshape(weight.shape[0], weight.shape[1])  # (C_out, C_in): B[n=c_out, k=c_in]
+    dx_rows, _, partial, _ = _launch_matmul(
+        dy_rows, (w.stride(0), w.stride(1)), w, x_rows.shape, weight.dtype, scale_c=scale,
+        aux=x_rows if need_dscale else None, reduce_aux=need_dscale, store_c=need_dx,
+        sum_dtype=scale.dtype, traceable=False)
+    dx = (dx_rows.view(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, x.dim() - 1,
+                                                                     *range(1, x.dim() - 1))
+          if need_dx else None)
+    return dx, _reduce_partials(partial, scale) if need_dscale else None
+
+
 def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feedforward: bool,
                        geometry, need_dx: bool, need_dscale: bool, need_dweight: bool,
                        need_dbias: bool):
@@ -271,7 +327,14 @@ def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feed
         dy = dy.contiguous(memory_format=_memory_format(y if y is not None else x))
     bias_sizes = [weight.shape[0]] if need_dbias else None
     dx = dscale = dweight = dbias = None
-    if feedforward:
+    pointwise = (_pointwise_feedforward_grads(dy, x, weight, scale, geometry, need_dx,
+                                              need_dscale)
+                 if feedforward and (need_dx or need_dscale) and not need_dweight else None)
+    if pointwise is not None:
+        dx, dscale = pointwise
+        if need_dbias:
+            dbias = dy.sum([0] + list(range(2, dy.dim())), dtype=torch.float32).to(weight.dtype)
+    elif feedforward:
         need_g = need_dx or need_dscale
         g, dweight, dbias = _CONV_BACKWARD(
             dy, x, weight, bias_sizes, stride, padding, dilation, False, out_pad, groups,

@@ -62,8 +62,11 @@ def run(fn, x, w, b, scale, feedforward, kwargs, dy=None, weight_grad=False):
     b = b.detach().clone().requires_grad_() if b is not None else None
     w = w.detach().clone().requires_grad_(weight_grad)
     y = fn(x, w, b, scale, feedforward, **kwargs)
-    if dy is None:
+    if dy is None:  # in y's memory format, as autograd hands it over
+        from ia3_kernels.conv import _memory_format
+
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+        dy = dy.contiguous(memory_format=_memory_format(y))
     inputs = [x, scale] + ([b] if b is not None else []) + ([w] if weight_grad else [])
     grads = torch.autograd.grad(y, inputs, dy.to(y.dtype))
     return y, grads, dy
@@ -330,3 +333,37 @@ def test_zero_count_slots_are_owned_and_reused_safely():
     slot_c, _ = counts.take(torch.device("cpu"))  # and this one reuses ticket_a's slot
     slot_c.fill_(9)
     assert counts.read(ticket_a, scale) == 2  # not 9: the slot changed owner
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_pointwise_channels_last_feedforward_backward_as_one_gemm(triton_backend, monkeypatch,
+                                                                   nd, has_bias, dtype):
+    """conv_path("gemm"): a 1x1, stride-1, unpadded, one-group feedforward conv on channels_last
+    takes dx and dl from one fused GEMM over pixels (counted), within the bar of the float64
+    reference; NCHW inputs and strided or grouped 1x1 convs keep the cuDNN + pass route."""
+    from ia3_kernels import conv
+
+    g = torch.Generator().manual_seed(5)
+    spatial = (5, 7) if nd == 2 else (3, 4, 5)
+    fmt = torch.channels_last if nd == 2 else torch.channels_last_3d
+    x = torch.randn(3, 20, *spatial, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(12, 20, *([1] * nd), generator=g) / 20**0.5).to(DEVICE, dtype)
+    b = torch.randn(12, generator=g).to(DEVICE, dtype) if has_bias else None
+    scale = (torch.rand(1, 20, *([1] * nd), generator=g) + 0.5).to(DEVICE)
+    gemms = count_calls(monkeypatch, conv, "_launch_matmul")
+    with ia3_kernels.conv_path("gemm"):
+        y, (dx, *_) = check(x, w, b, scale, True, {}, dtype)
+        assert len(gemms) == 1 and dx.is_contiguous(memory_format=fmt)
+        check(x.contiguous(), w, b, scale, True, {}, dtype)  # NCHW: the pass
+        check(x, w, b, scale, True, dict(stride=2), dtype)  # strided: the pass
+        w2 = w[:, :10].contiguous()
+        check(x, w2, b, scale, True, dict(groups=2), dtype)  # grouped: the pass
+    assert len(gemms) == 1
+    with ia3_kernels.conv_path("auto"):  # the default keeps the pass until measured
+        check(x, w, b, scale, True, {}, dtype)
+    assert len(gemms) == 1
+    with pytest.raises(ValueError, match="path must be one of"):
+        with ia3_kernels.conv_path("fast"):
+            pass
