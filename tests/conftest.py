@@ -21,6 +21,7 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA e
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "multigpu: needs 2 or more CUDA GPUs (skipped otherwise)")
 
 
 def pytest_collection_modifyitems(config, items):

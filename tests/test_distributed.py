@@ -94,3 +94,24 @@ def test_distributed_gradients_match_one_process(tmp_path, triton_backend, mode)
         # Each rank's loss is the mean over its own tokens (equal counts), so the average that
         # DDP/FSDP take equals the full batch's mean-loss gradient, up to reduction order.
         torch.testing.assert_close(distributed[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="a CPU (gloo + interpreter) test; tests/test_multigpu.py is its GPU twin")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_benchmark_script_under_torchrun(tmp_path, mode):
+    """`torchrun --nproc-per-node 2 -m benchmarks.distributed --quick` (gloo, the kernels under the
+    interpreter, strict mode): its one-process gradient check passes, it reports timings, and
+    the adapter rank 0 saved reloads into one process with the distributed model's logits."""
+    from distributed_script import check_saved_adapter_reloads, run_two_processes
+
+    result = run_two_processes(tmp_path, mode, dict(IA3_BACKEND="triton", TRITON_INTERPRET="1",
+                                                    IA3_STRICT="1"))
+    assert result["world"] == 2 and result["mode"] == mode
+    assert result["ia3_grad_rel_error_vs_one_process"] < 1e-5  # fp32: reduction order only
+    assert result["step_ms"] > 0 and result["floor_step_ms"] > 0
+    check_saved_adapter_reloads(tmp_path, "cpu", rtol=1e-5, atol=1e-5)
+    from benchmarks import distributed
+
+    table = distributed.tabulate([tmp_path / "out" / "run.json"])
+    assert f"| {mode} | bf16 | 2 |" in table
