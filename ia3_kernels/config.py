@@ -8,6 +8,7 @@ fallback to the reference into an `IA3FallbackError`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -71,3 +72,17 @@ def fallback(reason: str) -> None:
 def reset_warnings() -> None:
     """Forget which fallback reasons were announced (tests use it to see the warning again)."""
     _warned.clear()
+
+
+@contextlib.contextmanager
+def path_override(setting: dict, path: str, allowed: tuple):
+    """Inside the block, setting["path"] = path (one of `allowed`); restored on exit. Backs the
+    strategy switches dense_path and conv_path (tests and benchmarks)."""
+    if path not in allowed:
+        raise ValueError(f"path must be one of {allowed}, got {path!r}")
+    old = setting["path"]
+    setting["path"] = path
+    try:
+        yield
+    finally:
+        setting["path"] = old

@@ -19,7 +19,6 @@ Backward (one Triton pass over the activations, deterministic per-channel partia
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Optional
 
@@ -270,18 +269,10 @@ _CONV_PATHS = ("auto", "pass", "gemm")
 _conv_path = {"path": "auto"}
 
 
-@contextlib.contextmanager
 def conv_path(path: str):
     """Force the pointwise feedforward backward strategy: "pass" (cuDNN + channel pass), "gemm"
     (one fused GEMM where the conv is pointwise and channels_last), "auto"."""
-    if path not in _CONV_PATHS:
-        raise ValueError(f"path must be one of {_CONV_PATHS}, got {path!r}")
-    old = _conv_path["path"]
-    _conv_path["path"] = path
-    try:
-        yield
-    finally:
-        _conv_path["path"] = old
+    return config.path_override(_conv_path, path, _CONV_PATHS)
 
 
 def _pixel_rows(t: torch.Tensor) -> Optional[torch.Tensor]:

@@ -27,7 +27,6 @@ over blocks (none where one block is final): no atomics, bitwise reproducible.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional
@@ -509,17 +508,9 @@ ATTN_BWD_FUSED_MAX_N = 1024
 SMALL_GEMM_FLOP = 1 << 34
 
 
-@contextlib.contextmanager
 def dense_path(path: str):
     """Force the "fused" or "cublas" strategy (tests and benchmarks); "auto" chooses by M."""
-    if path not in _PATHS:
-        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-    old = _path_override["path"]
-    _path_override["path"] = path
-    try:
-        yield
-    finally:
-        _path_override["path"] = old
+    return config.path_override(_path_override, path, _PATHS)
 
 
 def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,

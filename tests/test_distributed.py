@@ -2,20 +2,15 @@
 a fused tiny Llama give the IA3 gradients of one process on the full batch. The kernels run under
 Triton's interpreter in every process (TRITON_INTERPRET is inherited from conftest)."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distributed_script import free_port
+
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model():
