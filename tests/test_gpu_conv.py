@@ -40,6 +40,42 @@ def test_model_sized_bf16(shape, feedforward, channels_last):
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 28, 28, 256), (4, 256, 14, 14, 64), (8, 64, 56, 56, 64)],
+                         ids=["rn1x1up", "rn1x1down", "rn1x1"])
+def test_pointwise_gemm_backward_bf16_and_graph_capture(shape):
+    """conv_path("gemm") at ResNet-50 1x1 widths in bf16, channels_last: within PEFT's bar, and
+    a captured forward+backward replays to the eager result (the path is chosen at capture)."""
+    n, c_in, h, w_, c_out = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c_in, h, w_, generator=g).cuda().bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c_out, c_in, 1, 1, generator=g) / c_in**0.5).cuda().bfloat16()
+    scale = (torch.rand(1, c_in, 1, 1, generator=g) + 0.5).cuda()
+    with ia3_kernels.conv_path("gemm"):
+        check(x, w, None, scale, True, {}, torch.bfloat16)
+        xg, sg = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        dy = torch.randn(n, c_out, h, w_, device="cuda", dtype=torch.bfloat16)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+
+        def step():
+            xg.grad = sg.grad = None
+            ia3_kernels.ia3_conv(xg, w, None, sg, True).backward(dy)
+            return xg.grad.clone(), sg.grad.clone()
+
+        eager = step()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+
+
 def test_zero_count_comes_back_through_pinned_memory(monkeypatch):
     """The forward's weight kernel writes how many entries of l are zero into a pinned slot;
     the backward reads that slot (no device sync) and the zero channels get exact gradients."""
