@@ -56,6 +56,20 @@ def count_calls(monkeypatch, module, name: str) -> list:
     return calls
 
 
+def capture_cuda_graph(fn):
+    """(graph, fn's output inside it): fn runs once on a side stream first (kernels compile and
+    allocators warm outside the capture), then is captured. The caller replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Forward launches of the dense kernels' entry point, to prove a test used them."""

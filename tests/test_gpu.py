@@ -7,6 +7,7 @@ import torch
 
 import ia3
 import ia3_kernels
+from conftest import capture_cuda_graph
 from ia3_kernels import dense
 from peft import IA3Config, get_peft_model
 from test_dense_op import check_against_reference, make_case
@@ -112,14 +113,7 @@ def test_bitwise_deterministic(M, K, N, feedforward):
 def test_cuda_graph_capture(feedforward):
     x, w, b, s = make_case(4, 4096, 1024, feedforward, False, True, torch.bfloat16, device="cuda")
     expected = ia3_kernels.ia3_linear(x, w, b, s, feedforward)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ia3_kernels.ia3_linear(x, w, b, s, feedforward)  # warm-up: compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+    graph, out = capture_cuda_graph(lambda: ia3_kernels.ia3_linear(x, w, b, s, feedforward))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, ia3_kernels.ia3_linear(x, w, b, s, feedforward), rtol=0, atol=0)

@@ -8,6 +8,7 @@ import torch
 
 import ia3
 import ia3_kernels
+from conftest import capture_cuda_graph
 from test_conv import CASES, check, make_case
 
 pytestmark = pytest.mark.gpu
@@ -63,14 +64,7 @@ def test_pointwise_gemm_backward_bf16_and_graph_capture(shape):
             return xg.grad.clone(), sg.grad.clone()
 
         eager = step()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # warm-up on the capture stream
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
+        graph, captured = capture_cuda_graph(step)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
@@ -115,14 +109,7 @@ def test_cuda_graph_capture_of_forward_and_backward(feedforward):
         return torch.autograd.grad(y.float().square().sum(), [x, scale])
 
     eager = step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):

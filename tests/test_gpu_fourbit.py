@@ -10,6 +10,7 @@ from peft import get_peft_model
 
 import ia3
 import ia3_kernels
+from conftest import capture_cuda_graph
 from helpers import check_quantized_llama_trains, ia3_grads, randomize_ia3, to_4bit
 from ia3_kernels import fourbit
 from ia3_kernels.fourbit import FourBitWeight
@@ -128,14 +129,8 @@ def test_cuda_graph_capture_and_determinism(M, feedforward):
     """Split-K (counters reset in-kernel) replays under a graph, bit for bit."""
     x, w, b, scale = make_case(M, 14336, 1024, feedforward, True, torch.bfloat16)
     eager = ia3_kernels.ia3_linear_4bit(x, w, b, scale, feedforward)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ia3_kernels.ia3_linear_4bit(x, w, b, scale, feedforward)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ia3_kernels.ia3_linear_4bit(x, w, b, scale, feedforward)
+    graph, out = capture_cuda_graph(
+        lambda: ia3_kernels.ia3_linear_4bit(x, w, b, scale, feedforward))
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()

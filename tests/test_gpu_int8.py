@@ -9,6 +9,7 @@ from peft import get_peft_model
 
 import ia3
 import ia3_kernels
+from conftest import capture_cuda_graph
 from helpers import check_quantized_llama_trains, randomize_ia3, to_int8
 from ia3_kernels import int8
 from test_int8 import check_against_reference, make_case
@@ -93,14 +94,8 @@ def test_cuda_graph_capture_and_determinism(feedforward):
     x, cb, scb, b, scale = make_case(4, 14336, 1024, feedforward, True, torch.bfloat16,
                                      device="cuda")
     eager = ia3_kernels.ia3_linear_int8(x, cb, scb, b, scale, feedforward)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ia3_kernels.ia3_linear_int8(x, cb, scb, b, scale, feedforward)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ia3_kernels.ia3_linear_int8(x, cb, scb, b, scale, feedforward)
+    graph, out = capture_cuda_graph(
+        lambda: ia3_kernels.ia3_linear_int8(x, cb, scb, b, scale, feedforward))
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
