@@ -6,9 +6,7 @@ L2 is flushed between timed calls (do_bench). Ratios come from one run on one ma
 
     python -m benchmarks.conv                      # every shape; JSON + markdown in results/
     python -m benchmarks.conv --layers unet --layouts nchw
-    python -m benchmarks.conv --layers 1x1 --layouts channels_last --modes ff --compare-paths
-      # also times our backward with ia3_kernels.conv_path("gemm") (pointwise convs: one fused
-      # GEMM in place of cuDNN's input gradient + a pass), column "ours gemm us"
+    python -m benchmarks.conv --layers 1x1 --profile  # also device time per kernel, bare/ours
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ from peft.tuners.ia3.layer import Conv3d as PeftConv3d
 from torch import nn
 
 import ia3
-import ia3_kernels
 
 from . import layers, report
 
@@ -81,7 +78,6 @@ class ConvRow(layers.TimedRatios):
     peft_peak_mib: Optional[float] = None
     ours_peak_mib: Optional[float] = None
     bare_tflops: Optional[float] = None
-    ours_gemm_us: Optional[float] = None  # --compare-paths: conv_path("gemm"), fwd+bwd ff
 
 
 def build_layers(shape: ConvShape, mode: str, layout, seed: int = 0, device="cuda",
@@ -110,7 +106,7 @@ def _flop(shape: ConvShape) -> float:
 
 
 def bench_case(shape: ConvShape, mode: str, layout_name: str,
-               compare_paths: bool = False) -> list[ConvRow]:
+               profile: bool = False) -> list[ConvRow]:
     layout = {"nchw": torch.contiguous_format,
               "channels_last": torch.channels_last if shape.nd == 2 else torch.channels_last_3d}[layout_name]
     bare, peft_layer, ours = build_layers(shape, mode, layout)
@@ -125,9 +121,7 @@ def bench_case(shape: ConvShape, mode: str, layout_name: str,
         xin = x.clone().requires_grad_(phase == "fwd+bwd")
         fns = {name: layers.step_fn(layer, xin, phase, dy)
                for name, layer in (("bare", bare), ("peft", peft_layer), ("ours", ours))}
-        # Graph replays leave the GPU time (eager calls here are partly host-bound). Captured,
-        # the attention backward recomputes u (one convolution more: whether l has zeros
-        # cannot be read on the host during capture), so its graph row is an upper bound.
+        # Graph replays leave the GPU time (eager calls here are partly host-bound).
         timings = ["eager", "graph"]
         for timing in timings:
             timer = layers.time_eager if timing == "eager" else layers.time_graph
@@ -136,14 +130,25 @@ def bench_case(shape: ConvShape, mode: str, layout_name: str,
                           us["bare"], us["peft"], us["ours"], round(activation_mib, 2))
             if phase == "fwd":
                 row.bare_tflops = round(_flop(shape) / (us["bare"] * 1e-6) / 1e12, 1)
-            elif compare_paths and mode == "ff":
-                with ia3_kernels.conv_path("gemm"):  # read at call and at capture time
-                    row.ours_gemm_us = timer(fns["ours"])
+            if profile and timing == "eager":
+                print_kernel_table(f"{shape.model} {shape.layer} {layout_name} {mode} {phase}",
+                                   fns)
             if phase == "fwd+bwd" and timing == "eager":
                 row.bare_peak_mib, row.peft_peak_mib, row.ours_peak_mib = (
                     round(layers.peak_mib(fns[k]), 2) for k in ("bare", "peft", "ours"))
             rows.append(row)
     return rows
+
+
+def print_kernel_table(title: str, fns: dict) -> None:
+    """Device time per kernel of one call, bare and ours side by side (--profile)."""
+    print(f"\n## {title}")
+    for name in ("bare", "ours"):
+        table = layers.kernel_table(fns[name])
+        total = sum(us for _, us, _ in table)
+        print(f"{name}: {total:.1f} us of kernels per call")
+        for kernel, us, count in table[:8]:
+            print(f"  {us:8.1f} us  x{count:.0f}  {kernel[:110]}")
 
 
 def row_dict(row: ConvRow) -> dict:
@@ -186,15 +191,14 @@ def markdown(env: dict, rows: list[dict], summary: list[dict]) -> str:
     lines = ["# IA3 convolutions: bare vs PEFT vs ours (bf16)", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              "| model | conv | layout | mode | phase | timing | bare us | PEFT us | ours us | "
-             "PEFT/bare | ours/bare | peak MiB bare / PEFT / ours | ours gemm us |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "PEFT/bare | ours/bare | peak MiB bare / PEFT / ours |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         peak = ("" if r["bare_peak_mib"] is None else
                 f"{r['bare_peak_mib']:.0f} / {r['peft_peak_mib']:.0f} / {r['ours_peak_mib']:.0f}")
         lines.append(f"| {r['model']} | {r['layer']} | {r['layout']} | {r['mode']} | {r['phase']} | "
                      f"{r['timing']} | {r['bare_us']:.1f} | {r['peft_us']:.1f} | {r['ours_us']:.1f} | "
-                     f"{r['peft_over_bare']:.3f} | {r['ours_over_bare']:.3f} | {peak} | "
-                     f"{'' if r.get('ours_gemm_us') is None else format(r['ours_gemm_us'], '.1f')} |")
+                     f"{r['peft_over_bare']:.3f} | {r['ours_over_bare']:.3f} | {peak} |")
     lines += ["", "## Targets", "", "| criterion | limit | worst | at | misses |", "|---|---:|---:|---|---:|"]
     for s in summary:
         lines.append(f"| {s['criterion']} | {s['limit']} | {s['worst']} | {s['where']} | "
@@ -210,8 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default="nchw,channels_last")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--stem", default="conv-h100")
-    p.add_argument("--compare-paths", action="store_true",
-                   help='feedforward fwd+bwd also under ia3_kernels.conv_path("gemm")')
+    p.add_argument("--profile", action="store_true",
+                   help="print each case's device time per kernel (torch.profiler), bare and ours")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         print("benchmarks.conv times cuDNN convolutions and our kernels on a CUDA GPU; nothing to "
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
     with layers.progress(len(cases)) as tick:
         for shape, mode, layout in cases:
             tick(f"{shape.model} {shape.layer} {layout} {mode}")
-            rows += [row_dict(r) for r in bench_case(shape, mode, layout, args.compare_paths)]
+            rows += [row_dict(r) for r in bench_case(shape, mode, layout, args.profile)]
             torch.cuda.empty_cache()
             write()  # after every case: a cut-off run keeps its rows
     summary = write()

@@ -109,6 +109,26 @@ def peak_mib(fn) -> float:
     return peak / 2**20
 
 
+def kernel_table(fn, iters: int = 20) -> list[tuple[str, float, float]]:
+    """(kernel name, device us per call of fn, launches per call) from torch.profiler over
+    iters calls after a warm-up, longest first: where a fused op's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            us, count = totals.get(event.name, (0.0, 0))
+            totals[event.name] = (us + event.device_time, count + 1)
+    rows = [(name, us / iters, count / iters) for name, (us, count) in totals.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def time_eager(fn, warmup_ms=10, rep_ms=60) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3

@@ -77,7 +77,7 @@ def reset_warnings() -> None:
 @contextlib.contextmanager
 def path_override(setting: dict, path: str, allowed: tuple):
     """Inside the block, setting["path"] = path (one of `allowed`); restored on exit. Backs the
-    strategy switches dense_path and conv_path (tests and benchmarks)."""
+    strategy switch dense_path (tests and benchmarks)."""
     if path not in allowed:
         raise ValueError(f"path must be one of {allowed}, got {path!r}")
     old = setting["path"]

@@ -7,19 +7,24 @@ b' = b * l; cuDNN then convolves with W', b'. One Triton launch over C_out*C_in/
 elements (UNet 320->320 3x3: 0.9 M) instead of PEFT's pass over an activation (batch 8 at 64x64:
 10.5 M) and the scaled copy its autograd keeps.
 
-Backward (one Triton pass over the activations, deterministic per-channel partial sums):
-- feedforward: g = dy conv^T W by cuDNN (the input gradient before the scaling); the pass turns
-  g into dx = g * l in place and reduces dl = sum(x * g) per input channel.
-- attention: dx = dy conv^T W' by cuDNN (exact: (dy * l) conv^T W = dy conv^T (W * l)); the pass
-  reduces s = sum(dy * y) per output channel and dl = s / l, since y = u * l (sum(dy * u) =
-  sum(dy * y) / l): no pre-activation u is kept. A channel with l == 0 has y == 0 and keeps no
-  trace of u; its dl = sum(dy * u) needs u recomputed (one convolution). Whether l has zeros is
-  known without a device sync: the forward's weight kernel also counts them into pinned host
-  memory (a ring of slots), read back in the backward.
+Backward: dx = dy conv^T W' by cuDNN in both modes (exact in real arithmetic: feedforward
+(dy conv^T W) * l scales W's input channels, attention (dy * l) conv^T W its output channels), so
+dx costs what the bare conv's input gradient costs. dl then comes from one read-only Triton pass
+over two activations, a sum per channel of a product that holds l once, divided by l:
+- feedforward: dl = sum(x * g), g = dy conv^T W the gradient before the scaling; dx = g * l, so
+  dl = sum(x * dx) / l (reads x and dx);
+- attention: dl = sum(dy * u), u = conv(x, W, b) the output before the scaling; y = u * l, so
+  dl = sum(dy * y) / l (reads dy and y; no u is kept).
+Partial sums per block of pixels, summed in a fixed order (deterministic). A channel whose l is
+0 keeps no trace of g or u (and inf or NaN wipes them out); its dl comes from a direct
+computation of that channel alone in Triton (_ia3_conv_direct_dscale_kernel), which finds such
+channels on the device: with l finite and non-zero it reads l and returns, so the common path
+needs no host sync and the same launches run
+under CUDA-graph capture. W' is rebuilt in the backward (a weight-sized launch) instead of
+being kept from the forward.
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
@@ -28,18 +33,17 @@ import triton
 import triton.language as tl
 
 from . import config, mixed
-from .dense import (_KERNEL_DTYPES, _check_devices_and_dtypes, _launch_matmul,
-                    _launch_scale_reduce, _reduce_partials, check_matching_dtypes)
+from .dense import (_KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce, _sm_count,
+                    check_matching_dtypes)
 from .launch import FastKernel, cdiv
 
 
 @triton.jit
 def _ia3_conv_weight_kernel(
-    w_ptr, scale_ptr, bias_ptr, w_out_ptr, bias_out_ptr, zeros_ptr,
+    w_ptr, scale_ptr, bias_ptr, w_out_ptr, bias_out_ptr,
     numel, stride_o, stride_i, in_per_group, out_per_group, n_scale,
     FEEDFORWARD: tl.constexpr,  # scale along input channels (group-aware), else output channels
     HAS_BIAS: tl.constexpr,  # attention: also bias_out = bias * l
-    COUNT_ZEROS: tl.constexpr,  # program 0 stores how many entries of l are exactly zero
     BLOCK: tl.constexpr,
 ):
     """w_out = w * l broadcast over a convolution weight, read in storage order (contiguous or
@@ -57,83 +61,144 @@ def _ia3_conv_weight_kernel(
     s = tl.load(scale_ptr + channel, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(w_out_ptr + offs, (w * s).to(w_out_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS or COUNT_ZEROS:
+    if HAS_BIAS:  # attention: n_scale == C_out
         if pid == 0:
-            zeros = tl.zeros((BLOCK,), dtype=tl.int32)
             for c0 in range(0, n_scale, BLOCK):
                 offs_c = c0 + tl.arange(0, BLOCK)
                 mask_c = offs_c < n_scale
                 sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-                if HAS_BIAS:  # attention: n_scale == C_out
-                    b = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-                    tl.store(bias_out_ptr + offs_c, (b * sc).to(bias_out_ptr.dtype.element_ty),
-                             mask=mask_c)
-                zeros += (sc == 0.0).to(tl.int32)
-            if COUNT_ZEROS:
-                tl.store(zeros_ptr, tl.sum(zeros, axis=0))
+                b = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                tl.store(bias_out_ptr + offs_c, (b * sc).to(bias_out_ptr.dtype.element_ty),
+                         mask=mask_c)
+
+
+@triton.jit
+def _ia3_conv_direct_dscale_kernel(
+    dy_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, partial_ptr,
+    channels, in_per_group, out_per_group, pixels, pixels_per_program,
+    OD, OH, OW, ID, IH, IW, KD, KH, KW,
+    sd, sh, sw, pd, ph, pw, dd, dh, dw,
+    x_sn, x_sc, x_sd, x_sh, x_sw,
+    dy_sn, dy_sc, dy_sd, dy_sh, dy_sw,
+    w_so, w_si, w_sd, w_sh, w_sw,
+    FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """partial[pid, c] = the exact dl[c] summed over this program's output pixels for every
+    channel whose l[c] is 0, inf or NaN, and 0 for the other channels, in fp32 FMAs, a
+    channel at a time:
+    - attention (c an output channel): sum_p dy[c, p] * u[c, p], u = conv(x, W, b) here;
+    - feedforward (c an input channel): sum_p sum_k x[c, in(p, k)] * sum_o W[o, c, k] dy[o, p]
+      (= sum(x * g) with g = dy conv^T W, gathered from the output side).
+    Spatial dims are (D, H, W), size 1 where the conv has fewer. With l finite and non-zero
+    each program reads l and stores zeros: the common path costs one small launch; such a
+    channel costs a CUDA-core convolution of that channel (slow but exact)."""
+    pid = tl.program_id(0)
+    p_start = pid.to(tl.int64) * pixels_per_program
+    p_end = tl.minimum(pixels, p_start + pixels_per_program)
+    for c0 in range(0, channels, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < channels
+        l_block = tl.load(scale_ptr + offs_c, mask=mask_c, other=1.0)
+        sums = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        # l * 0 != 0 holds for inf and NaN: sum(..) / l cannot recover dl there either.
+        direct = ((l_block == 0.0) | (l_block * 0.0 != 0.0)) & mask_c
+        if tl.sum(direct.to(tl.int32), axis=0) > 0:
+            for cc in range(0, BLOCK_C):
+                c = c0 + cc
+                lc = tl.load(scale_ptr + c, mask=c < channels, other=1.0)
+                if (lc == 0.0) | (lc * 0.0 != 0.0):
+                    if FEEDFORWARD:  # the group's output channels; c's column of W
+                        first = (c // in_per_group) * out_per_group
+                        count = out_per_group
+                        w_base = w_ptr + (c % in_per_group) * w_si
+                    else:  # the group's input channels; c's row of W
+                        first = (c // out_per_group) * in_per_group
+                        count = in_per_group
+                        w_base = w_ptr + c * w_so
+                    total = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                    for p0 in range(p_start, p_end, BLOCK_P):
+                        offs_p = p0 + tl.arange(0, BLOCK_P)
+                        mask_p = offs_p < p_end
+                        ow = offs_p % OW
+                        rest = offs_p // OW
+                        oh = rest % OH
+                        rest = rest // OH
+                        od = rest % OD
+                        n = rest // OD
+                        dy_pixel = dy_ptr + n * dy_sn + od * dy_sd + oh * dy_sh + ow * dy_sw
+                        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                        for j in range(0, count):
+                            if FEEDFORWARD:
+                                g = tl.load(dy_pixel + (first + j) * dy_sc, mask=mask_p,
+                                            other=0.0).to(tl.float32)
+                                w_j = w_base + (first + j) * w_so
+                                x_base = x_ptr + n * x_sn + c * x_sc
+                            else:
+                                w_j = w_base + j * w_si
+                                x_base = x_ptr + n * x_sn + (first + j) * x_sc
+                            for kd in range(0, KD):
+                                idd = od * sd - pd + kd * dd
+                                ok_d = mask_p & (idd >= 0) & (idd < ID)
+                                for kh in range(0, KH):
+                                    ih = oh * sh - ph + kh * dh
+                                    ok_h = ok_d & (ih >= 0) & (ih < IH)
+                                    for kw in range(0, KW):
+                                        iw = ow * sw - pw + kw * dw
+                                        ok = ok_h & (iw >= 0) & (iw < IW)
+                                        wv = tl.load(w_j + kd * w_sd + kh * w_sh
+                                                     + kw * w_sw).to(tl.float32)
+                                        xv = tl.load(x_base + idd * x_sd + ih * x_sh + iw * x_sw,
+                                                     mask=ok, other=0.0).to(tl.float32)
+                                        if FEEDFORWARD:
+                                            acc += wv * g * xv
+                                        else:
+                                            acc += wv * xv
+                        if not FEEDFORWARD:
+                            if HAS_BIAS:
+                                acc += tl.load(b_ptr + c).to(tl.float32)
+                            acc *= tl.load(dy_pixel + c * dy_sc, mask=mask_p,
+                                           other=0.0).to(tl.float32)
+                        total += tl.where(mask_p, acc, 0.0)
+                    sums = tl.where(offs_c == c, tl.sum(total, axis=0), sums)
+        tl.store(partial_ptr + pid * channels + offs_c, sums, mask=mask_c)
+
+
+@triton.jit
+def _ia3_conv_dscale_kernel(
+    s_partial_ptr, z_partial_ptr, scale_ptr, out_ptr, C, s_rows, z_rows,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dl[c] = (sum of s_partial[:, c]) / l[c], or the sum of z_partial[:, c] where l[c] is 0,
+    inf or NaN; the partial rows summed in a fixed order (deterministic), rounded once."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(0, s_rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        tile = tl.load(s_partial_ptr + offs_r[:, None].to(tl.int64) * C + offs_c[None, :],
+                       mask=(offs_r < s_rows)[:, None] & mask_c[None, :], other=0.0)
+        s += tl.sum(tile.to(tl.float32), axis=0)
+    z = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(0, z_rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        tile = tl.load(z_partial_ptr + offs_r[:, None].to(tl.int64) * C + offs_c[None, :],
+                       mask=(offs_r < z_rows)[:, None] & mask_c[None, :], other=0.0)
+        z += tl.sum(tile, axis=0)
+    l = tl.load(scale_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+    direct = (l == 0.0) | (l * 0.0 != 0.0)
+    dl = tl.where(direct, z, s / tl.where(direct, 1.0, l))  # no 0/0 in the unused lane
+    tl.store(out_ptr + offs_c, dl.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
 # The OpOverload itself: torch.ops.aten.convolution_backward resolves the overload packet in
 # Python on every call.
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
-_WEIGHT_KERNEL = (_ia3_conv_weight_kernel if config.triton_interpreted()
-                  else FastKernel(_ia3_conv_weight_kernel))
-
-
-# --------------------------------------------------------------------------------------------
-# Zero counts in pinned host memory
-# --------------------------------------------------------------------------------------------
-
-
-class _ZeroCounts:
-    """A ring of 2**16 int32 slots in pinned host memory per device, allocated once and never
-    freed (a freed block could be handed to another user while a kernel still writes it). The
-    host writes -1 into a slot, the forward's weight kernel overwrites it with the count of
-    zeros of l, and the backward reads it: in a training step the kernel ran long before, so
-    the read costs no device sync. A slot is reused after 65536 later forwards; each slot
-    remembers which call owns it, and a backward that finds its slot taken, or the kernel not
-    run after a second of waiting, asks the device instead."""
-
-    SLOTS = 1 << 16
-    WAIT_S = 1.0
-
-    def __init__(self):
-        self._buffers: dict = {}
-        self._owners: list = [None] * self.SLOTS
-        self._next = 0
-
-    def take(self, device: torch.device):
-        """(slot tensor for the kernel, ticket for read()); the slot holds -1 until written."""
-        key = (device.type, device.index)
-        entry = self._buffers.get(key)
-        if entry is None:
-            pinned = device.type == "cuda"
-            buf = torch.full((self.SLOTS,), -1, dtype=torch.int32, pin_memory=pinned)
-            entry = self._buffers[key] = (buf, buf.numpy())
-        buf, array = entry
-        slot = self._next
-        self._next = (slot + 1) % self.SLOTS
-        token = object()
-        self._owners[slot] = token
-        array[slot] = -1
-        return buf[slot:slot + 1], (key, slot, token)
-
-    def read(self, ticket, scale: torch.Tensor) -> int:
-        key, slot, token = ticket
-        array = self._buffers[key][1]
-        if self._owners[slot] is token:
-            deadline = time.perf_counter() + self.WAIT_S
-            while True:
-                value = int(array[slot])
-                if value >= 0 and self._owners[slot] is token:
-                    return value
-                if self._owners[slot] is not token or time.perf_counter() > deadline:
-                    break
-        return int((scale == 0).sum())  # slot reused or never written: ask the device
-
-
-_zero_counts = _ZeroCounts()
+_WEIGHT_KERNEL, _DIRECT_DSCALE_KERNEL, _DSCALE_KERNEL = (
+    (k if config.triton_interpreted() else FastKernel(k))
+    for k in (_ia3_conv_weight_kernel, _ia3_conv_direct_dscale_kernel,
+              _ia3_conv_dscale_kernel))
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,9 +217,8 @@ def _channel_outer(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous()
 
 
-def scale_conv_weight(weight, scale, feedforward: bool, groups: int, bias=None, zero_slot=None):
-    """(W * l broadcast as the IA3 scaling of a conv weight, bias * l for attention or None).
-    zero_slot: a 1-element int32 tensor that receives the number of zeros of l."""
+def scale_conv_weight(weight, scale, feedforward: bool, groups: int, bias=None):
+    """(W * l broadcast as the IA3 scaling of a conv weight, bias * l for attention or None)."""
     weight = _channel_outer(weight)
     out = torch.empty_like(weight)  # keeps the weight's memory format
     bias_out = torch.empty_like(bias) if (bias is not None and not feedforward) else None
@@ -162,9 +226,9 @@ def scale_conv_weight(weight, scale, feedforward: bool, groups: int, bias=None, 
     numel = weight.numel()
     block = 1024
     _WEIGHT_KERNEL[(max(1, cdiv(numel, block)),)](
-        weight, scale, bias, out, bias_out, zero_slot,
+        weight, scale, bias, out, bias_out,
         numel, weight.stride(0), weight.stride(1), in_per_group, c_out // groups, scale.numel(),
-        FEEDFORWARD=feedforward, HAS_BIAS=bias_out is not None, COUNT_ZEROS=zero_slot is not None,
+        FEEDFORWARD=feedforward, HAS_BIAS=bias_out is not None,
         BLOCK=block, num_warps=4,
     )
     return out, bias_out
@@ -191,7 +255,7 @@ def _rows_by_channel_strides(t: torch.Tensor, collapse: bool = True):
 
 
 def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float32,
-                  partial_shape=(), scale_index=None):
+                  partial_shape=(), scale_index=None, tiles=None):
     """_launch_scale_reduce over activations: out = src * l per channel and/or per-block sums
     of src * aux per channel. out may be src (in place). Returns the partial sums (or None).
     scale_index: a mixed-adapter batch (scale an (adapters, C) table, example n uses row
@@ -222,7 +286,7 @@ def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float3
     _, partial = _launch_scale_reduce(src, scale=scale, scale_axis=1, out=out, aux=aux,
                                       sum_dtype=sum_dtype, traceable=False,
                                       batched=(shape, *strides), partial_shape=partial_shape,
-                                      scale_index=scale_index)
+                                      scale_index=scale_index, tiles=tiles)
     if per_example and partial is not None:
         return partial.view(shape[0], -1, shape[2])
     return partial
@@ -233,10 +297,10 @@ def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float3
 # --------------------------------------------------------------------------------------------
 
 
-def conv_forward_impl(x, weight, bias, scale, feedforward: bool, geometry, zero_slot=None):
+def conv_forward_impl(x, weight, bias, scale, feedforward: bool, geometry):
     """y = conv(x, W', b') with the IA3 scaling folded into W' (and b'). Returns (y, W')."""
     stride, padding, dilation, groups = geometry
-    w_scaled, b_scaled = scale_conv_weight(weight, scale, feedforward, groups, bias, zero_slot)
+    w_scaled, b_scaled = scale_conv_weight(weight, scale, feedforward, groups, bias)
     y = torch.convolution(x, w_scaled, bias if feedforward else b_scaled, stride, padding,
                           dilation, False, [0] * len(stride), groups)
     return y, w_scaled
@@ -258,94 +322,35 @@ def _memory_format(t: torch.Tensor):
     return torch.contiguous_format
 
 
-# The feedforward backward of a pointwise conv (1x1 kernel, stride 1, no padding, one group) on
-# channels_last activations is a linear layer over pixels: dx = (dy W) * l and dl = sum x*(dy W)
-# as ONE fused GEMM (dense.py's kernel: reads dy and x, writes dx) instead of cuDNN's input
-# gradient g plus a pass (writes g, reads g and x, writes dx: two activation-sized transfers
-# more). ResNet-50's 1x1 64->64 channels_last forward+backward measured 1.85x the bare conv with
-# the pass (benchmarks/results/conv-h100.md). "gemm" takes the GEMM route there; "auto" keeps
-# the pass until an H100 run of `python -m benchmarks.conv --compare-paths` decides.
-_CONV_PATHS = ("auto", "pass", "gemm")
-_conv_path = {"path": "auto"}
-
-
-def conv_path(path: str):
-    """Force the pointwise feedforward backward strategy: "pass" (cuDNN + channel pass), "gemm"
-    (one fused GEMM where the conv is pointwise and channels_last), "auto"."""
-    return config.path_override(_conv_path, path, _CONV_PATHS)
-
-
-def _pixel_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """A channels_last(_3d) activation as its (pixels, channels) matrix: a view, or None."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if fmt is None or not t.is_contiguous(memory_format=fmt):
-        return None
-    return t.permute(0, *range(2, t.dim()), 1).reshape(-1, t.shape[1])
-
-
-def _pointwise_feedforward_grads(dy, x, weight, scale, geometry, need_dx, need_dscale):
-    """(dx, dl) of a pointwise channels_last feedforward conv from one fused GEMM, or None
-    where the conv or the layouts do not qualify (or the path is not "gemm")."""
-    stride, padding, _, groups = geometry
-    if (_conv_path["path"] != "gemm" or groups != 1 or any(k != 1 for k in weight.shape[2:])
-            or any(s != 1 for s in stride) or any(p != 0 for p in padding)
-            or x.numel() == 0 or scale.numel() != x.shape[1]):
-        return None
-    x_rows, dy_rows = _pixel_rows(x), _pixel_rows(dy.to(weight.dtype))
-    if x_rows is None or dy_rows is None:
-        return None
-    w = weight.reshape(weight.shape[0], weight.shape[1])  # (C_out, C_in): B[n=c_out, k=c_in]
-    dx_rows, _, partial, _ = _launch_matmul(
-        dy_rows, (w.stride(0), w.stride(1)), w, x_rows.shape, weight.dtype, scale_c=scale,
-        aux=x_rows if need_dscale else None, reduce_aux=need_dscale, store_c=need_dx,
-        sum_dtype=scale.dtype, traceable=False)
-    dx = (dx_rows.view(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, x.dim() - 1,
-                                                                     *range(1, x.dim() - 1))
-          if need_dx else None)
-    return dx, _reduce_partials(partial, scale) if need_dscale else None
-
-
-def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feedforward: bool,
-                       geometry, need_dx: bool, need_dscale: bool, need_dweight: bool,
-                       need_dbias: bool):
-    """(dx, dscale, dweight, dbias), None where not needed. zero_count: how many entries of l
-    are zero (attention dl), or None when unknown (then u is recomputed for zero channels)."""
+def conv_backward_impl(dy, x, weight, bias, scale, y, feedforward: bool, geometry,
+                       need_dx: bool, need_dscale: bool, need_dweight: bool, need_dbias: bool):
+    """(dx, dscale, dweight, dbias), None where not needed. x as convolved (padded for non-zero
+    padding modes), y the layer's output (attention dl; None otherwise)."""
     stride, padding, dilation, groups = geometry
-    nd = len(stride)
-    out_pad = [0] * nd
+    out_pad = [0] * len(stride)
     if not _dense(dy):
         # An expanded or strided upstream gradient: cuDNN and the pass want a dense layout.
         dy = dy.contiguous(memory_format=_memory_format(y if y is not None else x))
     bias_sizes = [weight.shape[0]] if need_dbias else None
-    dx = dscale = dweight = dbias = None
-    pointwise = (_pointwise_feedforward_grads(dy, x, weight, scale, geometry, need_dx,
-                                              need_dscale)
-                 if feedforward and (need_dx or need_dscale) and not need_dweight else None)
-    if pointwise is not None:
-        dx, dscale = pointwise
-        if need_dbias:
-            dbias = dy.sum([0] + list(range(2, dy.dim())), dtype=torch.float32).to(weight.dtype)
-    elif feedforward:
-        need_g = need_dx or need_dscale
-        g, dweight, dbias = _CONV_BACKWARD(
-            dy, x, weight, bias_sizes, stride, padding, dilation, False, out_pad, groups,
-            [need_g, need_dweight, need_dbias])
-        if need_g and x.numel() > 0:
-            partial = _channel_pass(g, scale=scale if need_dx else None,
-                                    out=g if need_dx else None, aux=x if need_dscale else None,
-                                    sum_dtype=scale.dtype, partial_shape=tuple(scale.shape))
-            dscale = _sum_partials(partial, scale.dtype) if need_dscale else None
-        elif need_dscale:
-            dscale = torch.zeros_like(scale)
-        dx = g if need_dx else None
-    else:
-        dx, dweight, dbias = _CONV_BACKWARD(
-            dy, x, w_scaled, bias_sizes, stride, padding, dilation, False, out_pad, groups,
-            [need_dx, need_dweight, need_dbias])
-        if need_dbias:
-            dbias = dbias * scale.reshape(-1)  # b' = b * l
-        if need_dscale:
-            dscale = _attention_dscale(dy, x, weight, bias, scale, y, zero_count, geometry)
+    dscale = None
+    # dx = dy conv^T W' in both modes (exact in real arithmetic: feedforward (dy conv^T W)*l
+    # scales W's input channels, attention (dy*l) conv^T W its output channels); W' is
+    # rebuilt here (one weight-sized launch) rather than kept from the forward, which would
+    # hold a second copy of every conv weight between a model's forward and backward.
+    need_input_grad = need_dx or (feedforward and need_dscale)
+    w_scaled = (scale_conv_weight(weight, scale, feedforward, groups)[0]
+                if need_input_grad else weight)
+    dx, dweight, dbias = _CONV_BACKWARD(
+        dy, x, w_scaled, bias_sizes, stride, padding, dilation, False, out_pad, groups,
+        [need_input_grad, need_dweight, need_dbias])
+    if need_dbias and not feedforward:
+        dbias = dbias * scale.reshape(-1)  # b' = b * l
+    if need_dscale:
+        # feedforward dl = sum(x * g) with g = dx / l; attention dl = sum(dy * u), u = y / l
+        dscale = _dscale(dx if feedforward else dy, x if feedforward else y, dy, x, weight,
+                         bias, scale, feedforward, geometry)
+    if not need_dx:
+        dx = None
     if need_dweight:  # dL/dW = dL/dW' * l, broadcast as the forward's
         dweight, _ = scale_conv_weight(dweight, scale, feedforward, groups)
     if dx is not None and dx.dtype != x.dtype:
@@ -353,22 +358,58 @@ def conv_backward_impl(dy, x, weight, w_scaled, bias, scale, y, zero_count, feed
     return dx, dscale, dweight, dbias
 
 
-def _attention_dscale(dy, x, weight, bias, scale, y, zero_count, geometry):
-    """dl = sum(dy * u) per output channel, from sum(dy * y) / l (y = u * l); channels with
-    l == 0 from a recomputed u."""
-    if dy.numel() == 0:
+def _dscale(scaled_grad, other, dy, x, weight, bias, scale, feedforward, geometry):
+    """dl per channel from sum(scaled_grad * other) / l, the product holding l once
+    (feedforward: dx = g*l against x; attention: y = u*l against dy), read in one pass;
+    channels with l 0, inf or NaN (found on the device) from a direct computation
+    (_ia3_conv_direct_dscale_kernel). Three launches, no host sync."""
+    if scaled_grad.numel() == 0:
         return torch.zeros_like(scale)
-    # Three small ops on the common path (no zeros): sum of the partials, the division, the cast.
-    s = _sum_partials(_channel_pass(dy, aux=y, partial_shape=tuple(scale.shape)), torch.float32)
-    dl = s / scale
-    if zero_count is None or zero_count > 0:
-        stride, padding, dilation, groups = geometry
-        u = torch.convolution(x, weight, bias, stride, padding, dilation, False,
-                              [0] * len(stride), groups)
-        dims = [0] + list(range(2, u.dim()))
-        exact = (dy.float() * u.float()).sum(dims)
-        dl = torch.where(scale.reshape(-1) == 0, exact, dl.reshape(-1)).view(scale.shape)
-    return dl.to(scale.dtype)
+    s_partial = _channel_pass(scaled_grad, aux=other)
+    z_partial = _direct_dscale_partials(dy, x, weight, bias, scale, feedforward, geometry)
+    channels = scale.numel()
+    dl = torch.empty_like(scale)
+    # Tall narrow tiles: ~1000 partial rows (one per pass program) are summed in 2-3 loop
+    # steps. 128 x 16 tiles took 60 us at 64 channels (one program, 66 dependent steps; H100).
+    block_c = 16
+    _DSCALE_KERNEL[(cdiv(channels, block_c),)](
+        s_partial, z_partial, scale, dl, channels, s_partial.shape[0], z_partial.shape[0],
+        BLOCK_R=512, BLOCK_C=block_c, num_warps=8)
+    return dl
+
+
+def _spatial3(values, fill):
+    """A conv's per-spatial-dimension values as (D, H, W), `fill` for the dimensions it lacks."""
+    values = list(values)
+    return [fill] * (3 - len(values)) + values
+
+
+def _direct_dscale_partials(dy, x, weight, bias, scale, feedforward, geometry):
+    """(programs, channels) fp32 partial sums, over each program's output pixels, of the
+    exact dl terms of the channels where l is 0, inf or NaN (zeros for the others): feedforward
+    x * (dy conv^T W), attention dy * conv(x, W, b). x is the conv's input as convolved."""
+    stride, padding, dilation, groups = geometry
+    c_out, in_per_group = weight.shape[:2]
+    out_sp = _spatial3(dy.shape[2:], 1)
+    pixels = dy.shape[0] * out_sp[0] * out_sp[1] * out_sp[2]
+    block_p = 16 if config.triton_interpreted() else 256
+    # Enough programs to spread a direct channel's work over the SMs; without one the
+    # (programs, channels) fp32 partials are the whole cost (264 x 320 channels: 0.3 MB).
+    programs = max(1, min(cdiv(pixels, block_p), 2 * _sm_count(dy.device)))
+    pixels_per_program = cdiv(cdiv(pixels, programs), block_p) * block_p
+    programs = max(1, cdiv(pixels, pixels_per_program))
+    partial = torch.empty((programs, scale.numel()), device=dy.device, dtype=torch.float32)
+    _DIRECT_DSCALE_KERNEL[(programs,)](
+        dy, x, weight, bias, scale, partial,
+        scale.numel(), in_per_group, c_out // groups, pixels, pixels_per_program,
+        *out_sp, *_spatial3(x.shape[2:], 1), *_spatial3(weight.shape[2:], 1),
+        *_spatial3(stride, 1), *_spatial3(padding, 0), *_spatial3(dilation, 1),
+        x.stride(0), x.stride(1), *_spatial3(x.stride()[2:], 0),
+        dy.stride(0), dy.stride(1), *_spatial3(dy.stride()[2:], 0),
+        weight.stride(0), weight.stride(1), *_spatial3(weight.stride()[2:], 0),
+        FEEDFORWARD=feedforward, HAS_BIAS=bias is not None and not feedforward,
+        BLOCK_P=block_p, BLOCK_C=128, num_warps=4)
+    return partial
 
 
 def _sum_partials(partial, dtype):
@@ -446,36 +487,25 @@ class _MixedConvFunction(torch.autograd.Function):
 
 
 class _ConvFunction(torch.autograd.Function):
-    """Eager autograd entry: saves x and W for feedforward; y, W' (and x, W, b for a zero l or
-    a weight gradient) for attention."""
+    """Eager autograd entry: saves x, W, b and l (inputs and parameters, alive anyway) and,
+    for an attention dl, the output y."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, feedforward, geometry):
-        need = ctx.needs_input_grad
-        want_zero_count = (not feedforward and need[3] and x.is_cuda
-                           and not torch.cuda.is_current_stream_capturing())
-        zero_slot, ticket = (_zero_counts.take(x.device) if want_zero_count else (None, None))
-        y, w_scaled = conv_forward_impl(x, weight, bias, scale, feedforward, geometry, zero_slot)
-        ctx.flags = (feedforward, geometry, ticket, bool(need[3]) and not feedforward and not x.is_cuda)
-        if feedforward:
-            ctx.save_for_backward(x, weight, None, scale, None, None)
-        else:
-            ctx.save_for_backward(x, weight, bias, scale, w_scaled, y if need[3] else None)
+        y, _ = conv_forward_impl(x, weight, bias, scale, feedforward, geometry)
+        ctx.flags = (feedforward, geometry)
+        keep_y = not feedforward and ctx.needs_input_grad[3]
+        ctx.save_for_backward(x, weight, bias, scale, y if keep_y else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, scale, w_scaled, y = ctx.saved_tensors
-        feedforward, geometry, ticket, count_on_host = ctx.flags
-        zero_count = None
-        if ticket is not None:
-            zero_count = _zero_counts.read(ticket, scale)
-        elif count_on_host:  # CPU tensors (interpreter): counting costs no device sync
-            zero_count = int((scale == 0).sum())
+        x, weight, bias, scale, y = ctx.saved_tensors
+        feedforward, geometry = ctx.flags
         need = ctx.needs_input_grad
         dx, dscale, dweight, dbias = conv_backward_impl(
-            dy, x, weight, w_scaled, bias, scale, y, zero_count, feedforward, geometry,
-            need[0], need[3], need[1], need[2])
+            dy, x, weight, bias, scale, y, feedforward, geometry, need[0], need[3], need[1],
+            need[2])
         return dx, dweight, dbias, dscale, None, None
 
 

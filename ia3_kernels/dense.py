@@ -736,7 +736,7 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
                          sum_dtype=torch.float32, row_scale=None, quant4=None, batched=None,
-                         partial_shape=(), scale_index=None):
+                         partial_shape=(), scale_index=None, tiles=None):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
     row_scale: src is an int8 weight, dequantized as src * row_scale[row] / 127 first.
@@ -749,6 +749,7 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     partial sums in place of (C,) (same memory), so that their sum has the vector's shape.
     scale_index: a mixed-adapter batch (scale_axis 1): scale is an (adapters, C) table and the
     B*R rows, in order, belong to scale_index.numel() examples of equal row counts.
+    tiles: (BLOCK_R, BLOCK_C, CTAs per SM, num_warps) in place of the defaults below (tuning).
     Returns (out, partial)."""
     rows_contiguous = False
     if batched is not None:
@@ -764,13 +765,26 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     else:
         # 128 contiguous bf16 elements (256 bytes) a tile row along the contiguous axis.
         block_r, block_c = (128, 16) if rows_contiguous else (32, 128)
+    ctas_per_sm, num_warps = 8, 4
+    if batched is not None and not config.triton_interpreted():
+        # Convolution activations (benchmarks/results/tune-channel-pass-h100.log, H100, a
+        # read-only sum over two bf16 activations): channels_last 64 x 64 tiles reach 1.72 TB/s
+        # at 64 channels where 32 x 128 (half masked) reached 1.22; NCHW runs 16 CTAs an SM of 8
+        # warps (1.78 vs 1.66 TB/s at 49 MiB).
+        if rows_contiguous:
+            ctas_per_sm, num_warps = 16, 8
+        else:
+            block_r, block_c = 64, (128 if C >= 256 else 64)
+    if tiles is not None:
+        block_r, block_c, ctas_per_sm, num_warps = tiles
     aligned = quant4 is not None and C % quant4.blocksize == 0
     if aligned:
         block_c = min(block_c, quant4.blocksize)  # a tile row inside one quantization block
     col_programs = cdiv(C, block_c)
     # Rows split over enough programs for ~8 CTAs an SM (a bandwidth-bound pass needs many
     # loads in flight); with a reduction each program writes one fp32 partial row.
-    row_programs = max(1, min(cdiv(R, block_r), (8 * _sm_count(device)) // (col_programs * B)))
+    row_programs = max(1, min(cdiv(R, block_r),
+                              (ctas_per_sm * _sm_count(device)) // (col_programs * B)))
     rows_per_program = cdiv(cdiv(max(R, 1), row_programs), block_r) * block_r
     row_programs = cdiv(max(R, 1), rows_per_program)
     partial = (torch.empty((B * row_programs, *(partial_shape or (C,))), device=device,
@@ -793,7 +807,7 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
         REDUCE_AUX=aux is not None, ROW_SCALE=row_scale is not None, ROW_SCALE_MUL=INT8_SCALE_MUL,
         SRC_4BIT=quant4 is not None, Q_BLOCKSIZE=q_blocksize, Q_NESTED=q_nested,
         Q_BLOCKSIZE2=q_blocksize2, Q_ALIGNED=aligned,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out, partial
 

@@ -109,17 +109,57 @@ def test_weight_and_bias_gradients(triton_backend, feedforward):
     check(x, w, b, scale, feedforward, kwargs, torch.float32, weight_grad=True)
 
 
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
-def test_zero_entries_of_l_get_exact_gradients(triton_backend, feedforward):
-    """Attention dl comes from sum(dy*y)/l; where l == 0, y keeps no trace of u and the op
-    recomputes it: dl there must still be sum(dy*u), not 0 or NaN."""
-    x, w, b, scale, kwargs = make_case("3x3", feedforward, True, torch.float32, False)
+def test_zero_entries_of_l_get_exact_gradients(triton_backend, feedforward, case):
+    """Attention dl comes from sum(dy*y)/l; where l == 0, y keeps no trace of u and a direct
+    convolution of those channels (found on the device) gives dl = sum(dy*u), not 0 or NaN:
+    every conv geometry, channels_last for the 3x3 case."""
+    x, w, b, scale, kwargs = make_case(case, feedforward, True, torch.float32, case == "3x3")
     scale = scale.clone()
-    scale.view(-1)[[0, 5]] = 0.0
+    zeros = [0, scale.numel() - 1, scale.numel() // 2]  # first, last and a middle channel
+    scale.view(-1)[zeros] = 0.0
     _, grads = check(x, w, b, scale, feedforward, kwargs, torch.float32)
     dscale = grads[1].view(-1)
     assert torch.isfinite(dscale).all()
-    assert (dscale[[0, 5]].abs() > 1e-3).all()  # a real gradient where l == 0
+    assert (dscale[zeros].abs() > 1e-3).all()  # a real gradient where l == 0
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_direct_dscale_kernel_sums_exact_terms_of_zero_and_nonfinite_channels(triton_backend,
+                                                                           feedforward):
+    """The direct-dscale kernel writes zeros for channels with finite non-zero l and, where l is
+    0, inf or NaN, its programs' parts of the exact dl (feedforward sum(x * (dy conv^T W)), attention
+    sum(dy * conv(x, W, b))): against PyTorch, 150 channels (two blocks of 128), stride 2,
+    padding, two groups."""
+    from ia3_kernels import conv
+
+    g = torch.Generator().manual_seed(3)
+    c_in = 150 if feedforward else 6
+    c_out = 6 if feedforward else 150
+    x = torch.randn(2, c_in, 7, 6, generator=g).requires_grad_()
+    w = torch.randn(c_out, c_in // 2, 3, 3, generator=g) / 30
+    b = torch.randn(c_out, generator=g)
+    scale = torch.rand(150, generator=g) + 0.5
+    geometry = ([2, 1], [1, 1], [1, 1], 2)
+    u = torch.nn.functional.conv2d(x, w, b, stride=(2, 1), padding=1, groups=2)
+    dy = torch.randn(u.shape, generator=g)
+    if feedforward:
+        (grad_x,) = torch.autograd.grad(u, x, dy)
+        expected = (x * grad_x).sum((0, 2, 3))
+    else:
+        expected = (dy * u).sum((0, 2, 3))
+    x, expected = x.detach(), expected.detach()
+    partial = conv._direct_dscale_partials(dy, x, w, b, scale, feedforward, geometry)
+    assert torch.equal(partial, torch.zeros_like(partial))
+    scale[[0, 74]] = 0.0
+    scale[127], scale[128], scale[149] = float("inf"), float("nan"), -float("inf")
+    partial = conv._direct_dscale_partials(dy, x, w, b, scale, feedforward, geometry)
+    got = partial.sum(0)
+    keep = (scale == 0) | ~torch.isfinite(scale)
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+    assert partial.shape[0] > 1  # the pixels were split over several programs
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
@@ -308,62 +348,3 @@ def test_torch_compile_fullgraph_folds_the_weight_in_torch(triton_backend, feedf
                                        torch.float32, False)
     fn = torch.compile(ia3_kernels.ia3_conv, fullgraph=True, backend="eager")
     check(x, w, b, scale, feedforward, kwargs, torch.float32, fn=lambda *a, **k: fn(*a, **k))
-
-
-def test_zero_count_slots_are_owned_and_reused_safely():
-    """A slot holds -1 until the kernel writes; a backward whose slot was taken by a later call
-    (after SLOTS forwards) or never written asks the device instead of trusting the value."""
-    from ia3_kernels.conv import _ZeroCounts
-
-    class Small(_ZeroCounts):
-        SLOTS = 2
-        WAIT_S = 0.01
-
-    counts = Small()
-    scale = torch.tensor([0.0, 1.0, 0.0])
-    slot, ticket = counts.take(torch.device("cpu"))
-    assert slot.item() == -1
-    slot.fill_(7)  # what the kernel does
-    assert counts.read(ticket, scale) == 7
-    _, never_written = counts.take(torch.device("cpu"))
-    assert counts.read(never_written, scale) == 2  # waited, then counted on the device
-    slot_a, ticket_a = counts.take(torch.device("cpu"))
-    slot_a.fill_(5)
-    slot_b, _ = counts.take(torch.device("cpu"))  # wraps around: slot_b is reused slot 1
-    slot_c, _ = counts.take(torch.device("cpu"))  # and this one reuses ticket_a's slot
-    slot_c.fill_(9)
-    assert counts.read(ticket_a, scale) == 2  # not 9: the slot changed owner
-
-
-@pytest.mark.parametrize("nd", [2, 3])
-@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_pointwise_channels_last_feedforward_backward_as_one_gemm(triton_backend, monkeypatch,
-                                                                   nd, has_bias, dtype):
-    """conv_path("gemm"): a 1x1, stride-1, unpadded, one-group feedforward conv on channels_last
-    takes dx and dl from one fused GEMM over pixels (counted), within the bar of the float64
-    reference; NCHW inputs and strided or grouped 1x1 convs keep the cuDNN + pass route."""
-    from ia3_kernels import conv
-
-    g = torch.Generator().manual_seed(5)
-    spatial = (5, 7) if nd == 2 else (3, 4, 5)
-    fmt = torch.channels_last if nd == 2 else torch.channels_last_3d
-    x = torch.randn(3, 20, *spatial, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
-    w = (torch.randn(12, 20, *([1] * nd), generator=g) / 20**0.5).to(DEVICE, dtype)
-    b = torch.randn(12, generator=g).to(DEVICE, dtype) if has_bias else None
-    scale = (torch.rand(1, 20, *([1] * nd), generator=g) + 0.5).to(DEVICE)
-    gemms = count_calls(monkeypatch, conv, "_launch_matmul")
-    with ia3_kernels.conv_path("gemm"):
-        y, (dx, *_) = check(x, w, b, scale, True, {}, dtype)
-        assert len(gemms) == 1 and dx.is_contiguous(memory_format=fmt)
-        check(x.contiguous(), w, b, scale, True, {}, dtype)  # NCHW: the pass
-        check(x, w, b, scale, True, dict(stride=2), dtype)  # strided: the pass
-        w2 = w[:, :10].contiguous()
-        check(x, w2, b, scale, True, dict(groups=2), dtype)  # grouped: the pass
-    assert len(gemms) == 1
-    with ia3_kernels.conv_path("auto"):  # the default keeps the pass until measured
-        check(x, w, b, scale, True, {}, dtype)
-    assert len(gemms) == 1
-    with pytest.raises(ValueError, match="path must be one of"):
-        with ia3_kernels.conv_path("fast"):
-            pass
