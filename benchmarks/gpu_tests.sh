@@ -4,6 +4,8 @@
 # says what passed (on CUDA every test runs on the GPU, the `gpu`-marked ones included).
 #   bash benchmarks/gpu_tests.sh OUT_DIR [SECONDS_PER_FILE] [test files...]
 # Default: every tests/test_*.py, 240 s each. MARK="gpu" (a pytest -m expression) narrows it.
+# SUMMARY_LOG=FILE also appends each file's summary line and failure report to FILE as it goes
+# (one file to bring back from a machine that returns few files).
 set -u
 out=${1:?usage: gpu_tests.sh OUT_DIR [SECONDS_PER_FILE] [files...]}
 limit=${2:-240}
@@ -22,6 +24,11 @@ for f in "${files[@]}"; do
   last=$(grep -E "passed|failed|skipped|deselected|error|no tests ran" "$out/$name.log" | tail -1)
   [ $rc -eq 124 ] && last="TIMED OUT after ${limit}s: $(grep -c '' "$out/$name.log") lines; $(tr -cd '.F' < "$out/$name.log" | wc -c) results so far"
   echo "$name: ${last:-rc $rc}"
+  if [ -n "${SUMMARY_LOG:-}" ]; then
+    { echo "=== $name: ${last:-rc $rc}"
+      sed -n '/= FAILURES =/,/short test summary/p' "$out/$name.log" | head -300
+      grep -E "^(FAILED|ERROR) " "$out/$name.log"; } >> "$SUMMARY_LOG"
+  fi
   [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1
 done
 exit $status

@@ -1,7 +1,8 @@
 """python -m benchmarks.overhead: host (CPU) time per eager layer call — bare, PEFT, ours — on a
 layer small enough that the GPU never holds the CPU back, a breakdown of our stack, and
 cProfiles of ours (forward, and forward+backward with autograd's device threads off so that the
-profiler sees the backward). Eager timings of small layers measure exactly this."""
+profiler sees the backward). Eager timings of small layers measure exactly this.
+`--conv`: the same for the convolution layers."""
 from __future__ import annotations
 
 import cProfile
@@ -96,7 +97,37 @@ def autograd_threads(enabled: bool):
         torch.autograd.set_multithreading_enabled(True)
 
 
+def conv_overhead() -> None:
+    """The same for the convolution layers (python -m benchmarks.overhead --conv): a 3x3 conv
+    small enough (batch 2, 64 channels, 8x8) that every call is host-bound."""
+    from .conv import ConvShape, build_layers as build_conv_layers
+
+    shape = ConvShape("tiny", "3x3 64->64 @8x8", 64, 64, (3, 3), 2, (8, 8), 1)
+    for mode in ("ff", "attn"):
+        bare, peft_layer, ours = build_conv_layers(shape, mode, torch.contiguous_format)
+        x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
+        xg = x.clone().requires_grad_()
+        dy = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
+        for name, layer in (("bare", bare), ("peft", peft_layer), ("ours", ours)):
+            with torch.no_grad():
+                fwd = host_us(lambda: layer(x))
+            params = [xg] + [p for p in layer.parameters() if p.requires_grad]
+            with autograd_threads(False):
+                fb = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
+            print(f"conv {mode:<4} {name:<5} host us/call: forward {fwd:7.1f}   forward+backward "
+                  f"{fb:7.1f} (autograd device threads off)")
+        params = [xg] + [p for p in ours.parameters() if p.requires_grad]
+        prof = cProfile.Profile()
+        with autograd_threads(False):
+            prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(300)])
+        print(f"--- cProfile, ours conv, {mode}, forward+backward x 300 (autograd threads off)")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+
+
 def main() -> int:
+    if "--conv" in sys.argv[1:]:
+        conv_overhead()
+        return 0
     breakdown()
     backward_breakdown()
     shape = Shape("T5-base", "q/k/v/o", 768, 768)

@@ -149,7 +149,8 @@ def test_direct_dscale_kernel_sums_exact_terms_of_zero_and_nonfinite_channels(tr
         expected = (x * grad_x).sum((0, 2, 3))
     else:
         expected = (dy * u).sum((0, 2, 3))
-    x, expected = x.detach(), expected.detach()
+    x, expected = x.detach().to(DEVICE), expected.detach().to(DEVICE)
+    dy, w, b, scale = dy.to(DEVICE), w.to(DEVICE), b.to(DEVICE), scale.to(DEVICE)
     partial = conv._direct_dscale_partials(dy, x, w, b, scale, feedforward, geometry)
     assert torch.equal(partial, torch.zeros_like(partial))
     scale[[0, 74]] = 0.0

@@ -53,33 +53,40 @@ def test_zero_entries_of_l_in_bf16_channels_last():
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_cuda_graph_capture_of_forward_and_backward(feedforward):
-    """Captured fwd+bwd replays give the eager gradients bitwise (the same launches: the zero
-    entries of an attention l are found on the device, not the host), also after zeros are
-    written into l between replays."""
+    """Captured fwd+bwd replays give the eager gradients (the same launches: channels whose l
+    is 0 are found on the device, not the host), also after zeros are written into l between
+    replays. Not bitwise: cuDNN may pick another algorithm for dx under capture (seen on the
+    H100)."""
     x, w, b, scale, kwargs = make_case("stride2-dil2-grouped-reflect", feedforward, True,
                                        torch.bfloat16, True)
     x = x.detach().requires_grad_()
     scale = scale.detach().requires_grad_()
+    # A loss whose dy is non-zero everywhere (y**2 would give dy = 0 in a channel where l == 0,
+    # and there the attention dl = sum(dy * u) would be 0 whatever the op computes).
+    probe = None
 
     def step():
+        nonlocal probe
         y = ia3_kernels.ia3_conv(x, w, b, scale, feedforward, **kwargs)
-        return torch.autograd.grad(y.float().square().sum(), [x, scale])
+        if probe is None:
+            probe = torch.randn(y.shape, device=y.device, generator=torch.Generator(
+                y.device).manual_seed(2))
+        return torch.autograd.grad((y.float() * probe).sum(), [x, scale])
 
     eager = step()
     graph, captured = capture_cuda_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):
-        assert torch.equal(c, e)
+        torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=1e-2)
     with torch.no_grad():
         scale.view(-1)[[0, 3]] = 0.0
     eager_zeros = step()
     graph.replay()
     torch.cuda.synchronize()
     for e, c in zip(eager_zeros, captured):
-        assert torch.equal(c, e)
-    if not feedforward:
-        assert (captured[1].view(-1)[[0, 3]].abs() > 0).all()
+        torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=1e-2)
+    assert (captured[1].view(-1)[[0, 3]].abs() > 0).all()  # dl where l == 0: exact, not 0
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])

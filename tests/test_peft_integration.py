@@ -83,7 +83,8 @@ def test_quantized_save_load_interchangeable(tmp_path, triton_backend, quant, di
 
     def base():
         torch.manual_seed(0)  # the same random weights, quantized the same way, every call
-        return to_int8(TinyNet()) if quant == "int8" else to_4bit(TinyNet())
+        # The converters quantize the Linear layers on DEVICE; the rest of TinyNet follows.
+        return (to_int8(TinyNet()) if quant == "int8" else to_4bit(TinyNet())).to(DEVICE)
 
     config = ia3_config(target_modules=["q", "k", "ff"], feedforward_modules=["ff"])
     source = randomize_ia3(get_peft_model(base(), config))
