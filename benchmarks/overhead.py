@@ -97,6 +97,30 @@ def autograd_threads(enabled: bool):
         torch.autograd.set_multithreading_enabled(True)
 
 
+def host_table(prefix: str, layers: dict, x, dy, with_threads: bool = True) -> None:
+    """Host us per forward and forward+backward for each layer (name -> module), and a cProfile
+    of 300 forward+backward calls of layers["ours"]; autograd's device threads off for the
+    profile (else the backward runs on a thread the profiler does not see)."""
+    xg = x.clone().requires_grad_()
+    for name, layer in layers.items():
+        with torch.no_grad():
+            fwd = host_us(lambda: layer(x))
+        params = [xg] + [p for p in layer.parameters() if p.requires_grad]
+        line = f"{prefix} {name:<5} host us/call: forward {fwd:7.1f}   forward+backward "
+        if with_threads:
+            line += f"{host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500):7.1f}   "
+        with autograd_threads(False):
+            fb1 = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
+        print(line + f"(autograd device threads off: {fb1:7.1f})")
+    ours = layers["ours"]
+    params = [xg] + [p for p in ours.parameters() if p.requires_grad]
+    prof = cProfile.Profile()
+    with autograd_threads(False):
+        prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(300)])
+    print(f"--- cProfile, ours, {prefix.strip()}, forward+backward x 300 (autograd threads off)")
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+
+
 def conv_overhead() -> None:
     """The same for the convolution layers (python -m benchmarks.overhead --conv): a 3x3 conv
     small enough (batch 2, 64 channels, 8x8) that every call is host-bound."""
@@ -106,22 +130,9 @@ def conv_overhead() -> None:
     for mode in ("ff", "attn"):
         bare, peft_layer, ours = build_conv_layers(shape, mode, torch.contiguous_format)
         x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
-        xg = x.clone().requires_grad_()
         dy = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
-        for name, layer in (("bare", bare), ("peft", peft_layer), ("ours", ours)):
-            with torch.no_grad():
-                fwd = host_us(lambda: layer(x))
-            params = [xg] + [p for p in layer.parameters() if p.requires_grad]
-            with autograd_threads(False):
-                fb = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
-            print(f"conv {mode:<4} {name:<5} host us/call: forward {fwd:7.1f}   forward+backward "
-                  f"{fb:7.1f} (autograd device threads off)")
-        params = [xg] + [p for p in ours.parameters() if p.requires_grad]
-        prof = cProfile.Profile()
-        with autograd_threads(False):
-            prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(300)])
-        print(f"--- cProfile, ours conv, {mode}, forward+backward x 300 (autograd threads off)")
-        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+        host_table(f"conv {mode:<4}", {"bare": bare, "peft": peft_layer, "ours": ours}, x, dy,
+                   with_threads=False)
 
 
 def main() -> int:
@@ -134,23 +145,8 @@ def main() -> int:
     for mode in ("ff", "attn"):
         bare, peft_layer, ours = build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)
         x = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
-        xg = x.clone().requires_grad_()
         dy = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
-        for name, layer in (("bare", bare), ("peft", peft_layer), ("ours", ours)):
-            with torch.no_grad():
-                fwd = host_us(lambda: layer(x))
-            params = [xg] + [p for p in layer.parameters() if p.requires_grad]
-            fb = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
-            with autograd_threads(False):
-                fb1 = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
-            print(f"{mode:<4} {name:<5} host us/call: forward {fwd:7.1f}   forward+backward "
-                  f"{fb:7.1f}   (autograd device threads off: {fb1:7.1f})")
-        params = [xg] + [p for p in ours.parameters() if p.requires_grad]
-        prof = cProfile.Profile()
-        with autograd_threads(False):
-            prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(300)])
-        print(f"--- cProfile, ours, {mode}, forward+backward x 300 (autograd threads off)")
-        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(22)
+        host_table(f"{mode:<4}", {"bare": bare, "peft": peft_layer, "ours": ours}, x, dy)
     return 0
 
 
