@@ -68,6 +68,11 @@ def worker(rank, port, mode, out_path):
         grads = ia3_grads(model)
         if rank == 0:
             torch.save(grads, out_path)
+        # Both ranks done before either tears the group down (rank 1 destroying it while rank 0
+        # still saved aborted rank 0 once in ~4 CPU runs: "terminate called without an active
+        # exception"), and the wrappers dropped first, as benchmarks/distributed.py does.
+        dist.barrier()
+        del wrapped, model
     finally:
         dist.destroy_process_group()
 
