@@ -254,8 +254,7 @@ def _rows_by_channel_strides(t: torch.Tensor, collapse: bool = True):
     return (n, s, c), (strides[0], row_stride, strides[1])
 
 
-def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float32,
-                  partial_shape=(), scale_index=None, tiles=None):
+def _channel_pass(src, *, scale=None, out=None, aux=None, scale_index=None, tiles=None):
     """_launch_scale_reduce over activations: out = src * l per channel and/or per-block sums
     of src * aux per channel. out may be src (in place). Returns the partial sums (or None).
     scale_index: a mixed-adapter batch (scale an (adapters, C) table, example n uses row
@@ -284,8 +283,7 @@ def _channel_pass(src, *, scale=None, out=None, aux=None, sum_dtype=torch.float3
     shape = layouts[0][0]
     strides = [(0, 0, 0) if lay is None else lay[1] for lay in layouts]
     _, partial = _launch_scale_reduce(src, scale=scale, scale_axis=1, out=out, aux=aux,
-                                      sum_dtype=sum_dtype, traceable=False,
-                                      batched=(shape, *strides), partial_shape=partial_shape,
+                                      traceable=False, batched=(shape, *strides),
                                       scale_index=scale_index, tiles=tiles)
     if per_example and partial is not None:
         return partial.view(shape[0], -1, shape[2])
@@ -410,15 +408,6 @@ def _direct_dscale_partials(dy, x, weight, bias, scale, feedforward, geometry):
         FEEDFORWARD=feedforward, HAS_BIAS=bias is not None and not feedforward,
         BLOCK_P=block_p, BLOCK_C=128, num_warps=4)
     return partial
-
-
-def _sum_partials(partial, dtype):
-    """Per-block partial sums (fp32, or dtype where there is one block) -> their sum, in a
-    fixed order (deterministic), in dtype."""
-    if partial.shape[0] == 1:
-        return partial[0] if partial.dtype == dtype else partial[0].to(dtype)
-    total = partial.sum(0)
-    return total if dtype == torch.float32 else total.to(dtype)
 
 
 def mixed_conv_forward(x, weight, bias, table, feedforward: bool, geometry, adapter_index):
