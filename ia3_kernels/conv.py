@@ -19,9 +19,8 @@ Partial sums per block of pixels, summed in a fixed order (deterministic). A cha
 0 keeps no trace of g or u (and inf or NaN wipes them out); its dl comes from a direct
 computation of that channel alone in Triton (_ia3_conv_direct_dscale_kernel), which finds such
 channels on the device: with l finite and non-zero it reads l and returns, so the common path
-needs no host sync and the same launches run
-under CUDA-graph capture. W' is rebuilt in the backward (a weight-sized launch) instead of
-being kept from the forward.
+needs no host sync and the same launches run under CUDA-graph capture. W' is rebuilt in the
+backward (a weight-sized launch) instead of being kept from the forward.
 """
 from __future__ import annotations
 

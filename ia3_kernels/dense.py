@@ -736,7 +736,7 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
 
 def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, aux=None,
                          sum_dtype=torch.float32, row_scale=None, quant4=None, batched=None,
-                         partial_shape=(), scale_index=None, tiles=None):
+                         scale_index=None, tiles=None):
     """out = src * scale (along columns if scale_axis == 1, rows if 0) and/or
     partial = per-row-block sums of src * aux (fp32, or sum_dtype where there is one block).
     row_scale: src is an int8 weight, dequantized as src * row_scale[row] / 127 first.
@@ -744,9 +744,8 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     batched: ((B, R, C), src strides, out strides, aux strides), each stride triple (batch, row,
     column): the tensors are read as B matrices of R x C through these strides (a convolution's
     activations, without a view op per tensor: ~10 us of host time each); partial then holds B
-    row blocks per program row, summed in a fixed order by _reduce_partials. Tiles run long
-    along the row axis where its stride is 1 (NCHW). partial_shape: trailing shape of the
-    partial sums in place of (C,) (same memory), so that their sum has the vector's shape.
+    row blocks per program row, summed in a fixed order. Tiles run long along the row axis
+    where its stride is 1 (NCHW).
     scale_index: a mixed-adapter batch (scale_axis 1): scale is an (adapters, C) table and the
     B*R rows, in order, belong to scale_index.numel() examples of equal row counts.
     tiles: (BLOCK_R, BLOCK_C, CTAs per SM, num_warps) in place of the defaults below (tuning).
@@ -787,7 +786,7 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
                               (ctas_per_sm * _sm_count(device)) // (col_programs * B)))
     rows_per_program = cdiv(cdiv(max(R, 1), row_programs), block_r) * block_r
     row_programs = cdiv(max(R, 1), rows_per_program)
-    partial = (torch.empty((B * row_programs, *(partial_shape or (C,))), device=device,
+    partial = (torch.empty((B * row_programs, C), device=device,
                            dtype=sum_dtype if B * row_programs == 1 else torch.float32)
                if aux is not None else None)
     if batched is None:
