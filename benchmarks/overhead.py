@@ -16,7 +16,13 @@ import torch
 from .layers import Shape, build_layers
 
 
+_last_sync_wait_us = [0.0]
+
+
 def host_us(fn, calls=2000) -> float:
+    """Host us per call. The wait for the device after the loop is kept in _last_sync_wait_us:
+    about one call's device time when the host is the bottleneck; far more when the device is
+    (the launch queue then backs up, and the host time measured is the device's)."""
     for _ in range(50):
         fn()
     torch.cuda.synchronize()
@@ -25,6 +31,7 @@ def host_us(fn, calls=2000) -> float:
         fn()
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
+    _last_sync_wait_us[0] = (time.perf_counter() - start - elapsed) * 1e6
     return elapsed / calls * 1e6
 
 
@@ -111,7 +118,8 @@ def host_table(prefix: str, layers: dict, x, dy, with_threads: bool = True) -> N
             line += f"{host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500):7.1f}   "
         with autograd_threads(False):
             fb1 = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=500)
-        print(line + f"(autograd device threads off: {fb1:7.1f})")
+        print(line + f"(autograd device threads off: {fb1:7.1f}; device wait after loop "
+                     f"{_last_sync_wait_us[0]:.0f} us)")
     ours = layers["ours"]
     params = [xg] + [p for p in ours.parameters() if p.requires_grad]
     prof = cProfile.Profile()
@@ -119,6 +127,46 @@ def host_table(prefix: str, layers: dict, x, dy, with_threads: bool = True) -> N
         prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(300)])
     print(f"--- cProfile, ours, {prefix.strip()}, forward+backward x 300 (autograd threads off)")
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+
+
+def conv_breakdown() -> None:
+    """Host us of each piece of our eager conv stack (tiny 3x3 conv, bf16), with the device
+    wait after each timing loop (large = the device, not the host, bounds that line)."""
+    from ia3_kernels import conv
+
+    x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    w = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(64, device="cuda", dtype=torch.bfloat16)
+    s = torch.rand(64, device="cuda", dtype=torch.bfloat16) + 0.5
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    w_fixed, _ = conv.scale_conv_weight(w, s, True, 1)
+    y_attn, _ = conv.conv_forward_impl(x, w, b, s, False, geometry)
+    steps = {
+        "torch.empty_like(W)": lambda: torch.empty_like(w),
+        "torch.convolution(x, W)": lambda: torch.convolution(x, w, b, *geometry[:3], False, [0, 0], 1),
+        "torch.convolution(x, W' fixed)": lambda: torch.convolution(x, w_fixed, b, *geometry[:3],
+                                                                   False, [0, 0], 1),
+        "scale_conv_weight ff": lambda: conv.scale_conv_weight(w, s, True, 1),
+        "scale_conv_weight attn+bias": lambda: conv.scale_conv_weight(w, s, False, 1, b),
+        "conv_forward_impl ff": lambda: conv.conv_forward_impl(x, w, b, s, True, geometry),
+        "ia3_conv ff (no grad)": lambda: conv.ia3_conv(x, w, b, s, True, 1, 1),
+        "convolution_backward(W) dx only": lambda: conv._CONV_BACKWARD(
+            dy, x, w, None, *geometry[:3], False, [0, 0], 1, [True, False, False]),
+        "_channel_pass (x, dx)": lambda: conv._channel_pass(dy, aux=x),
+        "_direct_dscale_partials ff": lambda: conv._direct_dscale_partials(dy, x, w, b, s, True,
+                                                                          geometry),
+        "_dscale ff": lambda: conv._dscale(dy, x, dy, x, w, b, s, True, geometry),
+        "conv_backward_impl ff (dx, dl)": lambda: conv.conv_backward_impl(
+            dy, x, w, b, s, None, True, geometry, True, True, False, False),
+        "conv_backward_impl attn (dx, dl)": lambda: conv.conv_backward_impl(
+            dy, x, w, b, s, y_attn, False, geometry, True, True, False, False),
+    }
+    with torch.no_grad():
+        for name, fn in steps.items():
+            us = host_us(fn)
+            print(f"conv breakdown host us/call: {name:<34} {us:7.1f}   "
+                  f"(device wait after loop {_last_sync_wait_us[0]:8.1f} us)")
 
 
 def conv_overhead() -> None:
@@ -137,6 +185,7 @@ def conv_overhead() -> None:
 
 def main() -> int:
     if "--conv" in sys.argv[1:]:
+        conv_breakdown()
         conv_overhead()
         return 0
     breakdown()
