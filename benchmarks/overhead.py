@@ -183,7 +183,66 @@ def conv_overhead() -> None:
                    with_threads=False)
 
 
+def waits_for_device_ms(fn, sleep_ms: float = 50.0) -> float:
+    """Host ms of one fn() call issued while the device is busy for ~sleep_ms: near 0 when fn
+    only queues work, ~sleep_ms when something in it waits for the device (a sync)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(sleep_ms * 1e-3 * 1.8e9))  # cycles at ~1.8 GHz
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e3
+
+
+def device_mallocs_per_call(fn, calls: int = 50) -> float:
+    """cudaMalloc calls per fn() in steady state (each one synchronizes the device)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats().get("num_device_alloc", 0)
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.memory_stats().get("num_device_alloc", 0) - before) / calls
+
+
+def conv_big() -> None:
+    """A benchmark-sized conv (UNet 3x3 320->320 @64x64, batch 8, NCHW): host us per
+    forward+backward, whether a call waits for the device, cudaMallocs per call, and a short
+    cProfile of ours (eager timings of big convs were far above max(host, device))."""
+    from .conv import ConvShape, build_layers as build_conv_layers
+
+    shape = ConvShape("SD UNet", "3x3 320->320 @64x64", 320, 320, (3, 3), 8, (64, 64), 1)
+    x = torch.randn(8, 320, 64, 64, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+    for mode in ("ff", "attn"):
+        layers = dict(zip(("bare", "peft", "ours"),
+                          build_conv_layers(shape, mode, torch.contiguous_format)))
+        for name, layer in layers.items():
+            params = [xg] + [p for p in layer.parameters() if p.requires_grad]
+            step = lambda: torch.autograd.grad(layer(xg), params, dy)  # noqa: E731
+            host = host_us(step, calls=100)
+            wait = _last_sync_wait_us[0] / 100
+            print(f"big conv {mode:<4} {name:<5} fwd+bwd host us/call {host:8.1f} (device wait "
+                  f"after loop {wait:7.1f} us/call), one call behind a 50 ms device sleep "
+                  f"{waits_for_device_ms(step):6.2f} ms, cudaMalloc/call "
+                  f"{device_mallocs_per_call(step):.2f}")
+        ours = layers["ours"]
+        params = [xg] + [p for p in ours.parameters() if p.requires_grad]
+        prof = cProfile.Profile()
+        with autograd_threads(False):
+            prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(100)])
+        print(f"--- cProfile, ours, big conv {mode}, forward+backward x 100 (autograd threads off)")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(12)
+
+
 def main() -> int:
+    if "--conv-big" in sys.argv[1:]:
+        conv_big()
+        return 0
     if "--conv" in sys.argv[1:]:
         conv_breakdown()
         conv_overhead()
