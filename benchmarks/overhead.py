@@ -139,7 +139,7 @@ def conv_breakdown() -> None:
     w = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(64, device="cuda", dtype=torch.bfloat16)
     s = torch.rand(64, device="cuda", dtype=torch.bfloat16) + 0.5
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    geometry = ((1, 1), (1, 1), (1, 1), 1)
     w_fixed, _ = conv.scale_conv_weight(w, s, True, 1)
     y_attn, _ = conv.conv_forward_impl(x, w, b, s, False, geometry)
     steps = {
@@ -154,9 +154,7 @@ def conv_breakdown() -> None:
         "convolution_backward(W) dx only": lambda: conv._CONV_BACKWARD(
             dy, x, w, None, *geometry[:3], False, [0, 0], 1, [True, False, False]),
         "_channel_pass (x, dx)": lambda: conv._channel_pass(dy, aux=x),
-        "_direct_dscale_partials ff": lambda: conv._direct_dscale_partials(dy, x, w, b, s, True,
-                                                                          geometry),
-        "_dscale ff": lambda: conv._dscale(dy, x, dy, x, w, b, s, True, geometry),
+        "_dscale ff (one launch)": lambda: conv._dscale(dy, x, dy, x, w, b, s, True, geometry),
         "conv_backward_impl ff (dx, dl)": lambda: conv.conv_backward_impl(
             dy, x, w, b, s, None, True, geometry, True, True, False, False),
         "conv_backward_impl attn (dx, dl)": lambda: conv.conv_backward_impl(

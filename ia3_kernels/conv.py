@@ -9,18 +9,19 @@ elements (UNet 320->320 3x3: 0.9 M) instead of PEFT's pass over an activation (b
 
 Backward: dx = dy conv^T W' by cuDNN in both modes (exact in real arithmetic: feedforward
 (dy conv^T W) * l scales W's input channels, attention (dy * l) conv^T W its output channels), so
-dx costs what the bare conv's input gradient costs. dl then comes from one read-only Triton pass
-over two activations, a sum per channel of a product that holds l once, divided by l:
+dx costs what the bare conv's input gradient costs. dl then comes from one Triton launch
+(_ia3_conv_dl_kernel) that reads two activations once, a sum per channel of a product that
+holds l once, divided by l:
 - feedforward: dl = sum(x * g), g = dy conv^T W the gradient before the scaling; dx = g * l, so
   dl = sum(x * dx) / l (reads x and dx);
 - attention: dl = sum(dy * u), u = conv(x, W, b) the output before the scaling; y = u * l, so
   dl = sum(dy * y) / l (reads dy and y; no u is kept).
-Partial sums per block of pixels, summed in a fixed order (deterministic). A channel whose l is
-0 keeps no trace of g or u (and inf or NaN wipes them out); its dl comes from a direct
-computation of that channel alone in Triton (_ia3_conv_direct_dscale_kernel), which finds such
-channels on the device: with l finite and non-zero it reads l and returns, so the common path
-needs no host sync and the same launches run under CUDA-graph capture. W' is rebuilt in the
-backward (a weight-sized launch) instead of being kept from the forward.
+Partial sums per block of pixels; the last program of each channel block sums them in a fixed
+order (deterministic) and divides. A channel whose l is 0 keeps no trace of g or u (and inf or
+NaN wipes them out); the same kernel finds such channels on the device and computes their
+exact terms directly instead (a CUDA-core convolution of that channel alone), so the common
+path needs no host sync and the same launch runs under CUDA-graph capture. W' is rebuilt in
+the backward (a weight-sized launch) instead of being kept from the forward.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from . import config, mixed
 from .dense import (_KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce, _sm_count,
-                    check_matching_dtypes)
+                    _split_k_counters, check_matching_dtypes)
 from .launch import FastKernel, cdiv
 
 
@@ -72,132 +73,153 @@ def _ia3_conv_weight_kernel(
 
 
 @triton.jit
-def _ia3_conv_direct_dscale_kernel(
-    dy_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, partial_ptr,
-    channels, in_per_group, out_per_group, pixels, pixels_per_program,
-    OD, OH, OW, ID, IH, IW, KD, KH, KW,
-    sd, sh, sw, pd, ph, pw, dd, dh, dw,
-    x_sn, x_sc, x_sd, x_sh, x_sw,
-    dy_sn, dy_sc, dy_sd, dy_sh, dy_sw,
+def _direct_channel_dl(
+    dy_ptr, x_ptr, w_ptr, b_ptr, c, p_start, p_end, in_per_group, out_per_group,
+    OD, OH, OW, ID, IH, IW, KD, KH, KW, sd, sh, sw, pd, ph, pw, dd, dh, dw,
+    x_sn, x_sc, x_sd, x_sh, x_sw, dy_sn, dy_sc, dy_sd, dy_sh, dy_sw,
     w_so, w_si, w_sd, w_sh, w_sw,
-    FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """partial[pid, c] = the exact dl[c] summed over this program's output pixels for every
-    channel whose l[c] is 0, inf or NaN, and 0 for the other channels, in fp32 FMAs, a
-    channel at a time:
+    """The exact dl terms of channel c summed over output pixels [p_start, p_end), in fp32 FMAs
+    (a CUDA-core convolution of that channel alone; spatial dims (D, H, W), size 1 where the
+    conv has fewer):
     - attention (c an output channel): sum_p dy[c, p] * u[c, p], u = conv(x, W, b) here;
     - feedforward (c an input channel): sum_p sum_k x[c, in(p, k)] * sum_o W[o, c, k] dy[o, p]
-      (= sum(x * g) with g = dy conv^T W, gathered from the output side).
-    Spatial dims are (D, H, W), size 1 where the conv has fewer. With l finite and non-zero
-    each program reads l and stores zeros: the common path costs one small launch; such a
-    channel costs a CUDA-core convolution of that channel (slow but exact)."""
-    pid = tl.program_id(0)
-    p_start = pid.to(tl.int64) * pixels_per_program
-    p_end = tl.minimum(pixels, p_start + pixels_per_program)
-    for c0 in range(0, channels, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < channels
-        l_block = tl.load(scale_ptr + offs_c, mask=mask_c, other=1.0)
-        sums = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        # l * 0 != 0 holds for inf and NaN: sum(..) / l cannot recover dl there either.
-        direct = ((l_block == 0.0) | (l_block * 0.0 != 0.0)) & mask_c
-        if tl.sum(direct.to(tl.int32), axis=0) > 0:
-            for cc in range(0, BLOCK_C):
-                c = c0 + cc
-                lc = tl.load(scale_ptr + c, mask=c < channels, other=1.0)
-                if (lc == 0.0) | (lc * 0.0 != 0.0):
-                    if FEEDFORWARD:  # the group's output channels; c's column of W
-                        first = (c // in_per_group) * out_per_group
-                        count = out_per_group
-                        w_base = w_ptr + (c % in_per_group) * w_si
-                    else:  # the group's input channels; c's row of W
-                        first = (c // out_per_group) * in_per_group
-                        count = in_per_group
-                        w_base = w_ptr + c * w_so
-                    total = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                    for p0 in range(p_start, p_end, BLOCK_P):
-                        offs_p = p0 + tl.arange(0, BLOCK_P)
-                        mask_p = offs_p < p_end
-                        ow = offs_p % OW
-                        rest = offs_p // OW
-                        oh = rest % OH
-                        rest = rest // OH
-                        od = rest % OD
-                        n = rest // OD
-                        dy_pixel = dy_ptr + n * dy_sn + od * dy_sd + oh * dy_sh + ow * dy_sw
-                        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                        for j in range(0, count):
-                            if FEEDFORWARD:
-                                g = tl.load(dy_pixel + (first + j) * dy_sc, mask=mask_p,
-                                            other=0.0).to(tl.float32)
-                                w_j = w_base + (first + j) * w_so
-                                x_base = x_ptr + n * x_sn + c * x_sc
-                            else:
-                                w_j = w_base + j * w_si
-                                x_base = x_ptr + n * x_sn + (first + j) * x_sc
-                            for kd in range(0, KD):
-                                idd = od * sd - pd + kd * dd
-                                ok_d = mask_p & (idd >= 0) & (idd < ID)
-                                for kh in range(0, KH):
-                                    ih = oh * sh - ph + kh * dh
-                                    ok_h = ok_d & (ih >= 0) & (ih < IH)
-                                    for kw in range(0, KW):
-                                        iw = ow * sw - pw + kw * dw
-                                        ok = ok_h & (iw >= 0) & (iw < IW)
-                                        wv = tl.load(w_j + kd * w_sd + kh * w_sh
-                                                     + kw * w_sw).to(tl.float32)
-                                        xv = tl.load(x_base + idd * x_sd + ih * x_sh + iw * x_sw,
-                                                     mask=ok, other=0.0).to(tl.float32)
-                                        if FEEDFORWARD:
-                                            acc += wv * g * xv
-                                        else:
-                                            acc += wv * xv
-                        if not FEEDFORWARD:
-                            if HAS_BIAS:
-                                acc += tl.load(b_ptr + c).to(tl.float32)
-                            acc *= tl.load(dy_pixel + c * dy_sc, mask=mask_p,
-                                           other=0.0).to(tl.float32)
-                        total += tl.where(mask_p, acc, 0.0)
-                    sums = tl.where(offs_c == c, tl.sum(total, axis=0), sums)
-        tl.store(partial_ptr + pid * channels + offs_c, sums, mask=mask_c)
+      (= sum(x * g) with g = dy conv^T W, gathered from the output side)."""
+    if FEEDFORWARD:  # the group's output channels; c's column of W
+        first = (c // in_per_group) * out_per_group
+        count = out_per_group
+        w_base = w_ptr + (c % in_per_group) * w_si
+    else:  # the group's input channels; c's row of W
+        first = (c // out_per_group) * in_per_group
+        count = in_per_group
+        w_base = w_ptr + c * w_so
+    total = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < p_end
+        ow = offs_p % OW
+        rest = offs_p // OW
+        oh = rest % OH
+        rest = rest // OH
+        od = rest % OD
+        n = rest // OD
+        dy_pixel = dy_ptr + n * dy_sn + od * dy_sd + oh * dy_sh + ow * dy_sw
+        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for j in range(0, count):
+            if FEEDFORWARD:
+                g = tl.load(dy_pixel + (first + j) * dy_sc, mask=mask_p, other=0.0).to(tl.float32)
+                w_j = w_base + (first + j) * w_so
+                x_base = x_ptr + n * x_sn + c * x_sc
+            else:
+                w_j = w_base + j * w_si
+                x_base = x_ptr + n * x_sn + (first + j) * x_sc
+            for kd in range(0, KD):
+                idd = od * sd - pd + kd * dd
+                ok_d = mask_p & (idd >= 0) & (idd < ID)
+                for kh in range(0, KH):
+                    ih = oh * sh - ph + kh * dh
+                    ok_h = ok_d & (ih >= 0) & (ih < IH)
+                    for kw in range(0, KW):
+                        iw = ow * sw - pw + kw * dw
+                        ok = ok_h & (iw >= 0) & (iw < IW)
+                        wv = tl.load(w_j + kd * w_sd + kh * w_sh + kw * w_sw).to(tl.float32)
+                        xv = tl.load(x_base + idd * x_sd + ih * x_sh + iw * x_sw, mask=ok,
+                                     other=0.0).to(tl.float32)
+                        if FEEDFORWARD:
+                            acc += wv * g * xv
+                        else:
+                            acc += wv * xv
+        if not FEEDFORWARD:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + c).to(tl.float32)
+            acc *= tl.load(dy_pixel + c * dy_sc, mask=mask_p, other=0.0).to(tl.float32)
+        total += tl.where(mask_p, acc, 0.0)
+    return tl.sum(total, axis=0)
 
 
 @triton.jit
-def _ia3_conv_dscale_kernel(
-    s_partial_ptr, z_partial_ptr, scale_ptr, out_ptr, C, s_rows, z_rows,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _ia3_conv_dl_kernel(
+    src_ptr, aux_ptr, dy_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, partial_ptr, counter_ptr, dl_ptr,
+    C, R, row_blocks, rows_per_program, pixels, pixels_per_program,
+    src_sb, src_sr, src_sc, aux_sb, aux_sr, aux_sc,
+    in_per_group, out_per_group,
+    OD, OH, OW, ID, IH, IW, KD, KH, KW, sd, sh, sw, pd, ph, pw, dd, dh, dw,
+    x_sn, x_sc, x_sd, x_sh, x_sw, dy_sn, dy_sc, dy_sd, dy_sh, dy_sw,
+    w_so, w_si, w_sd, w_sh, w_sw,
+    FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    FINISH_R: tl.constexpr,
 ):
-    """dl[c] = (sum of s_partial[:, c]) / l[c], or the sum of z_partial[:, c] where l[c] is 0,
-    inf or NaN; the partial rows summed in a fixed order (deterministic), rounded once."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """dl of a conv's IA3 vector in one launch. src and aux are read as matrices of R rows
+    (pixels) x C channels, one per grid row block group (strides *_sb, *_sr, *_sc):
+    program (r, c) sums src * aux over its rows for its BLOCK_C channels (feedforward dx * x,
+    attention dy * y: the product holds l once); a channel whose l is 0, inf or NaN gets
+    instead its exact terms over the program's share of output pixels (_direct_channel_dl).
+    Each program parks its partial row and counts itself on its channel block's counter; the
+    last to arrive sums the rows in a fixed order (deterministic, whoever is last), divides by
+    l where l is finite and non-zero, writes dl and puts the counter back to zero."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_r = tl.num_programs(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for r0 in range(0, s_rows, BLOCK_R):
+    rc = offs_c.to(tl.int64)
+    l_block = tl.load(scale_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+    # l * 0 != 0 holds for inf and NaN: sum(..) / l cannot recover dl there either.
+    direct = ((l_block == 0.0) | (l_block * 0.0 != 0.0)) & mask_c
+
+    matrix = (pid_r // row_blocks).to(tl.int64)
+    row_start = (pid_r % row_blocks) * rows_per_program
+    row_end = tl.minimum(R, row_start + rows_per_program)
+    src = src_ptr + matrix * src_sb
+    aux = aux_ptr + matrix * aux_sb
+    part = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        tile = tl.load(s_partial_ptr + offs_r[:, None].to(tl.int64) * C + offs_c[None, :],
-                       mask=(offs_r < s_rows)[:, None] & mask_c[None, :], other=0.0)
-        s += tl.sum(tile.to(tl.float32), axis=0)
-    z = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for r0 in range(0, z_rows, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        tile = tl.load(z_partial_ptr + offs_r[:, None].to(tl.int64) * C + offs_c[None, :],
-                       mask=(offs_r < z_rows)[:, None] & mask_c[None, :], other=0.0)
-        z += tl.sum(tile, axis=0)
-    l = tl.load(scale_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-    direct = (l == 0.0) | (l * 0.0 != 0.0)
-    dl = tl.where(direct, z, s / tl.where(direct, 1.0, l))  # no 0/0 in the unused lane
-    tl.store(out_ptr + offs_c, dl.to(out_ptr.dtype.element_ty), mask=mask_c)
+        rr = offs_r.to(tl.int64)
+        mask = (offs_r < row_end)[:, None] & mask_c[None, :]
+        v = tl.load(src + rr[:, None] * src_sr + rc[None, :] * src_sc, mask=mask, other=0.0)
+        a = tl.load(aux + rr[:, None] * aux_sr + rc[None, :] * aux_sc, mask=mask, other=0.0)
+        part += tl.sum(v.to(tl.float32) * a.to(tl.float32), axis=0)
+
+    if tl.sum(direct.to(tl.int32), axis=0) > 0:
+        p_start = pid_r.to(tl.int64) * pixels_per_program
+        p_end = tl.minimum(pixels, p_start + pixels_per_program)
+        for cc in range(0, BLOCK_C):
+            c = pid_c * BLOCK_C + cc
+            lc = tl.load(scale_ptr + c, mask=c < C, other=1.0)
+            if (lc == 0.0) | (lc * 0.0 != 0.0):
+                terms = _direct_channel_dl(
+                    dy_ptr, x_ptr, w_ptr, b_ptr, c, p_start, p_end, in_per_group, out_per_group,
+                    OD, OH, OW, ID, IH, IW, KD, KH, KW, sd, sh, sw, pd, ph, pw, dd, dh, dw,
+                    x_sn, x_sc, x_sd, x_sh, x_sw, dy_sn, dy_sc, dy_sd, dy_sh, dy_sw,
+                    w_so, w_si, w_sd, w_sh, w_sw, FEEDFORWARD, HAS_BIAS, BLOCK_P)
+                part = tl.where(offs_c == c, terms, part)
+
+    tl.store(partial_ptr + pid_r.to(tl.int64) * C + rc, part, mask=mask_c)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_r - 1:
+        tl.store(counter_ptr + pid_c, 0)
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for r0 in range(0, n_r, FINISH_R):
+            offs_r = r0 + tl.arange(0, FINISH_R)
+            tile = tl.load(partial_ptr + offs_r[:, None].to(tl.int64) * C + rc[None, :],
+                           mask=(offs_r < n_r)[:, None] & mask_c[None, :], other=0.0,
+                           cache_modifier=".cg")
+            total += tl.sum(tile, axis=0)
+        dl = tl.where(direct, total, total / tl.where(direct, 1.0, l_block))  # no 0/0 unused
+        tl.store(dl_ptr + offs_c, dl.to(dl_ptr.dtype.element_ty), mask=mask_c)
 
 
 # The OpOverload itself: torch.ops.aten.convolution_backward resolves the overload packet in
 # Python on every call.
 _CONV_BACKWARD = torch.ops.aten.convolution_backward.default
 
-_WEIGHT_KERNEL, _DIRECT_DSCALE_KERNEL, _DSCALE_KERNEL = (
+_WEIGHT_KERNEL, _DL_KERNEL = (
     (k if config.triton_interpreted() else FastKernel(k))
-    for k in (_ia3_conv_weight_kernel, _ia3_conv_direct_dscale_kernel,
-              _ia3_conv_dscale_kernel))
+    for k in (_ia3_conv_weight_kernel, _ia3_conv_dl_kernel))
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,36 +275,42 @@ def _rows_by_channel_strides(t: torch.Tensor, collapse: bool = True):
     return (n, s, c), (strides[0], row_stride, strides[1])
 
 
+def _matrix_views(tensors, collapse: bool = True):
+    """Activations (None allowed) read as B matrices of pixel rows x channel columns:
+    (the tensors, copied to contiguous where their spatial dims do not flatten to one stride,
+    (B, R, C), one (batch, row, column) stride triple each, (0, 0, 0) for None). Collapsed to
+    one matrix where every tensor's batch and pixels share a stride pattern (channels_last)."""
+    tensors = list(tensors)
+    layouts = []
+    for i, t in enumerate(tensors):
+        layout = None if t is None else _rows_by_channel_strides(t, collapse)
+        if t is not None and layout is None:
+            tensors[i] = t = t.contiguous()
+            layout = _rows_by_channel_strides(t, collapse)
+        layouts.append(layout)
+    if len({lay[0] for lay in layouts if lay is not None}) > 1:
+        # One layout collapsed (channels_last) and another did not: keep the batch axis for all.
+        layouts = [None if t is None else _rows_by_channel_strides(t, collapse=False)
+                   for t in tensors]
+    shape = next(lay[0] for lay in layouts if lay is not None)
+    return tensors, shape, [(0, 0, 0) if lay is None else lay[1] for lay in layouts]
+
+
 def _channel_pass(src, *, scale=None, out=None, aux=None, scale_index=None, tiles=None):
     """_launch_scale_reduce over activations: out = src * l per channel and/or per-block sums
     of src * aux per channel. out may be src (in place). Returns the partial sums (or None).
     scale_index: a mixed-adapter batch (scale an (adapters, C) table, example n uses row
     scale_index[n]); the partial sums then come per example: (N, blocks, C)."""
     per_example = scale_index is not None
-    src_layout = _rows_by_channel_strides(src, collapse=not per_example)
-    if src_layout is None:
-        if out is src:
-            raise RuntimeError(f"ia3_conv: cannot scale a tensor of strides {src.stride()} in place")
-        src = src.contiguous()
-        src_layout = _rows_by_channel_strides(src, collapse=not per_example)
-    aux_layout = None
-    if aux is not None:
-        aux_layout = _rows_by_channel_strides(aux, collapse=not per_example)
-        if aux_layout is None:
-            aux = aux.contiguous()
-            aux_layout = _rows_by_channel_strides(aux, collapse=not per_example)
-    out_layout = src_layout if out is src else (
-        None if out is None else _rows_by_channel_strides(out, collapse=not per_example))
-    tensors = (src, out, aux)
-    layouts = [src_layout, out_layout, aux_layout]
-    if len({lay[0] for lay in layouts if lay is not None}) > 1:
-        # One layout collapsed (channels_last) and another did not: keep the batch axis for all.
-        layouts = [None if t is None else _rows_by_channel_strides(t, collapse=False)
-                   for t in tensors]
-    shape = layouts[0][0]
-    strides = [(0, 0, 0) if lay is None else lay[1] for lay in layouts]
+    in_place = out is src
+    if in_place and _rows_by_channel_strides(src) is None:
+        raise RuntimeError(f"ia3_conv: cannot scale a tensor of strides {src.stride()} in place")
+    (src, out, aux), shape, (src_s, out_s, aux_s) = _matrix_views(
+        (src, None if in_place else out, aux), collapse=not per_example)
+    if in_place:
+        out, out_s = src, src_s
     _, partial = _launch_scale_reduce(src, scale=scale, scale_axis=1, out=out, aux=aux,
-                                      traceable=False, batched=(shape, *strides),
+                                      traceable=False, batched=(shape, src_s, out_s, aux_s),
                                       scale_index=scale_index, tiles=tiles)
     if per_example and partial is not None:
         return partial.view(shape[0], -1, shape[2])
@@ -355,58 +383,87 @@ def conv_backward_impl(dy, x, weight, bias, scale, y, feedforward: bool, geometr
     return dx, dscale, dweight, dbias
 
 
-def _dscale(scaled_grad, other, dy, x, weight, bias, scale, feedforward, geometry):
-    """dl per channel from sum(scaled_grad * other) / l, the product holding l once
-    (feedforward: dx = g*l against x; attention: y = u*l against dy), read in one pass;
-    channels with l 0, inf or NaN (found on the device) from a direct computation
-    (_ia3_conv_direct_dscale_kernel). Three launches, no host sync."""
-    if scaled_grad.numel() == 0:
-        return torch.zeros_like(scale)
-    s_partial = _channel_pass(scaled_grad, aux=other)
-    z_partial = _direct_dscale_partials(dy, x, weight, bias, scale, feedforward, geometry)
-    channels = scale.numel()
-    dl = torch.empty_like(scale)
-    # Tall narrow tiles: ~1000 partial rows (one per pass program) are summed in 2-3 loop
-    # steps. 128 x 16 tiles took 60 us at 64 channels (one program, 66 dependent steps; H100).
-    block_c = 16
-    _DSCALE_KERNEL[(cdiv(channels, block_c),)](
-        s_partial, z_partial, scale, dl, channels, s_partial.shape[0], z_partial.shape[0],
-        BLOCK_R=512, BLOCK_C=block_c, num_warps=8)
-    return dl
-
-
 def _spatial3(values, fill):
     """A conv's per-spatial-dimension values as (D, H, W), `fill` for the dimensions it lacks."""
     values = list(values)
     return [fill] * (3 - len(values)) + values
 
 
-def _direct_dscale_partials(dy, x, weight, bias, scale, feedforward, geometry):
-    """(programs, channels) fp32 partial sums, over each program's output pixels, of the
-    exact dl terms of the channels where l is 0, inf or NaN (zeros for the others): feedforward
-    x * (dy conv^T W), attention dy * conv(x, W, b). x is the conv's input as convolved."""
+# Launch plans of the dl kernel by everything they depend on (shapes, strides, geometry, mode,
+# device): the grid and ~50 integer arguments cost ~40 us of Python to build (H100 host, a
+# third of a small conv's whole backward); a hit costs one key.
+_dl_plans: dict = {}
+_MAX_DL_PLANS = 1024
+
+
+def _dl_plan(src, aux, dy, x, weight, feedforward, has_bias, geometry):
+    """(copy src, copy aux, grid, integer arguments, constexpr arguments) of _ia3_conv_dl_kernel."""
     stride, padding, dilation, groups = geometry
-    c_out, in_per_group = weight.shape[:2]
+    interpreted = config.triton_interpreted()
+    (src_c, aux_c), (B, R, C), (src_s, aux_s) = _matrix_views((src, aux))
+    copy_src, copy_aux = src_c is not src, aux_c is not aux
+    rows_contiguous = src_s[1] == 1
+    # Tiles of the channel pass (benchmarks/results/tune-channel-pass-h100.log, H100, a
+    # read-only sum over two bf16 activations): channels_last 64 x 64 (128 wide from 256
+    # channels), 8 CTAs an SM of 4 warps; NCHW 128 rows (contiguous) x 16 channels, 16 CTAs of 8.
+    if interpreted:
+        block_r, block_c, ctas_per_sm, num_warps, block_p = 16, 32, 1, 4, 16
+    elif rows_contiguous:
+        block_r, block_c, ctas_per_sm, num_warps, block_p = 128, 16, 16, 8, 256
+    else:
+        block_r, block_c, ctas_per_sm, num_warps, block_p = 64, (128 if C >= 256 else 64), 8, 4, 256
+    col_programs = cdiv(C, block_c)
+    target = max(1, (ctas_per_sm * _sm_count(src.device)) // (col_programs * B))
+    row_blocks = max(1, min(cdiv(R, block_r), target))
+    rows_per_program = cdiv(cdiv(max(R, 1), row_blocks), block_r) * block_r
+    row_blocks = cdiv(max(R, 1), rows_per_program)
+    row_programs = B * row_blocks
     out_sp = _spatial3(dy.shape[2:], 1)
     pixels = dy.shape[0] * out_sp[0] * out_sp[1] * out_sp[2]
-    block_p = 16 if config.triton_interpreted() else 256
-    # Enough programs to spread a direct channel's work over the SMs; without one the
-    # (programs, channels) fp32 partials are the whole cost (264 x 320 channels: 0.3 MB).
-    programs = max(1, min(cdiv(pixels, block_p), 2 * _sm_count(dy.device)))
-    pixels_per_program = cdiv(cdiv(pixels, programs), block_p) * block_p
-    programs = max(1, cdiv(pixels, pixels_per_program))
-    partial = torch.empty((programs, scale.numel()), device=dy.device, dtype=torch.float32)
-    _DIRECT_DSCALE_KERNEL[(programs,)](
-        dy, x, weight, bias, scale, partial,
-        scale.numel(), in_per_group, c_out // groups, pixels, pixels_per_program,
-        *out_sp, *_spatial3(x.shape[2:], 1), *_spatial3(weight.shape[2:], 1),
-        *_spatial3(stride, 1), *_spatial3(padding, 0), *_spatial3(dilation, 1),
-        x.stride(0), x.stride(1), *_spatial3(x.stride()[2:], 0),
-        dy.stride(0), dy.stride(1), *_spatial3(dy.stride()[2:], 0),
-        weight.stride(0), weight.stride(1), *_spatial3(weight.stride()[2:], 0),
-        FEEDFORWARD=feedforward, HAS_BIAS=bias is not None and not feedforward,
-        BLOCK_P=block_p, BLOCK_C=128, num_warps=4)
-    return partial
+    pixels_per_program = cdiv(cdiv(pixels, row_programs), block_p) * block_p
+    c_out, in_per_group = weight.shape[:2]
+    ints = (C, R, row_blocks, rows_per_program, pixels, pixels_per_program, *src_s, *aux_s,
+            in_per_group, c_out // groups,
+            *out_sp, *_spatial3(x.shape[2:], 1), *_spatial3(weight.shape[2:], 1),
+            *_spatial3(stride, 1), *_spatial3(padding, 0), *_spatial3(dilation, 1),
+            x.stride(0), x.stride(1), *_spatial3(x.stride()[2:], 0),
+            dy.stride(0), dy.stride(1), *_spatial3(dy.stride()[2:], 0),
+            weight.stride(0), weight.stride(1), *_spatial3(weight.stride()[2:], 0))
+    # The last program of a channel block sums row_programs partial rows: ~4K fp32 a step.
+    consts = dict(FEEDFORWARD=feedforward, HAS_BIAS=has_bias and not feedforward,
+                  BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p,
+                  FINISH_R=max(16, 4096 // block_c), num_warps=num_warps)
+    return copy_src, copy_aux, (row_programs, col_programs), ints, consts
+
+
+def _dscale(scaled_grad, other, dy, x, weight, bias, scale, feedforward, geometry):
+    """dl per channel in one launch of _ia3_conv_dl_kernel: sum(scaled_grad * other) / l, the
+    product holding l once (feedforward: dx = g*l against x; attention: y = u*l against dy);
+    channels whose l is 0, inf or NaN (found on the device, no host sync) from a direct
+    computation of their exact terms. x is the conv's input as convolved."""
+    if scaled_grad.numel() == 0:
+        return torch.zeros_like(scale)
+    key = (scaled_grad.shape, scaled_grad.stride(), other.stride(), dy.shape, dy.stride(),
+           x.shape, x.stride(), weight.shape, weight.stride(), geometry, feedforward,
+           bias is not None, scaled_grad.device)
+    plan = _dl_plans.get(key)
+    if plan is None:
+        plan = _dl_plan(scaled_grad, other, dy, x, weight, feedforward, bias is not None,
+                        geometry)
+        if len(_dl_plans) >= _MAX_DL_PLANS:
+            _dl_plans.clear()
+        _dl_plans[key] = plan
+    copy_src, copy_aux, grid, ints, consts = plan
+    if copy_src:
+        scaled_grad = scaled_grad.contiguous()
+    if copy_aux:
+        other = other.contiguous()
+    partial = torch.empty((grid[0], scale.numel()), device=scale.device, dtype=torch.float32)
+    dl = torch.empty_like(scale)
+    counters = _split_k_counters(grid[1], scale.device, False)
+    _DL_KERNEL[grid](scaled_grad, other, dy, x, weight, bias, scale, partial, counters, dl,
+                     *ints, **consts)
+    return dl
 
 
 def mixed_conv_forward(x, weight, bias, table, feedforward: bool, geometry, adapter_index):
@@ -672,7 +729,7 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     x, num_pad = _pad_input(x, pads, padding_mode)  # differentiable; commutes with the scaling
     if not scale.is_contiguous():
         scale = scale.contiguous()
-    geometry = (list(stride), list(num_pad), list(dilation), groups)
+    geometry = (tuple(stride), tuple(num_pad), tuple(dilation), groups)  # hashable: plan keys
     if adapter_index is not None:
         if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
                                         or weight.requires_grad

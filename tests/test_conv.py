@@ -126,42 +126,48 @@ def test_zero_entries_of_l_get_exact_gradients(triton_backend, feedforward, case
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
-def test_direct_dscale_kernel_sums_exact_terms_of_zero_and_nonfinite_channels(triton_backend,
-                                                                           feedforward):
-    """The direct-dscale kernel writes zeros for channels with finite non-zero l and, where l is
-    0, inf or NaN, its programs' parts of the exact dl (feedforward sum(x * (dy conv^T W)), attention
-    sum(dy * conv(x, W, b))): against PyTorch, 150 channels (two blocks of 128), stride 2,
-    padding, two groups."""
+def test_dl_kernel_divides_by_l_or_sums_exact_terms_of_zero_and_nonfinite_channels(triton_backend,
+                                                                                feedforward):
+    """The dl kernel returns sum(src * aux) / l where l is finite and non-zero, and the exact dl
+    where l is 0, inf or NaN (feedforward sum(x * (dy conv^T W)), attention
+    sum(dy * conv(x, W, b))), against PyTorch: 150 channels (several channel blocks), stride 2,
+    padding, two groups, the pixels split over several programs; NaN planted in src and aux at
+    the special channels (what l = inf or NaN leaves there) must not leak into their dl."""
     from ia3_kernels import conv
 
     g = torch.Generator().manual_seed(3)
     c_in = 150 if feedforward else 6
     c_out = 6 if feedforward else 150
-    # 288 output pixels: more than one program even with the GPU's 256-pixel blocks
     x = torch.randn(2, c_in, 24, 12, generator=g).requires_grad_()
     w = torch.randn(c_out, c_in // 2, 3, 3, generator=g) / 30
     b = torch.randn(c_out, generator=g)
     scale = torch.rand(150, generator=g) + 0.5
-    geometry = ([2, 1], [1, 1], [1, 1], 2)
+    geometry = ((2, 1), (1, 1), (1, 1), 2)
     u = torch.nn.functional.conv2d(x, w, b, stride=(2, 1), padding=1, groups=2)
     dy = torch.randn(u.shape, generator=g)
     if feedforward:
         (grad_x,) = torch.autograd.grad(u, x, dy)
-        expected = (x * grad_x).sum((0, 2, 3))
+        exact = (x * grad_x).sum((0, 2, 3))
+        src, aux = torch.randn(x.shape, generator=g), x.detach().clone()
     else:
-        expected = (dy * u).sum((0, 2, 3))
-    x, expected = x.detach().to(DEVICE), expected.detach().to(DEVICE)
+        exact = (dy * u).sum((0, 2, 3))
+        src, aux = dy.clone(), torch.randn(u.shape, generator=g)
+    x, exact = x.detach().to(DEVICE), exact.detach().to(DEVICE)
     dy, w, b, scale = dy.to(DEVICE), w.to(DEVICE), b.to(DEVICE), scale.to(DEVICE)
-    partial = conv._direct_dscale_partials(dy, x, w, b, scale, feedforward, geometry)
-    assert torch.equal(partial, torch.zeros_like(partial))
+    src, aux = src.to(DEVICE), aux.to(DEVICE)
+    grid = conv._dl_plan(src, aux, dy, x, w, feedforward, True, geometry)[2]
+    assert grid[0] > 1 and grid[1] > 1  # pixels over several programs, several channel blocks
+    quotient = (src * aux).sum((0, 2, 3)) / scale
+    got = conv._dscale(src, aux, dy, x, w, b, scale, feedforward, geometry)
+    torch.testing.assert_close(got, quotient, rtol=1e-5, atol=1e-4)
     scale[[0, 74]] = 0.0
     scale[127], scale[128], scale[149] = float("inf"), float("nan"), -float("inf")
-    partial = conv._direct_dscale_partials(dy, x, w, b, scale, feedforward, geometry)
-    got = partial.sum(0)
-    keep = (scale == 0) | ~torch.isfinite(scale)
-    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-5)
-    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
-    assert partial.shape[0] > 1  # the pixels were split over several programs
+    special = (scale == 0) | ~torch.isfinite(scale)
+    src[:, special], aux[:, special] = float("nan"), float("nan")
+    got = conv._dscale(src, aux, dy, x, w, b, scale, feedforward, geometry)
+    torch.testing.assert_close(got[special], exact[special], rtol=1e-5, atol=1e-5)
+    quotient = (src * aux).sum((0, 2, 3)) / scale
+    torch.testing.assert_close(got[~special], quotient[~special], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
