@@ -167,6 +167,67 @@ def conv_breakdown() -> None:
                   f"(device wait after loop {_last_sync_wait_us[0]:8.1f} us)")
 
 
+def conv_ablation() -> None:
+    """In-context host cost of each piece of our conv fwd+bwd (tiny 3x3 conv): the same loop
+    with pieces swapped for no-ops, cumulatively (each line drops one more piece; differences
+    between lines are what the pieces cost inside the whole call, caches and all)."""
+    from ia3_kernels import conv
+    from .conv import ConvShape, build_layers as build_conv_layers
+
+    shape = ConvShape("tiny", "3x3 64->64 @8x8", 64, 64, (3, 3), 2, (8, 8), 1)
+    x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+    real_fold, real_backward = conv.scale_conv_weight, conv.conv_backward_impl
+    in_backward = [False]
+    skip = {"dl": False, "backward fold": False, "forward fold": False, "checks": False}
+
+    def dscale(scaled_grad, other, dy, x, weight, bias, scale, *rest):
+        return torch.empty_like(scale) if skip["dl"] else real["_dscale"](
+            scaled_grad, other, dy, x, weight, bias, scale, *rest)
+
+    def fold(weight, scale, feedforward, groups, bias=None):
+        if skip["backward fold" if in_backward[0] else "forward fold"]:
+            return weight, (bias if bias is not None and not feedforward else None)
+        return real_fold(weight, scale, feedforward, groups, bias)
+
+    def backward_impl(*args):
+        in_backward[0] = True
+        try:
+            return real_backward(*args)
+        finally:
+            in_backward[0] = False
+
+    def check_inputs(x, weight, *args):
+        return (None, weight.dim() - 2) if skip["checks"] else real["_check_inputs"](
+            x, weight, *args)
+
+    real = {"_dscale": conv._dscale, "_check_inputs": conv._check_inputs}
+    patches = {"_dscale": dscale, "scale_conv_weight": fold, "conv_backward_impl": backward_impl,
+               "_check_inputs": check_inputs}
+    saved = {name: getattr(conv, name) for name in patches}
+    for name, fn in patches.items():
+        setattr(conv, name, fn)
+    try:
+        for mode in ("ff", "attn"):
+            bare, _, ours = build_conv_layers(shape, mode, torch.contiguous_format)
+            for layer, label, drop in ((ours, "ours as is", None), (ours, "- dl launch", "dl"),
+                                       (ours, "- backward weight fold", "backward fold"),
+                                       (ours, "- forward weight fold", "forward fold"),
+                                       (ours, "- input checks", "checks"),
+                                       (bare, "bare nn.Conv2d", None)):
+                if drop is not None:
+                    skip[drop] = True
+                params = [xg] + [p for p in layer.parameters() if p.requires_grad]
+                with autograd_threads(False):
+                    us = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=1000)
+                print(f"conv ablation {mode:<4} fwd+bwd host us/call: {label:<26} {us:7.1f}")
+            skip.update(dict.fromkeys(skip, False))
+    finally:
+        for name, fn in saved.items():
+            setattr(conv, name, fn)
+
+
 def conv_overhead() -> None:
     """The same for the convolution layers (python -m benchmarks.overhead --conv): a 3x3 conv
     small enough (batch 2, 64 channels, 8x8) that every call is host-bound."""
@@ -240,6 +301,9 @@ def conv_big() -> None:
 def main() -> int:
     if "--conv-big" in sys.argv[1:]:
         conv_big()
+        return 0
+    if "--conv-ablation" in sys.argv[1:]:
+        conv_ablation()
         return 0
     if "--conv" in sys.argv[1:]:
         conv_breakdown()
