@@ -170,6 +170,49 @@ def test_dl_kernel_divides_by_l_or_sums_exact_terms_of_zero_and_nonfinite_channe
     torch.testing.assert_close(got[~special], quotient[~special], rtol=1e-5, atol=1e-4)
 
 
+# (weight shape, groups): 3x3 with 150 input channels a group (two channel blocks of the fold's
+# 128-wide tiles), 9x9 (81 taps: two tap blocks of 64), a grouped 3-D kernel, a 1-D kernel,
+# 1x1 and an empty weight.
+FOLD_CASES = [((6, 150, 3, 3), 1), ((4, 6, 9, 9), 2), ((6, 4, 3, 3, 3), 3), ((5, 7, 3), 1),
+              ((8, 12, 1, 1), 4), ((0, 3, 3, 3), 1)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("wshape,groups", FOLD_CASES, ids=[str(c[0]) for c in FOLD_CASES])
+def test_weight_fold_is_the_product_rounded_once(triton_backend, wshape, groups, dtype,
+                                                 feedforward, layout):
+    """scale_conv_weight against (W * l in fp32).to(dtype), bit for bit: every output channel's
+    tile, both storage orders, group-aware input channels, bias for attention; the result keeps
+    the weight's memory format."""
+    from ia3_kernels import conv
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(wshape, generator=g).to(DEVICE, dtype)
+    if layout == "channels_last":
+        if w.dim() == 3:
+            pytest.skip("no channels_last format for 1-D kernels")
+        w = w.contiguous(memory_format=torch.channels_last if w.dim() == 4
+                         else torch.channels_last_3d)
+    c_out, in_pg = wshape[:2]
+    ones = [1] * (len(wshape) - 2)
+    n = in_pg * groups if feedforward else c_out
+    scale = (torch.rand(n, generator=g) * 3 - 1).to(DEVICE)
+    bias = torch.randn(c_out, generator=g).to(DEVICE, dtype)
+    got, got_bias = conv.scale_conv_weight(w, scale, feedforward, groups, bias)
+    if feedforward:
+        lvec = scale.view(groups, 1, in_pg, *ones)
+        want = (w.float().reshape(groups, c_out // groups, in_pg, *wshape[2:]) * lvec)
+        want = want.reshape(wshape).to(dtype)
+        assert got_bias is None
+    else:
+        want = (w.float() * scale.view(-1, 1, *ones)).to(dtype)
+        assert torch.equal(got_bias, (bias.float() * scale).to(dtype))
+    assert got.stride() == w.stride()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_odd_inputs(triton_backend, feedforward):
     """Unbatched input, an empty batch and a non-contiguous slice of a larger tensor."""
