@@ -25,6 +25,7 @@ the backward (a weight-sized launch) instead of being kept from the forward.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -597,12 +598,43 @@ def _explicit_padding(padding, kernel_size, dilation, nd):
 
 def _pad_input(x, pads, padding_mode):
     """x padded as nn.Conv pads it, and the numeric padding left for the convolution."""
-    symmetric = all(a == b for a, b in pads)
-    if padding_mode == "zeros" and symmetric:
-        return x, [a for a, _ in pads]
-    flat = [p for pair in reversed(pads) for p in pair]  # F.pad: last dimension first
+    explicit, num_pad = _padding_plan(tuple(pads), padding_mode)
+    if explicit is None:
+        return x, list(num_pad)
+    return F.pad(x, list(explicit[0]), mode=explicit[1]), list(num_pad)
+
+
+def _padding_plan(pads: tuple, padding_mode: str):
+    """((F.pad's flat padding, its mode) or None where the convolution pads by itself, the
+    numeric padding left for the convolution)."""
+    if padding_mode == "zeros" and all(a == b for a, b in pads):
+        return None, tuple(a for a, _ in pads)
+    flat = tuple(p for pair in reversed(pads) for p in pair)  # F.pad: last dimension first
     mode = "constant" if padding_mode == "zeros" else padding_mode
-    return F.pad(x, flat, mode=mode), [0] * len(pads)
+    return (flat, mode), (0,) * len(pads)
+
+
+def _conv_geometry_uncached(nd, kernel_size, stride, padding, dilation, groups, padding_mode):
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    pads = _explicit_padding(padding, kernel_size, dilation, nd)
+    explicit, num_pad = _padding_plan(tuple(pads), padding_mode)
+    return explicit, (stride, num_pad, dilation, groups)
+
+
+_conv_geometry_cached = functools.lru_cache(maxsize=1024)(_conv_geometry_uncached)
+
+
+def _conv_geometry(nd, kernel_size, stride, padding, dilation, groups, padding_mode):
+    """(F.pad's (padding, mode) or None, the hashable geometry (stride, numeric padding,
+    dilation, groups) of the convolution after it) for nn.Conv's arguments. Cached: the same
+    handful of layer settings come every call, and building them cost ~4 us of Python (a tenth
+    of a small conv's host budget); lists (unhashable) are computed each time."""
+    try:
+        return _conv_geometry_cached(nd, kernel_size, stride, padding, dilation, groups,
+                                     padding_mode)
+    except TypeError:
+        return _conv_geometry_uncached(nd, kernel_size, stride, padding, dilation, groups,
+                                       padding_mode)
 
 
 def _conv(x, weight, bias, stride, padding, dilation, groups):
@@ -742,12 +774,12 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
-    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
-    pads = _explicit_padding(padding, weight.shape[2:], dilation, nd)
-    x, num_pad = _pad_input(x, pads, padding_mode)  # differentiable; commutes with the scaling
+    explicit, geometry = _conv_geometry(nd, weight.shape[2:], stride, padding, dilation, groups,
+                                        padding_mode)  # hashable geometry: plan keys
+    if explicit is not None:  # differentiable; commutes with the scaling
+        x = F.pad(x, explicit[0], mode=explicit[1])
     if not scale.is_contiguous():
         scale = scale.contiguous()
-    geometry = (tuple(stride), tuple(num_pad), tuple(dilation), groups)  # hashable: plan keys
     if adapter_index is not None:
         if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
                                         or weight.requires_grad
