@@ -629,6 +629,9 @@ def _conv_geometry(nd, kernel_size, stride, padding, dilation, groups, padding_m
     dilation, groups) of the convolution after it) for nn.Conv's arguments. Cached: the same
     handful of layer settings come every call, and building them cost ~4 us of Python (a tenth
     of a small conv's host budget); lists (unhashable) are computed each time."""
+    if torch.compiler.is_compiling():  # dynamo traces through caches (and warns about them)
+        return _conv_geometry_uncached(nd, kernel_size, stride, padding, dilation, groups,
+                                       padding_mode)
     try:
         return _conv_geometry_cached(nd, kernel_size, stride, padding, dilation, groups,
                                      padding_mode)
@@ -722,23 +725,72 @@ def _kernel_refusal(x, weight, scale) -> Optional[str]:
     return None
 
 
-def _folded_conv_torch(x, weight, bias, scale, feedforward, geometry):
-    """The same weight folding in PyTorch ops, for torch.compile (which fuses the scaling into
-    one small kernel): exact like the eager op; its backward differentiates through W', i.e.
-    computes the weight gradient dW' (one convolution more than the eager op's backward) and
-    dl from it."""
-    stride, padding, dilation, groups = geometry
-    nd = weight.dim() - 2
-    ones = [1] * nd
+def _fold_weight_torch(weight, scale, feedforward: bool, groups: int):
+    """W * l broadcast as the IA3 scaling of a conv weight, in PyTorch ops (for torch.compile,
+    which fuses it into one small kernel): the product in l's dtype, rounded once."""
+    ones = [1] * (weight.dim() - 2)
     flat = scale.reshape(-1)
     if feedforward:
         c_out, in_pg = weight.shape[:2]
-        w = (weight.reshape(groups, c_out // groups, in_pg, *weight.shape[2:]).to(scale.dtype)
-             * flat.view(groups, 1, in_pg, *ones)).reshape(weight.shape).to(weight.dtype)
-        b = bias
-    else:
-        w = (weight.to(scale.dtype) * flat.view(-1, 1, *ones)).to(weight.dtype)
-        b = (bias.to(scale.dtype) * flat).to(bias.dtype) if bias is not None else None
+        return (weight.reshape(groups, c_out // groups, in_pg, *weight.shape[2:]).to(scale.dtype)
+                * flat.view(groups, 1, in_pg, *ones)).reshape(weight.shape).to(weight.dtype)
+    return (weight.to(scale.dtype) * flat.view(-1, 1, *ones)).to(weight.dtype)
+
+
+class _CompiledFeedforwardConv(torch.autograd.Function):
+    """Feedforward conv under torch.compile (dynamo traces both passes into the graph). The
+    forward folds l into the weight, as the eager op. The backward takes the input gradient of
+    the unscaled weight, g = dy conv^T W, and forms dx = g*l and dl = sum(x*g) (Inductor fuses
+    both into one pass; PEFT's arithmetic, exact for every l). Differentiating through the
+    folded weight instead, autograd's way, computed the weight gradient dW' (a whole extra
+    convolution) to get dl: ours compiled was 1.14x (median) to 1.42x PEFT compiled's
+    forward+backward on the benchmark's convs (suite-h100.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, geometry):
+        stride, padding, dilation, groups = geometry
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, weight, scale)
+        return _conv(x, _fold_weight_torch(weight, scale, True, groups), bias, stride, padding,
+                     dilation, groups)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        need_dx, need_dweight, need_dbias, need_dscale = ctx.needs_input_grad[:4]
+        nd = weight.dim() - 2
+        g, dweight, dbias = _CONV_BACKWARD(
+            dy, x, weight, [weight.shape[0]] if need_dbias else None, stride, padding, dilation,
+            False, [0] * nd, groups, [need_dx or need_dscale, need_dweight, need_dbias])
+        dx = dscale = None
+        if need_dx or need_dscale:
+            # PEFT's (x.to(l.dtype) * l).to(x.dtype): its backward sees g in l's dtype.
+            g = g.to(scale.dtype)
+            if need_dx:
+                dx = (g * scale.reshape(1, -1, *([1] * nd))).to(x.dtype)
+            if need_dscale:
+                dscale = (g * x.to(scale.dtype)).sum(dim=[0, *range(2, nd + 2)])
+                dscale = dscale.reshape(scale.shape)
+        if need_dweight:  # dL/dW = dL/dW' * l, broadcast as the forward's
+            dweight = _fold_weight_torch(dweight, scale, True, groups)
+        return dx, dweight, dbias, dscale, None
+
+
+def _compiled_conv(x, weight, bias, scale, feedforward: bool, geometry):
+    """The op under torch.compile, in PyTorch ops Inductor can fuse (no graph break):
+    feedforward as _CompiledFeedforwardConv; attention folds l into W and b where dl is not
+    needed, else PEFT's arithmetic conv(x, W, b) * l (dl = sum(dy * u) needs u, which a folded
+    forward does not produce without the weight gradient's extra convolution)."""
+    stride, padding, dilation, groups = geometry
+    if feedforward:
+        return _CompiledFeedforwardConv.apply(x, weight, bias, scale, geometry)
+    if torch.is_grad_enabled() and scale.requires_grad:
+        u = _conv(x, weight, bias, stride, padding, dilation, groups)
+        lvec = scale.reshape(1, -1, *([1] * (weight.dim() - 2)))
+        return (u.to(scale.dtype) * lvec).to(u.dtype)
+    w = _fold_weight_torch(weight, scale, False, groups)
+    b = (bias.to(scale.dtype) * scale.reshape(-1)).to(bias.dtype) if bias is not None else None
     return _conv(x, w, b, stride, padding, dilation, groups)
 
 
@@ -789,7 +841,7 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         y, _ = mixed_conv_forward(x, weight, bias, scale, feedforward, geometry, adapter_index)
         return y
     if torch.compiler.is_compiling():
-        y = _folded_conv_torch(x, weight, bias, scale, feedforward, geometry)
+        y = _compiled_conv(x, weight, bias, scale, feedforward, geometry)
     elif torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         y = _ConvFunction.apply(x, weight, bias, scale, feedforward, geometry)

@@ -399,3 +399,32 @@ def test_torch_compile_fullgraph_folds_the_weight_in_torch(triton_backend, feedf
                                        torch.float32, False)
     fn = torch.compile(ia3_kernels.ia3_conv, fullgraph=True, backend="eager")
     check(x, w, b, scale, feedforward, kwargs, torch.float32, fn=lambda *a, **k: fn(*a, **k))
+    check(x, w, b, scale, feedforward, kwargs, torch.float32, weight_grad=True,
+          fn=lambda *a, **k: fn(*a, **k))
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_compiled_backward_computes_no_weight_gradient_for_a_frozen_weight(triton_backend,
+                                                                         feedforward):
+    """IA3 freezes the base weight: the compiled op's backward must not convolve for a weight
+    gradient to get dl (differentiating through the folded weight did: a whole convolution
+    more than PEFT's backward). Every convolution_backward call is recorded."""
+    import torch._dynamo
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    masks = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                masks.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    torch._dynamo.reset()
+    x, w, b, scale, kwargs = make_case("3x3", feedforward, True, torch.float32, False)
+    fn = torch.compile(ia3_kernels.ia3_conv, fullgraph=True, backend="eager")
+    x, scale = x.requires_grad_(), scale.requires_grad_()
+    y = fn(x, w, b, scale, feedforward, **kwargs)
+    with Record():
+        torch.autograd.grad(y, [x, scale], torch.ones_like(y))
+    assert masks and all(not mask[1] for mask in masks), masks
