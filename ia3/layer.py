@@ -36,7 +36,8 @@ def active_scaling(layer: peft_ia3_layer.IA3Layer) -> Optional[torch.Tensor]:
     gradient. None when no active adapter is held."""
     scaling = None
     # nn.ParameterDict keeps its entries in _parameters; `name in d` + `d[name]` go through
-    # Module.__getattr__ and cost ~12x a dict lookup (~3 us a layer call on the H100 host).
+    # Module.__getattr__: 0.71 us against 0.06 for the dict lookup on the development CPU (the
+    # GPU machines' hosts ran this package's Python ~3-6x slower).
     vectors = layer.ia3_l._parameters
     for name in layer.active_adapters:
         vector = vectors.get(name)

@@ -50,10 +50,10 @@ def _ia3_conv_weight_kernel(
     """w_out = w * l broadcast over a convolution weight read as (C_out, C_in/groups, taps)
     with strides (stride_o, stride_i, stride_k) (taps = the kernel's spatial positions, one
     stride in contiguous and channels_last storage alike). Program (o, i-block) scales a
-    BLOCK_I x taps tile of output channel o: no integer division per element (the 1-D form's
-    three int64 div/mod per element made the fold compute-bound, ~90 instructions an element
-    against 4 bytes of traffic). The product is formed in fp32 and rounded once, as PEFT's
-    merge."""
+    BLOCK_I x taps tile of output channel o: no integer division per element (the 1-D form
+    spent three int64 div/mod, tens of instructions each, on every element of 4 bytes of
+    traffic; its time was not profiled apart from the forward's). The product is formed in
+    fp32 and rounded once, as PEFT's merge."""
     o = tl.program_id(0)
     pid_i = tl.program_id(1)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
