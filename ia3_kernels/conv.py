@@ -596,14 +596,6 @@ def _explicit_padding(padding, kernel_size, dilation, nd):
     return [(p, p) for p in _tuple(padding, nd)]
 
 
-def _pad_input(x, pads, padding_mode):
-    """x padded as nn.Conv pads it, and the numeric padding left for the convolution."""
-    explicit, num_pad = _padding_plan(tuple(pads), padding_mode)
-    if explicit is None:
-        return x, list(num_pad)
-    return F.pad(x, list(explicit[0]), mode=explicit[1]), list(num_pad)
-
-
 def _padding_plan(pads: tuple, padding_mode: str):
     """((F.pad's flat padding, its mode) or None where the convolution pads by itself, the
     numeric padding left for the convolution)."""
@@ -655,8 +647,8 @@ def torch_ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     `(conv(x, W, b).to(l.dtype) * l).to(x.dtype)`, l of shape (1, C, 1, ...).
     adapter_index: a mixed-adapter batch, scale the (adapters, C) table (mixed.py)."""
     nd = weight.dim() - 2
-    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
-    pads = _explicit_padding(padding, weight.shape[2:], dilation, nd)
+    explicit, (stride, num_pad, dilation, _) = _conv_geometry(
+        nd, weight.shape[2:], stride, padding, dilation, groups, padding_mode)
     # (C, 1, ...) on an unbatched x: nn.Conv's unbatched output (PEFT's (1, C, 1, ...) vector
     # would broadcast it to a batch of one).
     if adapter_index is not None:
@@ -665,7 +657,8 @@ def torch_ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         lvec = scale.reshape(*([1] * (x.dim() - nd - 1)), -1, *([1] * nd))
     if feedforward:
         x = (x.to(scale.dtype) * lvec).to(x.dtype)
-    x, num_pad = _pad_input(x, pads, padding_mode)
+    if explicit is not None:
+        x = F.pad(x, explicit[0], mode=explicit[1])
     if x.dim() == nd + 1:
         u = _conv(x.unsqueeze(0), weight, bias, stride, num_pad, dilation, groups).squeeze(0)
     else:

@@ -196,21 +196,17 @@ def test_weight_fold_is_the_product_rounded_once(triton_backend, wshape, groups,
         w = w.contiguous(memory_format=torch.channels_last if w.dim() == 4
                          else torch.channels_last_3d)
     c_out, in_pg = wshape[:2]
-    ones = [1] * (len(wshape) - 2)
     n = in_pg * groups if feedforward else c_out
     scale = (torch.rand(n, generator=g) * 3 - 1).to(DEVICE)
     bias = torch.randn(c_out, generator=g).to(DEVICE, dtype)
     got, got_bias = conv.scale_conv_weight(w, scale, feedforward, groups, bias)
     if feedforward:
-        lvec = scale.view(groups, 1, in_pg, *ones)
-        want = (w.float().reshape(groups, c_out // groups, in_pg, *wshape[2:]) * lvec)
-        want = want.reshape(wshape).to(dtype)
         assert got_bias is None
     else:
-        want = (w.float() * scale.view(-1, 1, *ones)).to(dtype)
         assert torch.equal(got_bias, (bias.float() * scale).to(dtype))
     assert got.stride() == w.stride()
-    assert torch.equal(got, want)
+    # The PyTorch twin (torch.compile's fold): the product in l's dtype (fp32), rounded once.
+    assert torch.equal(got, conv._fold_weight_torch(w, scale, feedforward, groups))
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
