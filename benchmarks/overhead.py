@@ -13,7 +13,12 @@ import time
 
 import torch
 
+from .conv import ConvShape, build_layers as build_conv_layers
 from .layers import Shape, build_layers
+
+# A conv small enough that every call is host-bound, and a benchmark-sized one.
+TINY_CONV = ConvShape("tiny", "3x3 64->64 @8x8", 64, 64, (3, 3), 2, (8, 8), 1)
+UNET_CONV = ConvShape("SD UNet", "3x3 320->320 @64x64", 320, 320, (3, 3), 8, (64, 64), 1)
 
 
 _last_sync_wait_us = [0.0]
@@ -172,12 +177,8 @@ def conv_ablation(rounds: int = 5, big: bool = False) -> None:
     with pieces swapped for no-ops, cumulatively (each line drops one more piece; differences
     between lines are what the pieces cost inside the whole call, caches and all)."""
     from ia3_kernels import conv
-    from .conv import ConvShape, build_layers as build_conv_layers
 
-    if big:
-        shape = ConvShape("SD UNet", "3x3 320->320 @64x64", 320, 320, (3, 3), 8, (64, 64), 1)
-    else:
-        shape = ConvShape("tiny", "3x3 64->64 @8x8", 64, 64, (3, 3), 2, (8, 8), 1)
+    shape = UNET_CONV if big else TINY_CONV
     x = torch.randn(shape.batch, shape.c_in, *shape.spatial, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     xg = x.clone().requires_grad_()
@@ -241,9 +242,8 @@ def conv_ablation(rounds: int = 5, big: bool = False) -> None:
 def conv_overhead() -> None:
     """The same for the convolution layers (python -m benchmarks.overhead --conv): a 3x3 conv
     small enough (batch 2, 64 channels, 8x8) that every call is host-bound."""
-    from .conv import ConvShape, build_layers as build_conv_layers
 
-    shape = ConvShape("tiny", "3x3 64->64 @8x8", 64, 64, (3, 3), 2, (8, 8), 1)
+    shape = TINY_CONV
     for mode in ("ff", "attn"):
         bare, peft_layer, ours = build_conv_layers(shape, mode, torch.contiguous_format)
         x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16)
@@ -281,9 +281,8 @@ def conv_big() -> None:
     """A benchmark-sized conv (UNet 3x3 320->320 @64x64, batch 8, NCHW): host us per
     forward+backward, whether a call waits for the device, cudaMallocs per call, and a short
     cProfile of ours (eager timings of big convs were far above max(host, device))."""
-    from .conv import ConvShape, build_layers as build_conv_layers
 
-    shape = ConvShape("SD UNet", "3x3 320->320 @64x64", 320, 320, (3, 3), 8, (64, 64), 1)
+    shape = UNET_CONV
     x = torch.randn(8, 320, 64, 64, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     xg = x.clone().requires_grad_()
