@@ -178,14 +178,18 @@ def _ia3_conv_dl_kernel(
     row_end = tl.minimum(R, row_start + rows_per_program)
     src = src_ptr + matrix * src_sb
     aux = aux_ptr + matrix * aux_sb
-    part = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # A tile-shaped accumulator, reduced across rows once after the loop: a reduction in every
+    # step (shuffles, shared memory, a barrier) held the channels_last pass to 1.2-1.8 TB/s of
+    # the H200's ~4.2 (benchmarks/results/conv-h200.md).
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         rr = offs_r.to(tl.int64)
         mask = (offs_r < row_end)[:, None] & mask_c[None, :]
         v = tl.load(src + rr[:, None] * src_sr + rc[None, :] * src_sc, mask=mask, other=0.0)
         a = tl.load(aux + rr[:, None] * aux_sr + rc[None, :] * aux_sc, mask=mask, other=0.0)
-        part += tl.sum(v.to(tl.float32) * a.to(tl.float32), axis=0)
+        acc += v.to(tl.float32) * a.to(tl.float32)
+    part = tl.sum(acc, axis=0)
 
     if tl.sum(direct.to(tl.int32), axis=0) > 0:
         p_start = pid_r.to(tl.int64) * pixels_per_program

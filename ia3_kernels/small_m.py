@@ -135,7 +135,22 @@ def _quant_small_m_kernel(
 
     if BLOCK_M == 1:
         acc = tl.sum(tl.sum(gemv_acc, axis=2), axis=1)[:, None]
-    # acc[n, m]: output (m, n) lives at c[m * stride_cm + n * stride_cn].
+    _small_m_epilogue(acc, rn, mask_n, offs_m, mask_m, M, N, c_ptr, scale_c_ptr, bias_ptr,
+                      preact_ptr, workspace_ptr, counter_ptr, w_scale_ptr, scale_index_ptr,
+                      rows_per_index, stride_cm, stride_cn, pid_n, pid_k, W_4BIT, W_SCALE_MUL,
+                      HAS_BIAS, STORE_PREACT, SCALE_C, SCALE_GATHER, SPLIT_K)
+
+
+@triton.jit
+def _small_m_epilogue(acc, rn, mask_n, offs_m, mask_m, M, N, c_ptr, scale_c_ptr, bias_ptr,
+                      preact_ptr, workspace_ptr, counter_ptr, w_scale_ptr, scale_index_ptr,
+                      rows_per_index, stride_cm, stride_cn, pid_n, pid_k,
+                      W_4BIT: tl.constexpr, W_SCALE_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      STORE_PREACT: tl.constexpr, SCALE_C: tl.constexpr,
+                      SCALE_GATHER: tl.constexpr, SPLIT_K: tl.constexpr):
+    """acc[n, m] (fp32, this split's share) -> split-K reduce, int8 row scales, bias, u, the
+    attention scaling; output (m, n) lives at c[m * stride_cm + n * stride_cn]."""
+    rm = offs_m.to(tl.int64)
     offs_2d = rm[None, :] * N + rn[:, None]
     mask_2d = mask_n[:, None] & mask_m[None, :]
     is_last = True
@@ -163,10 +178,222 @@ def _quant_small_m_kernel(
                  out.to(c_ptr.dtype.element_ty), mask=mask_2d)
 
 
+# 8 nibbles of a word -> 8 fp32 codes through fp16 byte planes ($9-$12 low bytes, $13-$16 high
+# bytes of the 16 fp16 codes, 4 a register), 4 nibbles at a time: prmt picks byte n & 7 of a
+# plane pair (codes 0-7 and 8-15), a second prmt chooses by bit 3, a third pairs low and high
+# bytes into two fp16 values. Outputs $0-$7 are elements 0-7 of the word in storage order (a
+# byte holds its even element in the high nibble).
+_PRMT_DECODE_ASM = """
+{
+.reg .b32 s, s7, sel, la, lb, lo, ha, hb, hi, p;
+.reg .b16 h0, h1;
+and.b32 s7, $8, 0x7777;
+shr.b32 sel, $8, 1;
+and.b32 sel, sel, 0x4444;
+or.b32 sel, sel, 0x3210;
+prmt.b32 la, $9, $10, s7;
+prmt.b32 lb, $11, $12, s7;
+prmt.b32 lo, la, lb, sel;
+prmt.b32 ha, $13, $14, s7;
+prmt.b32 hb, $15, $16, s7;
+prmt.b32 hi, ha, hb, sel;
+prmt.b32 p, lo, hi, 0x5140;
+mov.b32 {h0, h1}, p;
+cvt.f32.f16 $1, h0;
+cvt.f32.f16 $0, h1;
+prmt.b32 p, lo, hi, 0x7362;
+mov.b32 {h0, h1}, p;
+cvt.f32.f16 $3, h0;
+cvt.f32.f16 $2, h1;
+shr.b32 s, $8, 16;
+and.b32 s7, s, 0x7777;
+shr.b32 sel, s, 1;
+and.b32 sel, sel, 0x4444;
+or.b32 sel, sel, 0x3210;
+prmt.b32 la, $9, $10, s7;
+prmt.b32 lb, $11, $12, s7;
+prmt.b32 lo, la, lb, sel;
+prmt.b32 ha, $13, $14, s7;
+prmt.b32 hb, $15, $16, s7;
+prmt.b32 hi, ha, hb, sel;
+prmt.b32 p, lo, hi, 0x5140;
+mov.b32 {h0, h1}, p;
+cvt.f32.f16 $5, h0;
+cvt.f32.f16 $4, h1;
+prmt.b32 p, lo, hi, 0x7362;
+mov.b32 {h0, h1}, p;
+cvt.f32.f16 $7, h0;
+cvt.f32.f16 $6, h1;
+}
+"""
+
+
+@triton.jit
+def _x_tile(x_ptr, scale_a_ptr, k, stride_xk, SCALE_A: tl.constexpr, k_end=0,
+            MASKED: tl.constexpr = False):
+    """x[k] in fp32; with SCALE_A x[k] * l[k] rounded to x's dtype (PEFT's x*l)."""
+    if MASKED:
+        x = tl.load(x_ptr + k * stride_xk, mask=k < k_end, other=0.0)
+    else:
+        x = tl.load(x_ptr + k * stride_xk)
+    if SCALE_A:
+        if MASKED:
+            l = tl.load(scale_a_ptr + k, mask=k < k_end, other=0.0)
+        else:
+            l = tl.load(scale_a_ptr + k)
+        x = (x.to(tl.float32) * l.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _quant_gemv_kernel(
+    x_ptr, w_ptr, c_ptr, scale_a_ptr, scale_c_ptr, bias_ptr, preact_ptr, workspace_ptr,
+    counter_ptr, w_scale_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, scale_index_ptr,
+    N, K, stride_xk, stride_w_words, stride_cn,
+    # 1: bnb 4-bit (w_ptr: the packed bytes viewed as int32, 8 codes a word, rows of K/8 words;
+    # w_scale_ptr: the absmax of each Q_BLOCKSIZE elements); 0: LLM.int8 (w_ptr: CB viewed as
+    # int32, 4 codes a word; w_scale_ptr: SCB, times W_SCALE_MUL).
+    W_4BIT: tl.constexpr, W_SCALE_MUL: tl.constexpr,
+    Q_BLOCKSIZE: tl.constexpr, Q_NESTED: tl.constexpr, Q_BLOCKSIZE2: tl.constexpr,
+    SCALE_A: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr,
+    SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr, SPLIT_K: tl.constexpr,
+    # 4-bit code lookup: 0 two gathers a byte from the 16 fp32 codes; 1 one gather a byte from
+    # a 256-entry table of fp32 code pairs (int64), built per CTA from the 16 codes; 2 byte
+    # permutes in registers on fp16 codes (GPU only: inline PTX).
+    LUT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[n] = epilogue(sum_k W[n, k] * x[k]) at M = 1, W read as stored in 32-bit words (16 bytes
+    a thread a load) and decoded in registers: FMAs in fp32 into a tile-shaped accumulator that
+    is reduced once after the loop (no cross-thread traffic inside it)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rn = offs_n.to(tl.int64)
+    # Tile = BLOCK_N rows x NB sub-blocks x WPB words; 4-bit sub-blocks lie inside one
+    # quantization block (one absmax each).
+    EPW: tl.constexpr = 8 if W_4BIT else 4  # elements per word
+    SUB: tl.constexpr = (BLOCK_K if BLOCK_K < Q_BLOCKSIZE else Q_BLOCKSIZE) if W_4BIT else BLOCK_K
+    NB: tl.constexpr = BLOCK_K // SUB
+    WPB: tl.constexpr = SUB // EPW
+    blocks = tl.arange(0, NB)
+    word = blocks[:, None] * WPB + tl.arange(0, WPB)[None, :]  # (NB, WPB), word in the tile
+    row_ptr = w_ptr + rn[:, None, None] * stride_w_words
+
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = min(K, k_start + k_per_split)
+    if W_4BIT:
+        if LUT == 1:
+            # Byte b -> (code[b >> 4], code[b & 15]) as the two fp32 halves of an int64.
+            b256 = tl.arange(0, 256)
+            hi = tl.load(code_ptr + (b256 >> 4)).to(tl.int32, bitcast=True).to(tl.int64)
+            lo = tl.load(code_ptr + (b256 & 15)).to(tl.int32, bitcast=True).to(tl.int64)
+            table = (hi & 0xFFFFFFFF) | (lo << 32)
+        elif LUT == 2:
+            # The 16 codes as fp16, split into a low-byte and a high-byte plane of 4 registers
+            # each (byte i of register r = code 4r + i), the tables of _PRMT_DECODE_ASM.
+            i16 = tl.arange(0, 16)
+            bits = tl.load(code_ptr + i16).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            lo_b = (bits & 0xFF) << (8 * (i16 % 4))
+            hi_b = (bits >> 8) << (8 * (i16 % 4))
+            t_lo0 = tl.sum(tl.where(i16 // 4 == 0, lo_b, 0))
+            t_lo1 = tl.sum(tl.where(i16 // 4 == 1, lo_b, 0))
+            t_lo2 = tl.sum(tl.where(i16 // 4 == 2, lo_b, 0))
+            t_lo3 = tl.sum(tl.where(i16 // 4 == 3, lo_b, 0))
+            t_hi0 = tl.sum(tl.where(i16 // 4 == 0, hi_b, 0))
+            t_hi1 = tl.sum(tl.where(i16 // 4 == 1, hi_b, 0))
+            t_hi2 = tl.sum(tl.where(i16 // 4 == 2, hi_b, 0))
+            t_hi3 = tl.sum(tl.where(i16 // 4 == 3, hi_b, 0))
+        else:
+            table = tl.load(code_ptr + tl.arange(0, 16))
+    acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
+    flat: tl.constexpr = BLOCK_N * BLOCK_K // EPW
+
+    if PREFETCH:
+        mask_w = mask_n[:, None, None] & ((k_start + word * EPW) < k_end)[None, :, :]
+        w_next = tl.load(row_ptr + (k_start // EPW + word)[None, :, :], mask=mask_w, other=0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:
+            # The next tile's loads go out before this tile's ALU work (no pipelining of
+            # loads that feed no tl.dot).
+            w_words = w_next
+            k_next = k0 + BLOCK_K
+            mask_next = mask_n[:, None, None] & ((k_next + word * EPW) < k_end)[None, :, :]
+            w_next = tl.load(row_ptr + (k_next // EPW + word)[None, :, :], mask=mask_next,
+                             other=0)
+        else:
+            mask_w = mask_n[:, None, None]
+            if not EVEN_K:
+                mask_w = mask_w & ((k0 + word * EPW) < k_end)[None, :, :]
+            w_words = tl.load(row_ptr + (k0 // EPW + word)[None, :, :], mask=mask_w, other=0)
+        part = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
+        k_word = (k0 + word * EPW).to(tl.int64)  # (NB, WPB): each word's first element
+        if W_4BIT and LUT == 2:
+            # Codes from registers with byte permutes (no shared-memory lookups); elements in
+            # storage order: word bits 4-7 are element 0, bits 0-3 element 1, and so on.
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                _PRMT_DECODE_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,r",
+                [w_words, t_lo0, t_lo1, t_lo2, t_lo3, t_hi0, t_hi1, t_hi2, t_hi3],
+                dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            part += c0 * _x_tile(x_ptr, scale_a_ptr, k_word, stride_xk, SCALE_A)[None, :, :]
+            part += c1 * _x_tile(x_ptr, scale_a_ptr, k_word + 1, stride_xk, SCALE_A)[None, :, :]
+            part += c2 * _x_tile(x_ptr, scale_a_ptr, k_word + 2, stride_xk, SCALE_A)[None, :, :]
+            part += c3 * _x_tile(x_ptr, scale_a_ptr, k_word + 3, stride_xk, SCALE_A)[None, :, :]
+            part += c4 * _x_tile(x_ptr, scale_a_ptr, k_word + 4, stride_xk, SCALE_A)[None, :, :]
+            part += c5 * _x_tile(x_ptr, scale_a_ptr, k_word + 5, stride_xk, SCALE_A)[None, :, :]
+            part += c6 * _x_tile(x_ptr, scale_a_ptr, k_word + 6, stride_xk, SCALE_A)[None, :, :]
+            part += c7 * _x_tile(x_ptr, scale_a_ptr, k_word + 7, stride_xk, SCALE_A)[None, :, :]
+        else:
+            for j in tl.static_range(4):
+                byte = (w_words >> (8 * j)) & 0xFF
+                if W_4BIT:
+                    # Byte j of a word holds elements 2j (high nibble) and 2j + 1.
+                    x_e = _x_tile(x_ptr, scale_a_ptr, k_word + 2 * j, stride_xk, SCALE_A)
+                    x_o = _x_tile(x_ptr, scale_a_ptr, k_word + 2 * j + 1, stride_xk, SCALE_A)
+                    if LUT == 1:
+                        pair = tl.reshape(tl.gather(table, tl.reshape(byte, (flat,)), 0),
+                                          (BLOCK_N, NB, WPB))
+                        c_e = pair.to(tl.int32).to(tl.float32, bitcast=True)
+                        c_o = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                    else:
+                        c_e = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (flat,)), 0),
+                                         (BLOCK_N, NB, WPB))
+                        c_o = tl.reshape(tl.gather(table, tl.reshape(byte & 15, (flat,)), 0),
+                                         (BLOCK_N, NB, WPB))
+                    part += c_e * x_e[None, :, :] + c_o * x_o[None, :, :]
+                else:
+                    # int8: b ^ 0x80 = code + 128 in the low mantissa bits of 2**23: two
+                    # integer ops and an add, where int8 -> fp32 conversions run at quarter rate.
+                    x_j = _x_tile(x_ptr, scale_a_ptr, k_word + j, stride_xk, SCALE_A,
+                                  k_end, not EVEN_K)
+                    code = ((byte ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                    part += code * x_j[None, :, :]
+        if W_4BIT:
+            absmax = _absmax_of_blocks(
+                (rn[:, None] * K + k0 + blocks[None, :] * SUB) // Q_BLOCKSIZE, mask_n[:, None],
+                w_scale_ptr, code2_ptr, absmax2_ptr, offset_ptr, Q_NESTED, Q_BLOCKSIZE2)
+            acc += part * absmax[:, :, None]
+        else:
+            acc += part
+    # One (BLOCK_N, 1) column: small_m's epilogue with M = 1.
+    _small_m_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[:, None], rn, mask_n,
+                      tl.arange(0, 1), tl.full((1,), 1, tl.int1), 1, N, c_ptr, scale_c_ptr,
+                      bias_ptr, preact_ptr, workspace_ptr, counter_ptr, w_scale_ptr,
+                      scale_index_ptr, 1, 0, stride_cn, pid_n, pid_k, W_4BIT, W_SCALE_MUL,
+                      HAS_BIAS, STORE_PREACT, SCALE_C, SCALE_GATHER, SPLIT_K)
+
+
 _KERNELS = {
     False: (_quant_small_m_kernel if config.triton_interpreted()
             else FastKernel(_quant_small_m_kernel)),
     True: _traceable(_quant_small_m_kernel),
+}
+_GEMV_KERNELS = {
+    False: (_quant_gemv_kernel if config.triton_interpreted()
+            else FastKernel(_quant_gemv_kernel)),
+    True: _traceable(_quant_gemv_kernel),
 }
 
 # The largest M this kernel takes (M padded to BLOCK_M = 16..64 on the dot's N axis).
@@ -263,5 +490,78 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
         SCALE_GATHER=scale_index is not None, SPLIT_K=split,
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
+    )
+    return c, preact
+
+
+def gemv_eligible(w: torch.Tensor, four_bit: bool, K: int) -> bool:
+    """Whether the weight's bytes read as rows of whole 32-bit words (the GEMV kernel's loads):
+    4-bit, contiguous packed bytes (rows of K/2 bytes, K a multiple of the blocksize >= 32);
+    int8, CB rows contiguous with a row stride and K that are multiples of 4."""
+    if w.data_ptr() % 4:
+        return False
+    if four_bit:
+        return w.is_contiguous() and K % 8 == 0
+    return w.dim() == 2 and w.stride(1) == 1 and w.stride(0) % 4 == 0 and K % 4 == 0
+
+
+def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None):
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, LUT, PREFETCH) for the M = 1 GEMV kernel; `tiles`
+    (same fields, SPLIT_K 0 = auto) overrides the table (benchmarks/tune_quant_small_m.py)."""
+    interpret = config.triton_interpreted()
+    if tiles is not None:
+        bn, bk, split, warps, lut, prefetch = tiles
+    elif interpret:
+        bn, bk, split, warps, lut, prefetch = 16, 64, 0, 4, 1, 1
+    elif four_bit:
+        bn, bk, split, warps, lut, prefetch = 32, 256, 0, 4, 1, 1
+    else:
+        bn, bk, split, warps, lut, prefetch = 16, 512, 0, 4, 0, 1
+    if four_bit:
+        while K % bk:  # whole quantization blocks: no mask along K
+            bk //= 2
+    if split == 0:
+        n_tiles = cdiv(N, bn)
+        split = 1
+        if not interpret and n_tiles < 4 * _sm_count(device):
+            # ~4 CTAs an SM streaming the weight, at least 2 BLOCK_K steps each.
+            split = max(1, min(cdiv(4 * _sm_count(device), n_tiles), K // (2 * bk), 64))
+    return bn, bk, split, warps, lut, prefetch
+
+
+def launch_gemv(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=None,
+                scale_a=None, scale_c=None, bias=None, store_preact=False, scale_index=None,
+                tiles=None):
+    """launch_small_m at M = 1 (weights that pass gemv_eligible): y (1, N), u or None."""
+    K = x.shape[1]
+    device = x.device
+    four_bit = quant4 is not None
+    bn, bk, split, warps, lut, prefetch = gemv_tiles(N, K, four_bit, device, tiles)
+    c = torch.empty((1, N), device=device, dtype=out_dtype)
+    preact = torch.empty((1, N), device=device, dtype=out_dtype) if store_preact else None
+    n_tiles = cdiv(N, bn)
+    if split > 1:
+        workspace = torch.empty((split, 1, N), device=device, dtype=torch.float32)
+        counters = _split_k_counters(n_tiles, device, traceable)
+    else:
+        workspace = counters = None
+    if four_bit:
+        words = w.reshape(-1).view(torch.int32)
+        stride_words = K // 8
+        q_ptrs = (quant4.code, quant4.code2, quant4.absmax2, quant4.offset)
+        q_const = (quant4.blocksize, quant4.nested, quant4.blocksize2)
+    else:
+        words = w.view(torch.int32)
+        stride_words = w.stride(0) // 4
+        q_ptrs, q_const = (None, None, None, None), (64, False, 256)
+    _GEMV_KERNELS[traceable][(n_tiles, split)](
+        x, words, c, scale_a, scale_c, bias, preact, workspace, counters, w_scale, *q_ptrs,
+        scale_index, N, K, x.stride(1), stride_words, c.stride(1),
+        W_4BIT=four_bit, W_SCALE_MUL=INT8_SCALE_MUL, Q_BLOCKSIZE=q_const[0],
+        Q_NESTED=q_const[1], Q_BLOCKSIZE2=q_const[2], SCALE_A=scale_a is not None,
+        HAS_BIAS=bias is not None, STORE_PREACT=store_preact, SCALE_C=scale_c is not None,
+        SCALE_GATHER=scale_index is not None, SPLIT_K=split, LUT=lut, PREFETCH=prefetch,
+        EVEN_K=K % bk == 0,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
     )
     return c, preact
