@@ -1,0 +1,140 @@
+"""python -m benchmarks.tune_gemv: sweep ia3_kernels.small_m's M = 1 GEMV kernel (code lookup,
+tiles, prefetch, split-K) for NF4 (double quantization) and LLM.int8 weights on the Llama-3-8B
+shapes, against the bare bitsandbytes layer, the shipped path and the weight-bytes roofline.
+L2-cold CUDA graphs (tune_quant_small_m.time_rotated: each replay walks >= 150 MB of weights).
+
+Stage 1 compares the code lookups at one tile; stage 2 sweeps tiles with the best lookup of
+each format; stage 3 the split count of the best tile. Each candidate is checked against the
+float64 product of the dequantized weight (max relative error printed)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+
+from benchmarks.tune_quant_small_m import SHAPES, build, time_rotated, weights_of
+from ia3_kernels import small_m
+
+
+def copy_bandwidth() -> float:
+    """bytes/s of a 1 GiB device copy (read + write)."""
+    from triton.testing import do_bench
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def weight_bytes(fmt, w) -> int:
+    if fmt == "nf4":
+        extra = w.absmax.numel() * w.absmax.element_size()
+        if w.nested:
+            extra += w.absmax2.numel() * 4 + 256 * 4
+        return w.packed.numel() + extra
+    return w.cb.numel() + w.scb.numel() * 4
+
+
+def gemv_call(fmt, w, x, scale, tiles):
+    kw = w.small_m_args()
+    return lambda: small_m.launch_gemv(x, N=w.out_features, out_dtype=x.dtype, traceable=False,
+                                       scale_a=scale, tiles=tiles, **kw)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--formats", default="nf4,int8")
+    args = parser.parse_args(argv)
+    import ia3_kernels
+    from ia3_kernels import fourbit, int8
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s, torch "
+          f"{torch.__version__}", flush=True)
+    for fmt in args.formats.split(","):
+        per_shape = []
+        for k, n in SHAPES:
+            copies = max(3, int(150e6 // ((0.52 if fmt == "nf4" else 1.0) * k * n)) + 1)
+            layers = build(fmt, k, n, copies)
+            weights = weights_of(fmt, layers)
+            scale = torch.rand(k, device="cuda") + 0.5
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            w0 = weights[0]
+            dq = (fourbit.dequantize_4bit(w0, torch.float64) if fmt == "nf4"
+                  else w0.cb.double() * w0.scb.double()[:, None] / 127)
+            ref = (x.double() * scale.double()) @ dq.t()
+            # LLM.int8's forward is not timed under graphs here (tune_quant_small_m: no bare int8).
+            bare = (time_rotated([lambda q=q: q(x) for q in layers], 25) if fmt == "nf4"
+                    else float("nan"))
+            if fmt == "nf4":
+                shipped = time_rotated([lambda w=w: ia3_kernels.ia3_linear_4bit(
+                    x, w, None, scale, True) for w in weights], 25)
+            else:
+                shipped = time_rotated([lambda w=w: ia3_kernels.ia3_linear_int8(
+                    x, w.cb, w.scb, None, scale, True) for w in weights], 25)
+            roof = weight_bytes(fmt, w0) / bw * 1e6
+            per_shape.append((k, n, layers, weights, scale, x, ref, bare, shipped, roof))
+            print(f"{fmt} {k}->{n}: bare bnb {bare:.1f} us, shipped {shipped:.1f} us, "
+                  f"roofline {roof:.1f} us", flush=True)
+
+        def run(tiles):
+            out = []
+            for k, n, layers, weights, scale, x, ref, bare, shipped, roof in per_shape:
+                try:
+                    y = gemv_call(fmt, weights[0], x, scale, tiles)()[0]
+                    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                    us = time_rotated([gemv_call(fmt, w, x, scale, tiles) for w in weights], 25)
+                except Exception as exc:  # out of resources
+                    print(f"  {tiles} {k}->{n} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                    return None
+                out.append((us, err))
+            return out
+
+        def show(tag, tiles, res):
+            cells = "  ".join(f"{us:.1f}us/{ps[8]:.1f}/{ps[9] / us:.0%} e{err:.0e}"
+                              for (us, err), ps in zip(res, per_shape))
+            print(f"{fmt} {tag} {tiles}: {cells}", flush=True)
+
+        # Stage 1: the lookups (4-bit) / prefetch (both) at a middle tile.
+        luts = (0, 1, 2) if fmt == "nf4" else (0,)
+        base_bk = 256 if fmt == "nf4" else 512
+        stage1 = []
+        for lut, pre in itertools.product(luts, (0, 1)):
+            tiles = (32 if fmt == "nf4" else 16, base_bk, 0, 4, lut, pre)
+            res = run(tiles)
+            if res:
+                show("lookup", tiles, res)
+                stage1.append((sum(us for us, _ in res), tiles))
+        lut = min(stage1)[1][4]
+        # Stage 2: tiles.
+        bks = (128, 256, 512) if fmt == "nf4" else (256, 512, 1024)
+        stage2 = []
+        for bn, bk, warps, pre in itertools.product((8, 16, 32, 64), bks, (4, 8), (0, 1)):
+            tiles = (bn, bk, 0, warps, lut, pre)
+            res = run(tiles)
+            if res:
+                stage2.append((sum(us for us, _ in res), tiles, res))
+        stage2.sort(key=lambda t: t[0])
+        for total, tiles, res in stage2[:6]:
+            show("tiles", tiles, res)
+        # Per shape, the best tile.
+        for i, ps in enumerate(per_shape):
+            best = min(stage2, key=lambda t: t[2][i][0])
+            print(f"{fmt} {ps[0]}->{ps[1]} best {best[1]}: {best[2][i][0]:.1f} us "
+                  f"(bare {ps[7]:.1f}, shipped {ps[8]:.1f}, roofline {ps[9]:.1f})", flush=True)
+        # Stage 3: splits of the best overall tile.
+        best_tiles = stage2[0][1]
+        for split in (1, 2, 4, 8, 16):
+            tiles = (*best_tiles[:2], split, *best_tiles[3:])
+            res = run(tiles)
+            if res:
+                show("split", tiles, res)
+        for ps in per_shape:
+            del ps
+        per_shape.clear()
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
