@@ -465,6 +465,10 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
     M, K = x.shape
     device = x.device
     four_bit = quant4 is not None
+    if M == 1 and tiles is None and gemv_eligible(w, four_bit, K):
+        return launch_gemv(x, w, w_scale, N, out_dtype, traceable=traceable, quant4=quant4,
+                           scale_a=scale_a, scale_c=scale_c, bias=bias,
+                           store_preact=store_preact, scale_index=scale_index)
     bm, bn, bk, split, warps, stages = small_m_tiles(M, N, K, four_bit, device, tiles,
                                                      x.element_size())
     c = torch.empty((M, N), device=device, dtype=out_dtype)

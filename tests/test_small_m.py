@@ -135,6 +135,8 @@ def test_dispatch():
     assert aligned.use_small_m(1) and aligned.use_small_m(64) and not aligned.use_small_m(65)
     assert not straddling.use_small_m(1)
     q8 = int8_weight(8, 64)
+    assert q8.use_small_m(1)  # the GEMV kernel: CB rows of whole 32-bit words
+    assert not int8_weight(8, 66).use_small_m(1)  # 66 bytes a row: dense.py's GEMV
     assert not q8.use_small_m(16) and q8.use_small_m(17) and q8.use_small_m(64)
     assert not q8.use_small_m(65)
     with dense.dense_path("cublas"):
@@ -189,3 +191,123 @@ def test_gpu_one_feature_shapes_fit_shared_memory(dtype, feedforward):
             y, _ = launch(x, wq, None, scale, feedforward)
             peft, ref = reference(x, wq, None, scale, feedforward, dtype)
             assert_within_peft_bar(y, peft, ref, dtype, f"{type(wq).__name__} M={M} K={K} N={N}")
+
+
+# --------------------------------------------------------------------------------------------
+# The M = 1 GEMV kernel (launch_gemv): tiles = (BLOCK_N, BLOCK_K, SPLIT_K, warps, LUT, PREFETCH)
+# --------------------------------------------------------------------------------------------
+
+
+def gemv(x, wq, bias, scale, feedforward, tiles=None, store_preact=False, scale_index=None):
+    return small_m.launch_gemv(
+        x, N=wq.out_features, out_dtype=x.dtype, traceable=False, bias=bias,
+        scale_a=scale if feedforward else None, scale_c=None if feedforward else scale,
+        store_preact=store_preact, scale_index=scale_index, tiles=tiles, **wq.small_m_args())
+
+
+# Lookups 0 and 1 (shared-memory gathers) run under the interpreter; 2 is inline PTX (GPU).
+GEMV_LUTS = (0, 1, 2) if HAS_CUDA and DEVICE == "cuda" else (0, 1)
+GEMV_CASES = [
+    # (K, N, tiles)
+    (512, 40, (16, 256, 1, 4, None, 1)),  # 4 quantization blocks a tile, N not a multiple
+    (512, 40, (16, 128, 2, 4, None, 0)),  # no prefetch, 2 splits
+    (192, 33, (16, 128, 3, 4, None, 1)),  # BLOCK_K halves to 64; 3 splits
+    (1024, 7, (8, 64, 16, 4, None, 1)),  # 16 splits, one row tile
+]
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("K,N,tiles", GEMV_CASES)
+@pytest.mark.parametrize("lut", GEMV_LUTS)
+@pytest.mark.parametrize("fmt", ["nf4", "fp4-plain"])
+def test_gemv_4bit_against_reference(fmt, lut, K, N, tiles, feedforward):
+    wq = nf4_weight(N, K, quant_type=fmt[:3], nested=fmt == "nf4")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, K, generator=g).to(DEVICE)
+    bias = torch.randn(N, generator=g).to(DEVICE)
+    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    tiles = (*tiles[:4], lut, tiles[5])
+    y, u = gemv(x, wq, bias, scale, feedforward, tiles, store_preact=not feedforward)
+    peft, ref = reference(x, wq, bias, scale, feedforward, torch.float32)
+    assert_within_peft_bar(y, peft, ref, torch.float32, f"y {tiles}")
+    if not feedforward:
+        u_peft, u_ref = reference(x, wq, bias, torch.ones_like(scale), False, torch.float32)
+        assert_within_peft_bar(u, u_peft, u_ref, torch.float32, "u")
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 1024])
+def test_gemv_4bit_other_blocksizes(blocksize):
+    """Tiles narrower and wider than a quantization block (one absmax a sub-block)."""
+    wq = nf4_weight(24, 2048, blocksize=blocksize)
+    x = torch.randn(1, 2048, device=DEVICE)
+    scale = torch.rand(2048, device=DEVICE) + 0.5
+    peft, ref = reference(x, wq, None, scale, True, torch.float32)
+    for tiles in ((16, 256, 1, 4, 1, 1), (16, 512, 2, 4, 0, 0)):
+        y, _ = gemv(x, wq, None, scale, True, tiles)
+        assert_within_peft_bar(y, peft, ref, torch.float32, f"bs {blocksize} {tiles}")
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("K,N,tiles", [(512, 40, (16, 256, 1, 4, 0, 1)),
+                                       (200, 24, (16, 64, 2, 4, 0, 1)),  # K % BLOCK_K != 0
+                                       (300, 9, (8, 128, 1, 4, 0, 0))])  # masked, no prefetch
+def test_gemv_int8_against_reference(K, N, tiles, dtype, feedforward):
+    wq = int8_weight(N, K)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, K, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
+    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    y, _ = gemv(x, wq, bias, scale, feedforward, tiles)
+    peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
+    assert_within_peft_bar(y, peft, ref, dtype, "y")
+
+
+@pytest.mark.parametrize("wq_kind", ["nf4", "int8"])
+def test_gemv_strided_x_and_mixed_adapter_row(wq_kind):
+    """x with a column stride of 2 (a slice of a wider tensor), fp16; and an attention table
+    gathered at row scale_index[0]."""
+    N, K = 24, 256
+    wq = nf4_weight(N, K) if wq_kind == "nf4" else int8_weight(N, K)
+    wide = torch.randn(1, 2 * K, device=DEVICE, dtype=torch.float16)
+    x = wide[:, ::2]
+    scale = torch.rand(K, device=DEVICE) + 0.5
+    y, _ = gemv(x, wq, None, scale, True, (16, 64, 2, 4, 0, 1))
+    peft, ref = reference(x, wq, None, scale, True, torch.float16)
+    assert_within_peft_bar(y, peft, ref, torch.float16, "strided x")
+    table = torch.rand(3, N, device=DEVICE) + 0.5
+    index = torch.tensor([2], device=DEVICE)
+    x = x.float().contiguous()
+    y, _ = gemv(x, wq, None, table, False, (16, 64, 2, 4, 0, 1), scale_index=index)
+    peft, ref = reference(x, wq, None, table[2], False, torch.float32)
+    assert_within_peft_bar(y, peft, ref, torch.float32, "table row 2")
+
+
+def test_gemv_split_k_is_deterministic_and_launch_small_m_takes_it():
+    wq = nf4_weight(40, 1024)
+    x = torch.randn(1, 1024, device=DEVICE)
+    scale = torch.rand(1024, device=DEVICE) + 0.5
+    tiles = (16, 64, 8, 4, 0, 1)
+    first = gemv(x, wq, None, scale, True, tiles)[0]
+    for _ in range(3):
+        assert torch.equal(gemv(x, wq, None, scale, True, tiles)[0], first)
+    # launch_small_m at M = 1 with the table's tiles is the GEMV kernel: same as its own call.
+    assert torch.equal(launch(x, wq, None, scale, True)[0], gemv(x, wq, None, scale, True)[0])
+
+
+def test_gemv_eligibility():
+    """Rows must be whole 32-bit words at a 4-byte-aligned address; otherwise launch_small_m
+    keeps the tiled kernel (still right)."""
+    q8 = int8_weight(8, 64)
+    assert small_m.gemv_eligible(q8.cb, False, 64)
+    storage = torch.zeros(8 * 64 + 1, dtype=torch.int8, device=DEVICE)
+    shifted = storage[1:].view(8, 64)  # 1 byte past an aligned allocation
+    shifted.copy_(q8.cb)
+    assert not small_m.gemv_eligible(shifted, False, 64)
+    assert not small_m.gemv_eligible(int8_weight(8, 66).cb, False, 66)
+    moved = Int8Weight(shifted, q8.scb)
+    x = torch.randn(1, 64, device=DEVICE)
+    scale = torch.rand(64, device=DEVICE) + 0.5
+    y, _ = launch(x, moved, None, scale, True)
+    peft, ref = reference(x, q8, None, scale, True, torch.float32)
+    assert_within_peft_bar(y, peft, ref, torch.float32, "misaligned CB")
