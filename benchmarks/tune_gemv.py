@@ -95,27 +95,28 @@ def main(argv=None) -> int:
                               for (us, err), ps in zip(res, per_shape))
             print(f"{fmt} {tag} {tiles}: {cells}", flush=True)
 
-        # Stage 1: the lookups (4-bit) / prefetch (both) at a middle tile.
-        luts = (0, 1, 2) if fmt == "nf4" else (0,)
-        base_bk = 256 if fmt == "nf4" else 512
+        # Stage 1: the decodes (lookup modes) and prefetch at a middle tile.
+        luts = (0, 1, 2) if fmt == "nf4" else (0, 2)
         stage1 = []
         for lut, pre in itertools.product(luts, (0, 1)):
-            tiles = (32 if fmt == "nf4" else 16, base_bk, 0, 4, lut, pre)
+            tiles = (64, 256, 0, 4, lut, pre)
             res = run(tiles)
             if res:
-                show("lookup", tiles, res)
-                stage1.append((sum(us for us, _ in res), tiles))
-        lut = min(stage1)[1][4]
-        # Stage 2: tiles.
-        bks = (128, 256, 512) if fmt == "nf4" else (256, 512, 1024)
+                show("decode", tiles, res)
+                stage1.append((sum(us for us, _ in res), lut))
+        stage1.sort()
+        best_luts = list(dict.fromkeys(lut for _, lut in stage1))[:2 if fmt == "nf4" else 1]
+        # Stage 2: tiles, for the best decode(s).
+        bks = (256, 512) if fmt == "nf4" else (256, 512, 1024)
         stage2 = []
-        for bn, bk, warps, pre in itertools.product((8, 16, 32, 64), bks, (4, 8), (0, 1)):
+        for lut, bn, bk, warps, pre in itertools.product(best_luts, (32, 64, 128), bks, (4, 8),
+                                                         (0, 1)):
             tiles = (bn, bk, 0, warps, lut, pre)
             res = run(tiles)
             if res:
                 stage2.append((sum(us for us, _ in res), tiles, res))
         stage2.sort(key=lambda t: t[0])
-        for total, tiles, res in stage2[:6]:
+        for total, tiles, res in stage2[:8]:
             show("tiles", tiles, res)
         # Per shape, the best tile.
         for i, ps in enumerate(per_shape):

@@ -183,7 +183,7 @@ def _small_m_epilogue(acc, rn, mask_n, offs_m, mask_m, M, N, c_ptr, scale_c_ptr,
 # plane pair (codes 0-7 and 8-15), a second prmt chooses by bit 3, a third pairs low and high
 # bytes into two fp16 values. Outputs $0-$7 are elements 0-7 of the word in storage order (a
 # byte holds its even element in the high nibble).
-_PRMT_DECODE_ASM = """
+_PRMT_DECODE_ASM = tl.constexpr("""
 {
 .reg .b32 s, s7, sel, la, lb, lo, ha, hb, hi, p;
 .reg .b16 h0, h1;
@@ -225,24 +225,54 @@ mov.b32 {h0, h1}, p;
 cvt.f32.f16 $7, h0;
 cvt.f32.f16 $6, h1;
 }
-"""
+""")
+
+
+# int8 word -> its 4 codes as fp32: byte ^ 0x80 (code + 128) placed by one prmt as the low
+# mantissa byte of 2**23 (0x4B0000uu), minus 2**23 + 128 (0f4B000080): exact.
+_PRMT_INT8_ASM = tl.constexpr("""
+{
+.reg .b32 t, c, b0, b1, b2, b3;
+.reg .f32 f0, f1, f2, f3;
+xor.b32 t, $4, 0x80808080;
+mov.b32 c, 0x4B000000;
+prmt.b32 b0, t, c, 0x7540;
+prmt.b32 b1, t, c, 0x7541;
+prmt.b32 b2, t, c, 0x7542;
+prmt.b32 b3, t, c, 0x7543;
+mov.b32 f0, b0;
+mov.b32 f1, b1;
+mov.b32 f2, b2;
+mov.b32 f3, b3;
+sub.f32 $0, f0, 0f4B000080;
+sub.f32 $1, f1, 0f4B000080;
+sub.f32 $2, f2, 0f4B000080;
+sub.f32 $3, f3, 0f4B000080;
+}
+""")
 
 
 @triton.jit
-def _x_tile(x_ptr, scale_a_ptr, k, stride_xk, SCALE_A: tl.constexpr, k_end=0,
-            MASKED: tl.constexpr = False):
-    """x[k] in fp32; with SCALE_A x[k] * l[k] rounded to x's dtype (PEFT's x*l)."""
-    if MASKED:
-        x = tl.load(x_ptr + k * stride_xk, mask=k < k_end, other=0.0)
+def _lookup_byte(byte, table, LUT: tl.constexpr):
+    """The fp32 codes (high nibble, low nibble) of a tensor of bytes: LUT 1, one gather from
+    the 256 pairs; LUT 0, two gathers from the 16 codes (through shared memory either way)."""
+    shape: tl.constexpr = byte.shape
+    flat: tl.constexpr = byte.numel
+    if LUT == 1:
+        pair = tl.reshape(tl.gather(table, tl.reshape(byte, (flat,)), 0), shape)
+        high = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     else:
-        x = tl.load(x_ptr + k * stride_xk)
-    if SCALE_A:
-        if MASKED:
-            l = tl.load(scale_a_ptr + k, mask=k < k_end, other=0.0)
-        else:
-            l = tl.load(scale_a_ptr + k)
-        x = (x.to(tl.float32) * l.to(tl.float32)).to(x_ptr.dtype.element_ty)
-    return x.to(tl.float32)
+        high = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (flat,)), 0), shape)
+        low = tl.reshape(tl.gather(table, tl.reshape(byte & 15, (flat,)), 0), shape)
+    return high, low
+
+
+@triton.jit
+def _int8_code(biased_byte):
+    """int8 code from its byte ^ 0x80 (code + 128): 2**23 + code + 128 as fp32 bits, minus
+    2**23 + 128, exact."""
+    return (biased_byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit
@@ -309,7 +339,6 @@ def _quant_gemv_kernel(
         else:
             table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
-    flat: tl.constexpr = BLOCK_N * BLOCK_K // EPW
 
     if PREFETCH:
         mask_w = mask_n[:, None, None] & ((k_start + word * EPW) < k_end)[None, :, :]
@@ -328,55 +357,74 @@ def _quant_gemv_kernel(
             if not EVEN_K:
                 mask_w = mask_w & ((k0 + word * EPW) < k_end)[None, :, :]
             w_words = tl.load(row_ptr + (k0 // EPW + word)[None, :, :], mask=mask_w, other=0)
-        part = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
-        k_word = (k0 + word * EPW).to(tl.int64)  # (NB, WPB): each word's first element
-        if W_4BIT and LUT == 2:
-            # Codes from registers with byte permutes (no shared-memory lookups); elements in
-            # storage order: word bits 4-7 are element 0, bits 0-3 element 1, and so on.
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                _PRMT_DECODE_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,r",
-                [w_words, t_lo0, t_lo1, t_lo2, t_lo3, t_hi0, t_hi1, t_hi2, t_hi3],
-                dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-            part += c0 * _x_tile(x_ptr, scale_a_ptr, k_word, stride_xk, SCALE_A)[None, :, :]
-            part += c1 * _x_tile(x_ptr, scale_a_ptr, k_word + 1, stride_xk, SCALE_A)[None, :, :]
-            part += c2 * _x_tile(x_ptr, scale_a_ptr, k_word + 2, stride_xk, SCALE_A)[None, :, :]
-            part += c3 * _x_tile(x_ptr, scale_a_ptr, k_word + 3, stride_xk, SCALE_A)[None, :, :]
-            part += c4 * _x_tile(x_ptr, scale_a_ptr, k_word + 4, stride_xk, SCALE_A)[None, :, :]
-            part += c5 * _x_tile(x_ptr, scale_a_ptr, k_word + 5, stride_xk, SCALE_A)[None, :, :]
-            part += c6 * _x_tile(x_ptr, scale_a_ptr, k_word + 6, stride_xk, SCALE_A)[None, :, :]
-            part += c7 * _x_tile(x_ptr, scale_a_ptr, k_word + 7, stride_xk, SCALE_A)[None, :, :]
+        # x (times l) for the tile's elements, one vector load a word (16 bytes of bf16 for a
+        # 4-bit word), split into one (NB, WPB) tensor per element slot of a word. Each thread
+        # converts only the x of its own words, reused across its rows. Not rounded to x's
+        # dtype after the scaling (PEFT rounds x*l): fp32 is closer to the float64 product,
+        # and the rounding cost an F2F per element (10.2 instructions a weight against 8.1).
+        k_elem = (k0 + word * EPW).to(tl.int64)[:, :, None] + tl.arange(0, EPW)[None, None, :]
+        x_mask = k_elem < k_end
+        xs = tl.load(x_ptr + k_elem * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
+        if SCALE_A:
+            xs = xs * tl.load(scale_a_ptr + k_elem, mask=x_mask, other=0.0).to(tl.float32)
+        if W_4BIT:
+            part = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)  # one absmax a sub-block
+            # (NB, WPB, 8) -> slots (0, 2, 4, 6) and (1, 3, 5, 7) -> (0, 4) (2, 6) (1, 5) (3, 7)
+            x_even, x_odd = tl.split(tl.reshape(xs, (NB, WPB, 4, 2)))
+            x04, x26 = tl.split(tl.reshape(x_even, (NB, WPB, 2, 2)))
+            x15, x37 = tl.split(tl.reshape(x_odd, (NB, WPB, 2, 2)))
+            x0, x4 = tl.split(x04)
+            x2, x6 = tl.split(x26)
+            x1, x5 = tl.split(x15)
+            x3, x7 = tl.split(x37)
+            if LUT == 2:
+                # Codes from registers with byte permutes (no shared-memory lookups), elements
+                # in storage order (word bits 4-7 are element 0, bits 0-3 element 1, ...).
+                c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                    _PRMT_DECODE_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,r",
+                    [w_words, t_lo0, t_lo1, t_lo2, t_lo3, t_hi0, t_hi1, t_hi2, t_hi3],
+                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            else:
+                # Byte j of a word holds elements 2j (high nibble) and 2j + 1.
+                c0, c1 = _lookup_byte(w_words & 0xFF, table, LUT)
+                c2, c3 = _lookup_byte((w_words >> 8) & 0xFF, table, LUT)
+                c4, c5 = _lookup_byte((w_words >> 16) & 0xFF, table, LUT)
+                c6, c7 = _lookup_byte((w_words >> 24) & 0xFF, table, LUT)
+            part += c0 * x0[None, :, :]
+            part += c1 * x1[None, :, :]
+            part += c2 * x2[None, :, :]
+            part += c3 * x3[None, :, :]
+            part += c4 * x4[None, :, :]
+            part += c5 * x5[None, :, :]
+            part += c6 * x6[None, :, :]
+            part += c7 * x7[None, :, :]
         else:
-            for j in tl.static_range(4):
-                byte = (w_words >> (8 * j)) & 0xFF
-                if W_4BIT:
-                    # Byte j of a word holds elements 2j (high nibble) and 2j + 1.
-                    x_e = _x_tile(x_ptr, scale_a_ptr, k_word + 2 * j, stride_xk, SCALE_A)
-                    x_o = _x_tile(x_ptr, scale_a_ptr, k_word + 2 * j + 1, stride_xk, SCALE_A)
-                    if LUT == 1:
-                        pair = tl.reshape(tl.gather(table, tl.reshape(byte, (flat,)), 0),
-                                          (BLOCK_N, NB, WPB))
-                        c_e = pair.to(tl.int32).to(tl.float32, bitcast=True)
-                        c_o = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                    else:
-                        c_e = tl.reshape(tl.gather(table, tl.reshape(byte >> 4, (flat,)), 0),
-                                         (BLOCK_N, NB, WPB))
-                        c_o = tl.reshape(tl.gather(table, tl.reshape(byte & 15, (flat,)), 0),
-                                         (BLOCK_N, NB, WPB))
-                    part += c_e * x_e[None, :, :] + c_o * x_o[None, :, :]
-                else:
-                    # int8: b ^ 0x80 = code + 128 in the low mantissa bits of 2**23: two
-                    # integer ops and an add, where int8 -> fp32 conversions run at quarter rate.
-                    x_j = _x_tile(x_ptr, scale_a_ptr, k_word + j, stride_xk, SCALE_A,
-                                  k_end, not EVEN_K)
-                    code = ((byte ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-                    part += code * x_j[None, :, :]
+            # int8: byte ^ 0x80 = code + 128 in the low mantissa bits of 2**23, an exact
+            # float after one subtraction, where an int8 -> fp32 conversion runs at quarter
+            # rate. Byte j of a word is element j.
+            x02, x13 = tl.split(tl.reshape(xs, (NB, WPB, 2, 2)))
+            x0, x2 = tl.split(x02)
+            x1, x3 = tl.split(x13)
+            if LUT == 2:
+                # One prmt a code builds its float's bits (GPU only: inline PTX).
+                c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                    _PRMT_INT8_ASM, "=f,=f,=f,=f,r", [w_words], dtype=(tl.float32,) * 4,
+                    is_pure=True, pack=1)
+            else:
+                biased = w_words ^ -2139062144  # 0x80808080 as an int32
+                c0 = _int8_code(biased & 0xFF)
+                c1 = _int8_code((biased >> 8) & 0xFF)
+                c2 = _int8_code((biased >> 16) & 0xFF)
+                c3 = _int8_code((biased >> 24) & 0xFF)
+            acc += c0 * x0[None, :, :]  # one row scale (SCB), applied after the loop
+            acc += c1 * x1[None, :, :]
+            acc += c2 * x2[None, :, :]
+            acc += c3 * x3[None, :, :]
         if W_4BIT:
             absmax = _absmax_of_blocks(
                 (rn[:, None] * K + k0 + blocks[None, :] * SUB) // Q_BLOCKSIZE, mask_n[:, None],
                 w_scale_ptr, code2_ptr, absmax2_ptr, offset_ptr, Q_NESTED, Q_BLOCKSIZE2)
             acc += part * absmax[:, :, None]
-        else:
-            acc += part
     # One (BLOCK_N, 1) column: small_m's epilogue with M = 1.
     _small_m_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[:, None], rn, mask_n,
                       tl.arange(0, 1), tl.full((1,), 1, tl.int1), 1, N, c_ptr, scale_c_ptr,
