@@ -249,10 +249,13 @@ def test_gemv_4bit_other_blocksizes(blocksize):
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("lut", [0, 2] if HAS_CUDA and DEVICE == "cuda" else [0])
 @pytest.mark.parametrize("K,N,tiles", [(512, 40, (16, 256, 1, 4, 0, 1)),
                                        (200, 24, (16, 64, 2, 4, 0, 1)),  # K % BLOCK_K != 0
                                        (300, 9, (8, 128, 1, 4, 0, 0))])  # masked, no prefetch
-def test_gemv_int8_against_reference(K, N, tiles, dtype, feedforward):
+def test_gemv_int8_against_reference(K, N, tiles, lut, dtype, feedforward):
+    """Decode 0 (integer ops) everywhere, 2 (inline PTX prmt) on the GPU."""
+    tiles = (*tiles[:4], lut, tiles[5])
     wq = int8_weight(N, K)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(1, K, generator=g).to(DEVICE, dtype)
