@@ -289,7 +289,9 @@ def _quant_gemv_kernel(
     SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr, SPLIT_K: tl.constexpr,
     # 4-bit code lookup: 0 two gathers a byte from the 16 fp32 codes; 1 one gather a byte from
     # a 256-entry table of fp32 code pairs (int64), built per CTA from the 16 codes; 2 byte
-    # permutes in registers on fp16 codes (GPU only: inline PTX).
+    # permutes in registers on fp16 codes (GPU only: inline PTX; bf16 only: the codes' 2**-11
+    # rounding is under bf16's 2**-8, not under fp16's or fp32's). int8: 0 integer ops, 2 prmt
+    # (inline PTX, exact either way).
     LUT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -557,7 +559,7 @@ def gemv_eligible(w: torch.Tensor, four_bit: bool, K: int) -> bool:
     return w.dim() == 2 and w.stride(1) == 1 and w.stride(0) % 4 == 0 and K % 4 == 0
 
 
-def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None):
+def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.bfloat16):
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, LUT, PREFETCH) for the M = 1 GEMV kernel; `tiles`
     (same fields, SPLIT_K 0 = auto) overrides the table (benchmarks/tune_quant_small_m.py)."""
     interpret = config.triton_interpreted()
@@ -572,6 +574,8 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None):
     if four_bit:
         while K % bk:  # whole quantization blocks: no mask along K
             bk //= 2
+        if lut == 2 and dtype != torch.bfloat16:
+            lut = 0  # fp16 codes: exact enough for bf16 only (the kernel's LUT note)
     if split == 0:
         n_tiles = cdiv(N, bn)
         split = 1
@@ -588,7 +592,7 @@ def launch_gemv(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=Non
     K = x.shape[1]
     device = x.device
     four_bit = quant4 is not None
-    bn, bk, split, warps, lut, prefetch = gemv_tiles(N, K, four_bit, device, tiles)
+    bn, bk, split, warps, lut, prefetch = gemv_tiles(N, K, four_bit, device, tiles, x.dtype)
     c = torch.empty((1, N), device=device, dtype=out_dtype)
     preact = torch.empty((1, N), device=device, dtype=out_dtype) if store_preact else None
     n_tiles = cdiv(N, bn)
