@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         # Stage 2: tiles, for the best decode(s).
         bks = (256, 512) if fmt == "nf4" else (256, 512, 1024)
         stage2 = []
-        for lut, bn, bk, warps, pre in itertools.product(best_luts, (32, 64, 128), bks, (4, 8),
+        for lut, bn, bk, warps, pre in itertools.product(best_luts, (32, 64, 128), bks, (4,),
                                                          (0, 1)):
             tiles = (bn, bk, 0, warps, lut, pre)
             res = run(tiles)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                   f"(bare {ps[7]:.1f}, before {ps[8]:.1f}, roofline {ps[9]:.1f})", flush=True)
         # Stage 3: splits of the best overall tile.
         best_tiles = stage2[0][1]
-        for split in (1, 2, 4, 8):
+        for split in (2, 4, 8):
             tiles = (*best_tiles[:2], split, *best_tiles[3:])
             res = run(tiles)
             if res:
