@@ -269,6 +269,17 @@ def _lookup_byte(byte, table, LUT: tl.constexpr):
 
 
 @triton.jit
+def _word_mask(mask_n, k0, word, k_end, EPW: tl.constexpr, EVEN_K: tl.constexpr):
+    """The (rows, blocks, words) tile's load mask at k0: whole tiles (EVEN_K: k0 is a tile
+    start, K a multiple of the tile) are in or out as one, so the loads stay vectors."""
+    if EVEN_K:
+        k_ok = (word * 0 + k0) < k_end  # folds to one scalar test
+    else:
+        k_ok = (k0 + word * EPW) < k_end
+    return mask_n[:, None, None] & k_ok[None, :, :]
+
+
+@triton.jit
 def _int8_code(biased_byte):
     """int8 code from its byte ^ 0x80 (code + 128): 2**23 + code + 128 as fp32 bits, minus
     2**23 + 128, exact."""
@@ -343,22 +354,19 @@ def _quant_gemv_kernel(
     acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
 
     if PREFETCH:
-        mask_w = mask_n[:, None, None] & ((k_start + word * EPW) < k_end)[None, :, :]
-        w_next = tl.load(row_ptr + (k_start // EPW + word)[None, :, :], mask=mask_w, other=0)
+        w_next = tl.load(row_ptr + (k_start // EPW + word)[None, :, :],
+                         mask=_word_mask(mask_n, k_start, word, k_end, EPW, EVEN_K), other=0)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             # The next tile's loads go out before this tile's ALU work (no pipelining of
             # loads that feed no tl.dot).
             w_words = w_next
             k_next = k0 + BLOCK_K
-            mask_next = mask_n[:, None, None] & ((k_next + word * EPW) < k_end)[None, :, :]
-            w_next = tl.load(row_ptr + (k_next // EPW + word)[None, :, :], mask=mask_next,
-                             other=0)
+            w_next = tl.load(row_ptr + (k_next // EPW + word)[None, :, :],
+                             mask=_word_mask(mask_n, k_next, word, k_end, EPW, EVEN_K), other=0)
         else:
-            mask_w = mask_n[:, None, None]
-            if not EVEN_K:
-                mask_w = mask_w & ((k0 + word * EPW) < k_end)[None, :, :]
-            w_words = tl.load(row_ptr + (k0 // EPW + word)[None, :, :], mask=mask_w, other=0)
+            w_words = tl.load(row_ptr + (k0 // EPW + word)[None, :, :],
+                              mask=_word_mask(mask_n, k0, word, k_end, EPW, EVEN_K), other=0)
         # x (times l) for the tile's elements, one vector load a word (16 bytes of bf16 for a
         # 4-bit word), split into one (NB, WPB) tensor per element slot of a word. Each thread
         # converts only the x of its own words, reused across its rows. Not rounded to x's
