@@ -33,7 +33,7 @@ from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and
 from .quantized import compute_dtype as _compute_dtype
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
-from .small_m import SMALL_M_MAX_M, gemv_eligible
+from .small_m import SMALL_M_MAX_M, use_gemv
 
 # Where dequantize + cuBLAS replaces the fused GEMM: from M = 512 in GEMMs of >= SMALL_GEMM_FLOP.
 # H100, CUDA graphs, fused against cuBLAS on a chunked scratch: cuBLAS won every Llama-3-8B
@@ -61,13 +61,13 @@ class Int8Weight:
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
 
     def use_small_m(self, M: int) -> bool:
-        """small_m's forward at M = 1 (its GEMV kernel, CB rows of whole 32-bit words) and from
-        M = 17 to 64 (H100: 2.4x dense.py's tl.dot at M = 64 on 14336->4096); at M = 2..16
+        """small_m's forward at M = 1 (its GEMV kernel where small_m.use_gemv says so: CB rows
+        of whole 32-bit words) and from M = 17 to 64 (H100: 2.4x dense.py's tl.dot at M = 64 on 14336->4096); at M = 2..16
         dense.py's M-padded-to-16 tiles were as fast."""
         if _path_override["path"] == "cublas":
             return False
         if M == 1:
-            return gemv_eligible(self.cb, False, self.in_features)
+            return use_gemv(self.cb, False, self.in_features)
         return INT8_SMALL_M_MIN_M <= M <= SMALL_M_MAX_M
 
     def small_m_args(self) -> dict:

@@ -523,7 +523,7 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
     M, K = x.shape
     device = x.device
     four_bit = quant4 is not None
-    if M == 1 and tiles is None and gemv_eligible(w, four_bit, K):
+    if M == 1 and tiles is None and use_gemv(w, four_bit, K):
         return launch_gemv(x, w, w_scale, N, out_dtype, traceable=traceable, quant4=quant4,
                            scale_a=scale_a, scale_c=scale_c, bias=bias,
                            store_preact=store_preact, scale_index=scale_index)
@@ -554,6 +554,19 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
         num_warps=warps, num_stages=stages,
     )
     return c, preact
+
+
+# Whether M = 1 takes the GEMV kernel by default, per format. Off until its H100/H200 sweep
+# (benchmarks/tune_gemv.py) shows it ahead of the path it replaces on the Llama-3-8B shapes:
+# 4-bit, small_m's tiled GEMV; int8, dense.py's GEMV. The first version (per-slot x loads,
+# 10.2 SASS instructions a weight) lost on 4-bit (H200: 62-82 against ~43 us on 14336->4096)
+# and won on int8 (24.0 against 31.4 us), benchmarks/results/tune-gemv-v1-h200.log.
+GEMV_DEFAULT = {"4bit": False, "int8": False}
+
+
+def use_gemv(w: torch.Tensor, four_bit: bool, K: int) -> bool:
+    """launch_small_m's choice at M = 1 with the table's tiles."""
+    return GEMV_DEFAULT["4bit" if four_bit else "int8"] and gemv_eligible(w, four_bit, K)
 
 
 def gemv_eligible(w: torch.Tensor, four_bit: bool, K: int) -> bool:

@@ -135,7 +135,8 @@ def test_dispatch():
     assert aligned.use_small_m(1) and aligned.use_small_m(64) and not aligned.use_small_m(65)
     assert not straddling.use_small_m(1)
     q8 = int8_weight(8, 64)
-    assert q8.use_small_m(1)  # the GEMV kernel: CB rows of whole 32-bit words
+    # M = 1: the GEMV kernel where it is the default and CB rows are whole 32-bit words.
+    assert q8.use_small_m(1) == small_m.GEMV_DEFAULT["int8"]
     assert not int8_weight(8, 66).use_small_m(1)  # 66 bytes a row: dense.py's GEMV
     assert not q8.use_small_m(16) and q8.use_small_m(17) and q8.use_small_m(64)
     assert not q8.use_small_m(65)
@@ -297,8 +298,17 @@ def test_gemv_split_k_is_deterministic_and_launch_small_m_takes_it():
     first = gemv(x, wq, None, scale, True, tiles)[0]
     for _ in range(3):
         assert torch.equal(gemv(x, wq, None, scale, True, tiles)[0], first)
-    # launch_small_m at M = 1 with the table's tiles is the GEMV kernel: same as its own call.
-    assert torch.equal(launch(x, wq, None, scale, True)[0], gemv(x, wq, None, scale, True)[0])
+    # launch_small_m at M = 1 with the table's tiles takes the GEMV kernel where it is the
+    # default (same result as its own call), else the tiled kernel.
+    with_default = launch(x, wq, None, scale, True)[0]
+    default = small_m.GEMV_DEFAULT["4bit"]
+    assert torch.equal(with_default, gemv(x, wq, None, scale, True)[0]) == default
+    small_m.GEMV_DEFAULT["4bit"] = not default
+    try:
+        flipped = launch(x, wq, None, scale, True)[0]
+    finally:
+        small_m.GEMV_DEFAULT["4bit"] = default
+    assert torch.equal(flipped, gemv(x, wq, None, scale, True)[0]) != default
 
 
 def test_gemv_eligibility():
