@@ -24,6 +24,8 @@ its fp32 partial, the CTA that arrives last sums them in split order and runs th
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -561,12 +563,20 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
 # 4-bit, small_m's tiled GEMV; int8, dense.py's GEMV. The first version (per-slot x loads,
 # 10.2 SASS instructions a weight) lost on 4-bit (H200: 62-82 against ~43 us on 14336->4096)
 # and won on int8 (24.0 against 31.4 us), benchmarks/results/tune-gemv-v1-h200.log.
+# IA3_GEMV=1 (or 0) turns it on (off) for both formats, whatever the table says.
 GEMV_DEFAULT = {"4bit": False, "int8": False}
+_GEMV_ENV = os.environ.get("IA3_GEMV", "").strip().lower()
 
 
 def use_gemv(w: torch.Tensor, four_bit: bool, K: int) -> bool:
     """launch_small_m's choice at M = 1 with the table's tiles."""
-    return GEMV_DEFAULT["4bit" if four_bit else "int8"] and gemv_eligible(w, four_bit, K)
+    if _GEMV_ENV in ("1", "on", "true", "yes"):
+        on = True
+    elif _GEMV_ENV in ("0", "off", "false", "no"):
+        on = False
+    else:
+        on = GEMV_DEFAULT["4bit" if four_bit else "int8"]
+    return on and gemv_eligible(w, four_bit, K)
 
 
 def gemv_eligible(w: torch.Tensor, four_bit: bool, K: int) -> bool:

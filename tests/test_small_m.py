@@ -136,7 +136,7 @@ def test_dispatch():
     assert not straddling.use_small_m(1)
     q8 = int8_weight(8, 64)
     # M = 1: the GEMV kernel where it is the default and CB rows are whole 32-bit words.
-    assert q8.use_small_m(1) == small_m.GEMV_DEFAULT["int8"]
+    assert q8.use_small_m(1) == small_m.use_gemv(q8.cb, False, 64)
     assert not int8_weight(8, 66).use_small_m(1)  # 66 bytes a row: dense.py's GEMV
     assert not q8.use_small_m(16) and q8.use_small_m(17) and q8.use_small_m(64)
     assert not q8.use_small_m(65)
@@ -290,7 +290,7 @@ def test_gemv_strided_x_and_mixed_adapter_row(wq_kind):
     assert_within_peft_bar(y, peft, ref, torch.float32, "table row 2")
 
 
-def test_gemv_split_k_is_deterministic_and_launch_small_m_takes_it():
+def test_gemv_split_k_is_deterministic_and_launch_small_m_takes_it(monkeypatch):
     wq = nf4_weight(40, 1024)
     x = torch.randn(1, 1024, device=DEVICE)
     scale = torch.rand(1024, device=DEVICE) + 0.5
@@ -298,17 +298,15 @@ def test_gemv_split_k_is_deterministic_and_launch_small_m_takes_it():
     first = gemv(x, wq, None, scale, True, tiles)[0]
     for _ in range(3):
         assert torch.equal(gemv(x, wq, None, scale, True, tiles)[0], first)
-    # launch_small_m at M = 1 with the table's tiles takes the GEMV kernel where it is the
-    # default (same result as its own call), else the tiled kernel.
-    with_default = launch(x, wq, None, scale, True)[0]
-    default = small_m.GEMV_DEFAULT["4bit"]
-    assert torch.equal(with_default, gemv(x, wq, None, scale, True)[0]) == default
-    small_m.GEMV_DEFAULT["4bit"] = not default
-    try:
-        flipped = launch(x, wq, None, scale, True)[0]
-    finally:
-        small_m.GEMV_DEFAULT["4bit"] = default
-    assert torch.equal(flipped, gemv(x, wq, None, scale, True)[0]) != default
+    # launch_small_m at M = 1 with the table's tiles takes the GEMV kernel where use_gemv says
+    # so (IA3_GEMV=1: the same result as its own call), else the tiled kernel (IA3_GEMV=0).
+    own = gemv(x, wq, None, scale, True)[0]
+    monkeypatch.setattr(small_m, "_GEMV_ENV", "1")
+    assert small_m.use_gemv(wq.packed, True, 1024)
+    assert torch.equal(launch(x, wq, None, scale, True)[0], own)
+    monkeypatch.setattr(small_m, "_GEMV_ENV", "0")
+    assert not small_m.use_gemv(wq.packed, True, 1024)
+    assert not torch.equal(launch(x, wq, None, scale, True)[0], own)
 
 
 def test_gemv_eligibility():
