@@ -115,10 +115,9 @@ def main(argv=None) -> int:
         stage1.sort()
         best_luts = list(dict.fromkeys(lut for _, lut in stage1))[:1]
         # Stage 2: tiles, for the best decode(s).
-        bks = (256, 512) if fmt == "nf4" else (256, 512, 1024)
+        bns = (64, 128) if fmt == "nf4" else (32, 64)
         stage2 = []
-        for lut, bn, bk, warps, pre in itertools.product(best_luts, (32, 64, 128), bks, (4,),
-                                                         (0, 1)):
+        for lut, bn, bk, warps, pre in itertools.product(best_luts, bns, (256, 512), (4,), (0, 1)):
             tiles = (bn, bk, 0, warps, lut, pre)
             res = run(tiles)
             if res:
