@@ -185,12 +185,13 @@ def _small_m_epilogue(acc, rn, mask_n, offs_m, mask_m, M, N, c_ptr, scale_c_ptr,
 # plane pair (codes 0-7 and 8-15), a second prmt chooses by bit 3, a third pairs low and high
 # bytes into two fp16 values. Outputs $0-$7 are elements 0-7 of the word in storage order (a
 # byte holds its even element in the high nibble).
-_PRMT_DECODE_ASM = tl.constexpr("""
-{
-.reg .b32 s, s7, sel, la, lb, lo, ha, hb, hi, p;
-.reg .b16 h0, h1;
-and.b32 s7, $8, 0x7777;
-shr.b32 sel, $8, 1;
+def _prmt_decode_4(src: str, outs) -> str:
+    """PTX: the 4 nibbles in the low 16 bits of register `src` -> the fp32 codes of their
+    elements 0-3 in outputs outs[0..3] (nibble slot 1 holds element 0: a byte's high nibble is
+    its first element)."""
+    o = outs
+    return f"""and.b32 s7, {src}, 0x7777;
+shr.b32 sel, {src}, 1;
 and.b32 sel, sel, 0x4444;
 or.b32 sel, sel, 0x3210;
 prmt.b32 la, $9, $10, s7;
@@ -200,34 +201,21 @@ prmt.b32 ha, $13, $14, s7;
 prmt.b32 hb, $15, $16, s7;
 prmt.b32 hi, ha, hb, sel;
 prmt.b32 p, lo, hi, 0x5140;
-mov.b32 {h0, h1}, p;
-cvt.f32.f16 $1, h0;
-cvt.f32.f16 $0, h1;
+mov.b32 {{h0, h1}}, p;
+cvt.f32.f16 ${o[1]}, h0;
+cvt.f32.f16 ${o[0]}, h1;
 prmt.b32 p, lo, hi, 0x7362;
-mov.b32 {h0, h1}, p;
-cvt.f32.f16 $3, h0;
-cvt.f32.f16 $2, h1;
-shr.b32 s, $8, 16;
-and.b32 s7, s, 0x7777;
-shr.b32 sel, s, 1;
-and.b32 sel, sel, 0x4444;
-or.b32 sel, sel, 0x3210;
-prmt.b32 la, $9, $10, s7;
-prmt.b32 lb, $11, $12, s7;
-prmt.b32 lo, la, lb, sel;
-prmt.b32 ha, $13, $14, s7;
-prmt.b32 hb, $15, $16, s7;
-prmt.b32 hi, ha, hb, sel;
-prmt.b32 p, lo, hi, 0x5140;
-mov.b32 {h0, h1}, p;
-cvt.f32.f16 $5, h0;
-cvt.f32.f16 $4, h1;
-prmt.b32 p, lo, hi, 0x7362;
-mov.b32 {h0, h1}, p;
-cvt.f32.f16 $7, h0;
-cvt.f32.f16 $6, h1;
-}
-""")
+mov.b32 {{h0, h1}}, p;
+cvt.f32.f16 ${o[3]}, h0;
+cvt.f32.f16 ${o[2]}, h1;
+"""
+
+
+_PRMT_DECODE_ASM = tl.constexpr(
+    "{\n.reg .b32 s, s7, sel, la, lb, lo, ha, hb, hi, p;\n.reg .b16 h0, h1;\n"
+    + _prmt_decode_4("$8", (0, 1, 2, 3)) + "shr.b32 s, $8, 16;\n"
+    + _prmt_decode_4("s", (4, 5, 6, 7)) + "}\n")
+
 
 
 # int8 word -> its 4 codes as fp32: byte ^ 0x80 (code + 128) placed by one prmt as the low

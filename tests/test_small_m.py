@@ -42,6 +42,24 @@ def reference(x, wq, bias, scale, feedforward, dtype, adapter_index=None):
     return peft, ref
 
 
+def inputs(M, K, N, feedforward, dtype, seed):
+    """x (M, K) and bias in dtype, l (fp32, in 0.5..1.5) along K (feedforward) or N."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
+    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    return x, bias, scale
+
+
+def check_y_and_u(y, u, x, wq, bias, scale, feedforward, dtype, what):
+    """y within the PEFT bar; for attention also u = x W^T + b (stored before the scaling)."""
+    peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
+    assert_within_peft_bar(y, peft, ref, dtype, what)
+    if not feedforward:
+        u_peft, u_ref = reference(x, wq, bias, torch.ones_like(scale), False, dtype)
+        assert_within_peft_bar(u, u_peft, u_ref, dtype, "u")
+
+
 def launch(x, wq, bias, scale, feedforward, tiles=None, store_preact=False, scale_index=None):
     return small_m.launch_small_m(
         x, N=wq.out_features, out_dtype=x.dtype, traceable=False, bias=bias,
@@ -66,16 +84,9 @@ NF4_CASES = [
 def test_4bit_tiles_against_reference(M, K, N, tiles, feedforward, fmt):
     dtype = torch.float32
     wq = nf4_weight(N, K, quant_type=fmt[:3], nested=fmt == "nf4")
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
-    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    x, bias, scale = inputs(M, K, N, feedforward, dtype, seed=1)
     y, u = launch(x, wq, bias, scale, feedforward, tiles, store_preact=not feedforward)
-    peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
-    assert_within_peft_bar(y, peft, ref, dtype, "y")
-    if not feedforward:  # u = x W^T + b, stored before the output scaling
-        u_peft, u_ref = reference(x, wq, bias, torch.ones_like(scale), False, dtype)
-        assert_within_peft_bar(u, u_peft, u_ref, dtype, "u")
+    check_y_and_u(y, u, x, wq, bias, scale, feedforward, dtype, f"y {tiles}")
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
@@ -94,10 +105,7 @@ def test_4bit_other_blocksizes_with_several_blocks_a_tile(blocksize):
 @pytest.mark.parametrize("M,K,N,split", [(17, 300, 40, 1), (33, 256, 24, 2), (64, 130, 9, 1)])
 def test_int8_against_reference(M, K, N, split, feedforward, dtype):
     wq = int8_weight(N, K)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
-    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    x, bias, scale = inputs(M, K, N, feedforward, dtype, seed=2)
     y, _ = launch(x, wq, bias, scale, feedforward, (16, 64, 4, 1, split, False))
     peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
     assert_within_peft_bar(y, peft, ref, dtype, "y")
@@ -164,10 +172,7 @@ def test_tiles_table_and_split_rule():
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_gpu_default_tiles_llama_shapes(K, N, M, dtype, feedforward):
     """The table's own tiles (and split-K rule) on the GPU, bf16 included, both formats."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
-    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    x, bias, scale = inputs(M, K, N, feedforward, dtype, seed=3)
     for wq in (nf4_weight(N, K), int8_weight(N, K)):
         y, _ = launch(x, wq, bias, scale, feedforward)
         peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
@@ -226,17 +231,10 @@ def test_gemv_4bit_against_reference(fmt, lut, K, N, tiles, feedforward):
     2**-11 rounding is below bf16's 2**-8) in bf16 on the GPU."""
     dtype = torch.bfloat16 if lut == 2 else torch.float32
     wq = nf4_weight(N, K, quant_type=fmt[:3], nested=fmt == "nf4")
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, K, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
-    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    x, bias, scale = inputs(1, K, N, feedforward, dtype, seed=5)
     tiles = (*tiles[:4], lut, tiles[5])
     y, u = gemv(x, wq, bias, scale, feedforward, tiles, store_preact=not feedforward)
-    peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
-    assert_within_peft_bar(y, peft, ref, dtype, f"y {tiles}")
-    if not feedforward:
-        u_peft, u_ref = reference(x, wq, bias, torch.ones_like(scale), False, dtype)
-        assert_within_peft_bar(u, u_peft, u_ref, dtype, "u")
+    check_y_and_u(y, u, x, wq, bias, scale, feedforward, dtype, f"y {tiles}")
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 1024])
@@ -261,10 +259,7 @@ def test_gemv_int8_against_reference(K, N, tiles, lut, dtype, feedforward):
     """Decode 0 (integer ops) everywhere, 2 (inline PTX prmt) on the GPU."""
     tiles = (*tiles[:4], lut, tiles[5])
     wq = int8_weight(N, K)
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(1, K, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
-    scale = (torch.rand(K if feedforward else N, generator=g) + 0.5).to(DEVICE)
+    x, bias, scale = inputs(1, K, N, feedforward, dtype, seed=6)
     y, _ = gemv(x, wq, bias, scale, feedforward, tiles)
     peft, ref = reference(x, wq, bias, scale, feedforward, dtype)
     assert_within_peft_bar(y, peft, ref, dtype, "y")
