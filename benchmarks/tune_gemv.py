@@ -45,6 +45,8 @@ def gemv_call(fmt, w, x, scale, tiles):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--formats", default="nf4,int8")
+    parser.add_argument("--stage1-only", action="store_true",
+                        help="the decodes at one tile only (a short device run)")
     args = parser.parse_args(argv)
     import ia3_kernels
     from ia3_kernels import fourbit, int8
@@ -113,6 +115,10 @@ def main(argv=None) -> int:
                 show("decode", tiles, res)
                 stage1.append((sum(us for us, _ in res), lut))
         stage1.sort()
+        if args.stage1_only:
+            per_shape.clear()
+            torch.cuda.empty_cache()
+            continue
         best_luts = list(dict.fromkeys(lut for _, lut in stage1))[:1]
         # Stage 2: tiles, for the best decode(s).
         bns = (64, 128) if fmt == "nf4" else (32, 64)
