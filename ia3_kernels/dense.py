@@ -404,9 +404,7 @@ def _ia3_scale_reduce_kernel(
     rc = offs_c.to(tl.int64)
     if STORE_OUT and SCALE_AXIS == 1 and not SCALE_GATHER:  # SCALE_AXIS -1: no scaling vector
         col_scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    # Tile-shaped: reduced across rows once after the loop, not in every step (conv.py's dl
-    # pass measured the per-step reduction as the bottleneck).
-    acc_aux = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    part = tl.zeros((BLOCK_C,), dtype=tl.float32)
     row_start = pid_r * rows_per_program
     row_end = min(R, row_start + rows_per_program)
     for r0 in range(row_start, row_end, BLOCK_R):
@@ -424,7 +422,7 @@ def _ia3_scale_reduce_kernel(
         if REDUCE_AUX:
             aux = tl.load(aux_ptr + rr[:, None] * stride_ar + rc[None, :] * stride_ac, mask=mask,
                           other=0.0).to(tl.float32)
-            acc_aux += tl.where(mask, v * aux, 0.0)
+            part += tl.sum(tl.where(mask, v * aux, 0.0), axis=0)
         if STORE_OUT:
             if ROW_SCALE:
                 rs = tl.load(row_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
@@ -444,7 +442,7 @@ def _ia3_scale_reduce_kernel(
                      o.to(out_ptr.dtype.element_ty), mask=mask)
     if REDUCE_AUX:
         row = pid_b * tl.num_programs(0) + pid_r
-        tl.store(partial_ptr + row * C + rc, tl.sum(acc_aux, axis=0), mask=mask_c)
+        tl.store(partial_ptr + row * C + rc, part, mask=mask_c)
 
 
 # The custom op's body launches through wrap_triton, which torch.compile traces into its graph.
