@@ -587,9 +587,12 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.b
     elif interpret:
         bn, bk, split, warps, lut, prefetch = 16, 64, 0, 4, 1, 1
     elif four_bit:
-        bn, bk, split, warps, lut, prefetch = 32, 256, 0, 4, 1, 1
+        # The first version's H200 sweep (tune-gemv-v1-h200.log): decode 0 without prefetch
+        # was best (14336->4096: 50.4 us at 64x256; decode 1: 62-82, prefetch: +15-30%).
+        bn, bk, split, warps, lut, prefetch = 64, 256, 0, 4, 0, 0
     else:
-        bn, bk, split, warps, lut, prefetch = 16, 512, 0, 4, 0, 1
+        # Same sweep: 16x512 without prefetch within 1 us of the best tile on every shape.
+        bn, bk, split, warps, lut, prefetch = 16, 512, 0, 4, 0, 0
     if four_bit:
         while K % bk:  # whole quantization blocks: no mask along K
             bk //= 2
