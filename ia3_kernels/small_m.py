@@ -18,6 +18,11 @@ fp32 rounded once to x's dtype. At M = 1 there are no tensor cores: fp32 FMAs in
 accumulator, the block's absmax applied once per pair of products (the weight is not rounded).
 int8: CB converts to 16 bits exactly; SCB / 127 scales the epilogue.
 
+M = 1 also has a GEMV kernel of its own (`_quant_gemv_kernel`, both formats; off by default
+until measured, GEMV_DEFAULT / IA3_GEMV): the weight read as 32-bit words, x loaded a word's
+elements at a time, codes decoded by one shared-memory gather a step or by byte permutes
+(inline PTX), fp32 FMAs into a tile-shaped accumulator.
+
 Split-K (grid axis 1) where the N tiles do not fill the GPU, deterministic: each split parks
 its fp32 partial, the CTA that arrives last sums them in split order and runs the epilogue
 (dense.py's scheme and counters).
@@ -281,10 +286,9 @@ def _quant_gemv_kernel(
     SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr, SPLIT_K: tl.constexpr,
     # 4-bit code lookup: 0 the 16 fp32 codes gathered per nibble; 1 a 256-entry table of fp32
     # code pairs (int64) gathered per byte, built per CTA from the 16 codes (one gather a step
-    # either way, through shared memory); 2 byte
-    # permutes in registers on fp16 codes (GPU only: inline PTX; bf16 only: the codes' 2**-11
-    # rounding is under bf16's 2**-8, not under fp16's or fp32's). int8: 0 integer ops, 2 prmt
-    # (inline PTX, exact either way).
+    # either way, through shared memory); 2 byte permutes in registers on fp16 codes (GPU
+    # only: inline PTX; bf16 only: the codes' 2**-11 rounding is under bf16's 2**-8, not under
+    # fp16's or fp32's). int8: 0 integer ops, 2 prmt (inline PTX); exact either way.
     LUT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -352,8 +356,9 @@ def _quant_gemv_kernel(
         # x (times l) for the tile's elements, one vector load a word (16 bytes of bf16 for a
         # 4-bit word), split into one (NB, WPB) tensor per element slot of a word. Each thread
         # converts only the x of its own words, reused across its rows. Not rounded to x's
-        # dtype after the scaling (PEFT rounds x*l): fp32 is closer to the float64 product,
-        # and the rounding cost an F2F per element (10.2 instructions a weight against 8.1).
+        # dtype after the scaling (PEFT rounds x*l): fp32 is closer to the float64 product.
+        # Loading x per element slot and rounding x*l took 10.2 SASS instructions a weight
+        # (decode 0; 5.04 now, benchmarks/sass_loop.py).
         k_elem = (k0 + word * EPW).to(tl.int64)[:, :, None] + tl.arange(0, EPW)[None, None, :]
         x_mask = k_elem < k_end
         xs = tl.load(x_ptr + k_elem * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
