@@ -11,29 +11,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from types import SimpleNamespace
 
 import torch
 
+from benchmarks.quant import weight_bytes
+from benchmarks.report import measure_copy_tb_per_s
 from benchmarks.tune_quant_small_m import SHAPES, build, time_rotated, weights_of
 from ia3_kernels import small_m
-
-
-def copy_bandwidth() -> float:
-    """bytes/s of a 1 GiB device copy (read + write)."""
-    from triton.testing import do_bench
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
-    return 2 * a.numel() / (ms * 1e-3)
-
-
-def weight_bytes(fmt, w) -> int:
-    if fmt == "nf4":
-        extra = w.absmax.numel() * w.absmax.element_size()
-        if w.nested:
-            extra += w.absmax2.numel() * 4 + 256 * 4
-        return w.packed.numel() + extra
-    return w.cb.numel() + w.scb.numel() * 4
 
 
 def gemv_call(fmt, w, x, scale, tiles):
@@ -49,8 +34,8 @@ def main(argv=None) -> int:
                         help="the decodes at one tile only (a short device run)")
     args = parser.parse_args(argv)
     import ia3_kernels
-    from ia3_kernels import fourbit, int8
-    bw = copy_bandwidth()
+    from ia3_kernels import fourbit
+    bw = measure_copy_tb_per_s() * 1e12
     print(f"device {torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s, torch "
           f"{torch.__version__}", flush=True)
     for fmt in args.formats.split(","):
@@ -81,7 +66,7 @@ def main(argv=None) -> int:
                 shipped = time_rotated([lambda w=w: _launch_matmul(
                     x, out_shape=(1, n), out_dtype=x.dtype, scale_a=scale,
                     **w.fused_args(1, "fwd", x.dtype)) for w in weights], 25)
-            roof = weight_bytes(fmt, w0) / bw * 1e6
+            roof = weight_bytes(SimpleNamespace(n=n, k=k), fmt) / bw * 1e6
             per_shape.append((k, n, layers, weights, scale, x, ref, bare, shipped, roof))
             print(f"{fmt} {k}->{n}: bare bnb {bare:.1f} us, before {shipped:.1f} us, "
                   f"roofline {roof:.1f} us", flush=True)
@@ -143,8 +128,6 @@ def main(argv=None) -> int:
             res = run(tiles)
             if res:
                 show("split", tiles, res)
-        for ps in per_shape:
-            del ps
         per_shape.clear()
         torch.cuda.empty_cache()
     return 0

@@ -62,8 +62,8 @@ class Int8Weight:
 
     def use_small_m(self, M: int) -> bool:
         """small_m's forward at M = 1 (its GEMV kernel where small_m.use_gemv says so: CB rows
-        of whole 32-bit words) and from M = 17 to 64 (H100: 2.4x dense.py's tl.dot at M = 64 on 14336->4096); at M = 2..16
-        dense.py's M-padded-to-16 tiles were as fast."""
+        of whole 32-bit words) and from M = 17 to 64 (H100: 2.4x dense.py's tl.dot at M = 64
+        on 14336->4096); at M = 2..16 dense.py's M-padded-to-16 tiles were as fast."""
         if _path_override["path"] == "cublas":
             return False
         if M == 1:

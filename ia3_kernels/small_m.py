@@ -222,7 +222,6 @@ _PRMT_DECODE_ASM = tl.constexpr(
     + _prmt_decode_4("s", (4, 5, 6, 7)) + "}\n")
 
 
-
 # int8 word -> its 4 codes as fp32: byte ^ 0x80 (code + 128) placed by one prmt as the low
 # mantissa byte of 2**23 (0x4B0000uu), minus 2**23 + 128 (0f4B000080): exact.
 _PRMT_INT8_ASM = tl.constexpr("""
@@ -245,6 +244,14 @@ sub.f32 $2, f2, 0f4B000080;
 sub.f32 $3, f3, 0f4B000080;
 }
 """)
+
+
+@triton.jit
+def _byte_plane(byte, i16):
+    """16 bytes (one a code) packed 4 a register: byte i of register r is code 4r + i."""
+    placed = byte << (8 * (i16 % 4))  # disjoint bit fields: the sums are ORs
+    return (tl.sum(tl.where(i16 // 4 == 0, placed, 0)), tl.sum(tl.where(i16 // 4 == 1, placed, 0)),
+            tl.sum(tl.where(i16 // 4 == 2, placed, 0)), tl.sum(tl.where(i16 // 4 == 3, placed, 0)))
 
 
 @triton.jit
@@ -324,17 +331,10 @@ def _quant_gemv_kernel(
             # The 16 codes as fp16, split into a low-byte and a high-byte plane of 4 registers
             # each (byte i of register r = code 4r + i), the tables of _PRMT_DECODE_ASM.
             i16 = tl.arange(0, 16)
-            bits = tl.load(code_ptr + i16).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            lo_b = (bits & 0xFF) << (8 * (i16 % 4))
-            hi_b = (bits >> 8) << (8 * (i16 % 4))
-            t_lo0 = tl.sum(tl.where(i16 // 4 == 0, lo_b, 0))
-            t_lo1 = tl.sum(tl.where(i16 // 4 == 1, lo_b, 0))
-            t_lo2 = tl.sum(tl.where(i16 // 4 == 2, lo_b, 0))
-            t_lo3 = tl.sum(tl.where(i16 // 4 == 3, lo_b, 0))
-            t_hi0 = tl.sum(tl.where(i16 // 4 == 0, hi_b, 0))
-            t_hi1 = tl.sum(tl.where(i16 // 4 == 1, hi_b, 0))
-            t_hi2 = tl.sum(tl.where(i16 // 4 == 2, hi_b, 0))
-            t_hi3 = tl.sum(tl.where(i16 // 4 == 3, hi_b, 0))
+            bits = tl.load(code_ptr + i16).to(tl.float16).to(tl.int16, bitcast=True)
+            bits = bits.to(tl.int32) & 0xFFFF
+            t_lo0, t_lo1, t_lo2, t_lo3 = _byte_plane(bits & 0xFF, i16)
+            t_hi0, t_hi1, t_hi2, t_hi3 = _byte_plane(bits >> 8, i16)
         else:
             table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
@@ -517,13 +517,37 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None, el
             bk //= 2
     bm = 1 if gemv else max(16, 1 << (M - 1).bit_length())  # not triton.next_power_of_2: ~1.5 us
     if split == 0:
-        n_tiles = cdiv(N, bn)
-        split = 1
-        if not interpret and n_tiles < 2 * _sm_count(device):
-            # ~4 CTAs an SM streaming the weight, at least 2 BLOCK_K steps each.
-            split = max(1, min(cdiv(4 * _sm_count(device), n_tiles), K // (2 * bk), 64,
-                               SMALL_M_WORKSPACE_BYTES // max(1, 4 * M * N)))
+        split = _splits_to_fill(M, N, K, bn, bk, device, interpret, below_tiles_per_sm=2)
     return bm, bn, bk, split, warps, stages
+
+
+def _splits_to_fill(M, N, K, bn, bk, device, interpret, below_tiles_per_sm):
+    """SPLIT_K where fewer than below_tiles_per_sm x SMs output tiles would stream the weight:
+    ~4 CTAs an SM, at least 2 BLOCK_K steps each, the workspace within its cap."""
+    n_tiles = cdiv(N, bn)
+    if interpret or n_tiles >= below_tiles_per_sm * _sm_count(device):
+        return 1
+    return max(1, min(cdiv(4 * _sm_count(device), n_tiles), K // (2 * bk), 64,
+                      SMALL_M_WORKSPACE_BYTES // max(1, 4 * M * N)))
+
+
+def _launch_buffers(M, N, n_tiles, split, out_dtype, store_preact, quant4, device, traceable):
+    """Both kernels' launch arguments besides the operands: y, u (or None), the split-K
+    workspace and counters (or None), and the 4-bit format's pointers and constants (int8:
+    placeholders)."""
+    c = torch.empty((M, N), device=device, dtype=out_dtype)
+    preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
+    if split > 1:
+        workspace = torch.empty((split, M, N), device=device, dtype=torch.float32)
+        counters = _split_k_counters(n_tiles, device, traceable)
+    else:
+        workspace = counters = None
+    if quant4 is not None:
+        q_ptrs = (quant4.code, quant4.code2, quant4.absmax2, quant4.offset)
+        q_const = (quant4.blocksize, quant4.nested, quant4.blocksize2)
+    else:
+        q_ptrs, q_const = (None, None, None, None), (64, False, 256)
+    return c, preact, workspace, counters, q_ptrs, q_const
 
 
 def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=None,
@@ -542,19 +566,9 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
                            store_preact=store_preact, scale_index=scale_index)
     bm, bn, bk, split, warps, stages = small_m_tiles(M, N, K, four_bit, device, tiles,
                                                      x.element_size())
-    c = torch.empty((M, N), device=device, dtype=out_dtype)
-    preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
     n_tiles = cdiv(N, bn)
-    if split > 1:
-        workspace = torch.empty((split, M, N), device=device, dtype=torch.float32)
-        counters = _split_k_counters(n_tiles, device, traceable)
-    else:
-        workspace = counters = None
-    if four_bit:
-        q_ptrs = (quant4.code, quant4.code2, quant4.absmax2, quant4.offset)
-        q_const = (quant4.blocksize, quant4.nested, quant4.blocksize2)
-    else:
-        q_ptrs, q_const = (None, None, None, None), (64, False, 256)
+    c, preact, workspace, counters, q_ptrs, q_const = _launch_buffers(
+        M, N, n_tiles, split, out_dtype, store_preact, quant4, device, traceable)
     _KERNELS[traceable][(n_tiles, split)](
         x, w, c, scale_a, scale_c, bias, preact, workspace, counters, w_scale, *q_ptrs,
         scale_index, M, N, K, M // scale_index.numel() if scale_index is not None else 1,
@@ -572,21 +586,19 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
 # Whether M = 1 takes the GEMV kernel by default, per format. Off until its H100/H200 sweep
 # (benchmarks/tune_gemv.py) shows it ahead of the path it replaces on the Llama-3-8B shapes:
 # 4-bit, small_m's tiled GEMV; int8, dense.py's GEMV. The first version (per-slot x loads,
-# 10.2 SASS instructions a weight) lost on 4-bit (H200: 62-82 against ~43 us on 14336->4096)
-# and won on int8 (24.0 against 31.4 us), benchmarks/results/tune-gemv-v1-h200.log.
+# 10.2 SASS instructions a weight), on an H200 (benchmarks/results/tune-gemv-v1-h200.log):
+# 4-bit 14336->4096 took 50.4 us at its best tile, where the tiled GEMV had taken 42.9 on an
+# H100 (not re-timed on the H200); int8 took 24.0 against dense.py's 31.4 in the same run.
 # IA3_GEMV=1 (or 0) turns it on (off) for both formats, whatever the table says.
 GEMV_DEFAULT = {"4bit": False, "int8": False}
-_GEMV_ENV = os.environ.get("IA3_GEMV", "").strip().lower()
+_GEMV_FORCED = {"1": True, "on": True, "true": True, "yes": True,
+                "0": False, "off": False, "false": False,
+                "no": False}.get(os.environ.get("IA3_GEMV", "").strip().lower())  # None: table
 
 
 def use_gemv(w: torch.Tensor, four_bit: bool, K: int) -> bool:
     """launch_small_m's choice at M = 1 with the table's tiles."""
-    if _GEMV_ENV in ("1", "on", "true", "yes"):
-        on = True
-    elif _GEMV_ENV in ("0", "off", "false", "no"):
-        on = False
-    else:
-        on = GEMV_DEFAULT["4bit" if four_bit else "int8"]
+    on = GEMV_DEFAULT["4bit" if four_bit else "int8"] if _GEMV_FORCED is None else _GEMV_FORCED
     return on and gemv_eligible(w, four_bit, K)
 
 
@@ -603,7 +615,7 @@ def gemv_eligible(w: torch.Tensor, four_bit: bool, K: int) -> bool:
 
 def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.bfloat16):
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, LUT, PREFETCH) for the M = 1 GEMV kernel; `tiles`
-    (same fields, SPLIT_K 0 = auto) overrides the table (benchmarks/tune_quant_small_m.py)."""
+    (same fields, SPLIT_K 0 = auto) overrides the table (benchmarks/tune_gemv.py)."""
     interpret = config.triton_interpreted()
     if tiles is not None:
         bn, bk, split, warps, lut, prefetch = tiles
@@ -622,11 +634,7 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.b
         if lut == 2 and dtype != torch.bfloat16:
             lut = 0  # fp16 codes: exact enough for bf16 only (the kernel's LUT note)
     if split == 0:
-        n_tiles = cdiv(N, bn)
-        split = 1
-        if not interpret and n_tiles < 4 * _sm_count(device):
-            # ~4 CTAs an SM streaming the weight, at least 2 BLOCK_K steps each.
-            split = max(1, min(cdiv(4 * _sm_count(device), n_tiles), K // (2 * bk), 64))
+        split = _splits_to_fill(1, N, K, bn, bk, device, interpret, below_tiles_per_sm=4)
     return bn, bk, split, warps, lut, prefetch
 
 
@@ -638,23 +646,15 @@ def launch_gemv(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=Non
     device = x.device
     four_bit = quant4 is not None
     bn, bk, split, warps, lut, prefetch = gemv_tiles(N, K, four_bit, device, tiles, x.dtype)
-    c = torch.empty((1, N), device=device, dtype=out_dtype)
-    preact = torch.empty((1, N), device=device, dtype=out_dtype) if store_preact else None
     n_tiles = cdiv(N, bn)
-    if split > 1:
-        workspace = torch.empty((split, 1, N), device=device, dtype=torch.float32)
-        counters = _split_k_counters(n_tiles, device, traceable)
-    else:
-        workspace = counters = None
+    c, preact, workspace, counters, q_ptrs, q_const = _launch_buffers(
+        1, N, n_tiles, split, out_dtype, store_preact, quant4, device, traceable)
     if four_bit:
         words = w.reshape(-1).view(torch.int32)
         stride_words = K // 8
-        q_ptrs = (quant4.code, quant4.code2, quant4.absmax2, quant4.offset)
-        q_const = (quant4.blocksize, quant4.nested, quant4.blocksize2)
     else:
         words = w.view(torch.int32)
         stride_words = w.stride(0) // 4
-        q_ptrs, q_const = (None, None, None, None), (64, False, 256)
     _GEMV_KERNELS[traceable][(n_tiles, split)](
         x, words, c, scale_a, scale_c, bias, preact, workspace, counters, w_scale, *q_ptrs,
         scale_index, N, K, x.stride(1), stride_words, c.stride(1),

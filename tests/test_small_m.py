@@ -296,10 +296,10 @@ def test_gemv_split_k_is_deterministic_and_launch_small_m_takes_it(monkeypatch):
     # launch_small_m at M = 1 with the table's tiles takes the GEMV kernel where use_gemv says
     # so (IA3_GEMV=1: the same result as its own call), else the tiled kernel (IA3_GEMV=0).
     own = gemv(x, wq, None, scale, True)[0]
-    monkeypatch.setattr(small_m, "_GEMV_ENV", "1")
+    monkeypatch.setattr(small_m, "_GEMV_FORCED", True)
     assert small_m.use_gemv(wq.packed, True, 1024)
     assert torch.equal(launch(x, wq, None, scale, True)[0], own)
-    monkeypatch.setattr(small_m, "_GEMV_ENV", "0")
+    monkeypatch.setattr(small_m, "_GEMV_FORCED", False)
     assert not small_m.use_gemv(wq.packed, True, 1024)
     assert not torch.equal(launch(x, wq, None, scale, True)[0], own)
 
