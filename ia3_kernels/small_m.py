@@ -18,8 +18,8 @@ fp32 rounded once to x's dtype. At M = 1 there are no tensor cores: fp32 FMAs in
 accumulator, the block's absmax applied once per pair of products (the weight is not rounded).
 int8: CB converts to 16 bits exactly; SCB / 127 scales the epilogue.
 
-M = 1 also has a GEMV kernel of its own (`_quant_gemv_kernel`, both formats; off by default
-until measured, GEMV_DEFAULT / IA3_GEMV): the weight read as 32-bit words, x loaded a word's
+M = 1 has a GEMV kernel of its own (`_quant_gemv_kernel`, both formats; the default where
+measured faster, GEMV_DEFAULT / IA3_GEMV): the weight read as 32-bit words, x loaded a word's
 elements at a time, codes decoded by one shared-memory gather a step or by byte permutes
 (inline PTX), fp32 FMAs into a tile-shaped accumulator.
 
@@ -521,14 +521,18 @@ def small_m_tiles(M: int, N: int, K: int, four_bit: bool, device, tiles=None, el
     return bm, bn, bk, split, warps, stages
 
 
-def _splits_to_fill(M, N, K, bn, bk, device, interpret, below_tiles_per_sm):
+def _splits_to_fill(M, N, K, bn, bk, device, interpret, below_tiles_per_sm, ctas_per_sm=4,
+                    power_of_two=False):
     """SPLIT_K where fewer than below_tiles_per_sm x SMs output tiles would stream the weight:
-    ~4 CTAs an SM, at least 2 BLOCK_K steps each, the workspace within its cap."""
+    ~ctas_per_sm CTAs an SM, at least 2 BLOCK_K steps each, the workspace within its cap;
+    power_of_two rounds down (a power-of-two K then splits into whole, equal BLOCK_K runs:
+    5 splits of 16 steps give 4 of 4 steps and an empty fifth that still joins the reduction)."""
     n_tiles = cdiv(N, bn)
     if interpret or n_tiles >= below_tiles_per_sm * _sm_count(device):
         return 1
-    return max(1, min(cdiv(4 * _sm_count(device), n_tiles), K // (2 * bk), 64,
-                      SMALL_M_WORKSPACE_BYTES // max(1, 4 * M * N)))
+    split = max(1, min(cdiv(ctas_per_sm * _sm_count(device), n_tiles), K // (2 * bk), 64,
+                       SMALL_M_WORKSPACE_BYTES // max(1, 4 * M * N)))
+    return 1 << (split.bit_length() - 1) if power_of_two else split
 
 
 def _launch_buffers(M, N, n_tiles, split, out_dtype, store_preact, quant4, device, traceable):
@@ -583,14 +587,16 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
     return c, preact
 
 
-# Whether M = 1 takes the GEMV kernel by default, per format. Off until its H100/H200 sweep
-# (benchmarks/tune_gemv.py) shows it ahead of the path it replaces on the Llama-3-8B shapes:
-# 4-bit, small_m's tiled GEMV; int8, dense.py's GEMV. The first version (per-slot x loads,
-# 10.2 SASS instructions a weight), on an H200 (benchmarks/results/tune-gemv-v1-h200.log):
-# 4-bit 14336->4096 took 50.4 us at its best tile, where the tiled GEMV had taken 42.9 on an
-# H100 (not re-timed on the H200); int8 took 24.0 against dense.py's 31.4 in the same run.
+# Whether M = 1 takes the GEMV kernel by default, per format: on where its sweep
+# (benchmarks/tune_gemv.py, H100, L2-cold CUDA graphs, benchmarks/results/tune-gemv-h100.log)
+# put it ahead of the path it replaces on the Llama-3-8B shapes. 4-bit, against small_m's
+# tiled GEMV: 4096->4096 / 4096->1024 / 4096->14336 / 14336->4096 at 12.2 / 5.7 / 31.9 / 30.5 us
+# (table tiles, 2 splits an SM: 10.7 / 5.7 / 32.0 / 29.3) against 14.3 / 7.2 / 44.0 / 37.6
+# (bare bnb 11.5 / 7.5 / 30.9 / 31.6). int8, against dense.py's GEMV: 10.9 / 5.7 / 27.6 / 28.4
+# against 10.6 / 6.3 / 31.9 / 29.7. The first version (10.2 SASS instructions a weight against
+# 3.6-6.1 now) had lost on 4-bit (tune-gemv-v1-h200.log).
 # IA3_GEMV=1 (or 0) turns it on (off) for both formats, whatever the table says.
-GEMV_DEFAULT = {"4bit": False, "int8": False}
+GEMV_DEFAULT = {"4bit": True, "int8": True}
 _GEMV_FORCED = {"1": True, "on": True, "true": True, "yes": True,
                 "0": False, "off": False, "false": False,
                 "no": False}.get(os.environ.get("IA3_GEMV", "").strip().lower())  # None: table
@@ -622,19 +628,25 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.b
     elif interpret:
         bn, bk, split, warps, lut, prefetch = 16, 64, 0, 4, 1, 1
     elif four_bit:
-        # The first version's H200 sweep (tune-gemv-v1-h200.log): decode 0 without prefetch
-        # was best (14336->4096: 50.4 us at 64x256; decode 1: 62-82, prefetch: +15-30%).
-        bn, bk, split, warps, lut, prefetch = 64, 256, 0, 4, 0, 0
+        # H100 sweep (tune-gemv-h100.log), 64x256: byte permutes (decode 2) with prefetch were
+        # best on 3 of 4 shapes (14336->4096: 30.5 us; shared-memory gathers, decode 0: 32.9,
+        # decode 1: 43.0, bank conflicts); 128-wide tiles lost on 3 of 4, 512-deep ones by 1.2-19x.
+        bn, bk, split, warps, lut, prefetch = 64, 256, 0, 4, 2, 1
     else:
-        # Same sweep: 16x512 without prefetch within 1 us of the best tile on every shape.
-        bn, bk, split, warps, lut, prefetch = 16, 512, 0, 4, 0, 0
+        # Same sweep: 32x256 with byte permutes, no prefetch (14336->4096 28.4 us, 4096->14336
+        # 27.6; integer-op decode 28.5 / 29.8; 64-wide and 512-deep tiles 0-8% slower).
+        bn, bk, split, warps, lut, prefetch = 32, 256, 0, 4, 2, 0
     if four_bit:
         while K % bk:  # whole quantization blocks: no mask along K
             bk //= 2
         if lut == 2 and dtype != torch.bfloat16:
-            lut = 0  # fp16 codes: exact enough for bf16 only (the kernel's LUT note)
+            lut, prefetch = 0, 0  # fp16 codes: exact enough for bf16 only (the kernel's LUT note)
     if split == 0:
-        split = _splits_to_fill(1, N, K, bn, bk, device, interpret, below_tiles_per_sm=4)
+        # 4-bit: 2 CTAs an SM in power-of-two splits (4 splits of 64-wide tiles: 10.7 us on
+        # 4096->4096 and 29.3 on 14336->4096 against 12.2 and 30.5 at 8-9); int8's 32-wide
+        # tiles did best at 4 an SM (14336->4096: 28.4 us with 5 splits, 29.0 with 4).
+        split = _splits_to_fill(1, N, K, bn, bk, device, interpret, below_tiles_per_sm=4,
+                                ctas_per_sm=2 if four_bit else 4, power_of_two=four_bit)
     return bn, bk, split, warps, lut, prefetch
 
 
