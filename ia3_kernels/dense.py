@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import config, mixed
+from . import config, mixed, tma_gemm
 from .launch import FastKernel, cdiv, current_stream_handle
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +468,7 @@ _KERNELS = {
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-_PATHS = ("auto", "fused", "cublas")
+_PATHS = ("auto", "fused", "cublas", "tma")
 _path_override = {"path": os.environ.get("IA3_DENSE_PATH", "auto")}
 if _path_override["path"] not in _PATHS:
     raise ValueError(f"IA3_DENSE_PATH must be one of {_PATHS}, got {_path_override['path']!r}")
@@ -508,8 +508,68 @@ ATTN_BWD_FUSED_MAX_N = 1024
 SMALL_GEMM_FLOP = 1 << 34
 
 
+# Hopper, large M: the persistent TMA GEMM (tma_gemm.py) with IA3 in its prologue/epilogue,
+# where it beat both strategies above. H100, bf16, CUDA graphs, M = 2048 and 8192
+# (benchmarks/results/tune-tma-h100.log; ours / cuBLAS at M = 8192, TMA against the path
+# before it):
+# - attention forward (y, and u when training): 4096->4096 1.008 / 1.022 against 1.075 /
+#   1.138; 4096->14336 1.046 / 1.009 against 1.136 / 1.071; 4096->1024 1.08 / 1.07 against
+#   1.11. Lost where K is large next to N, so that cuBLAS's pass over M x N is cheap and the
+#   kernel's own gap to cuBLAS shows: 14336->4096 1.039 against 1.005, 3072->768 1.26 against
+#   1.14 (its plain GEMM is 1.24x cuBLAS there: 6 column tiles of 128);
+# - feedforward backward (dx = (dy W)*l, dl's partial sums of (dy W)*x in the epilogue): won on
+#   every shape, 4096->4096 1.174 against 1.256, 14336->4096 1.048 against 1.142, T5
+#   768->768 1.94 against 2.54;
+# - attention backward (dx = (dy*l) W, dy scaled in registers; dl by a pass as before): won
+#   where no dimension passes 4096 (4096->4096 487 + a ~45 us pass against 664 us), lost on
+#   4096->14336 and 14336->4096 (1.40 against 1.23), where scaling the A tile in registers
+#   costs what it costs the feedforward forward (1.2-1.4x cuBLAS, so that one stays cuBLAS's).
+# Only eager calls (the kernel launches through Triton's own path with host-side descriptors)
+# and only past SMALL_GEMM_FLOP (host time rules below it).
+TMA_MIN_M = 2048
+TMA_MAX_DIM = 4096
+
+
+def _use_tma(phase: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+             traceable: bool) -> bool:
+    """phase: "attn_fwd", "ff_bwd", "attn_bwd" or "ff_fwd" (forced only); N = out_features,
+    K = in_features. The operands' TMA eligibility is the caller's check."""
+    forced = _path_override["path"]
+    if traceable or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if forced == "auto":  # cheapest tests first: every eager call of every layer asks
+        if M < TMA_MIN_M or device.type != "cuda" or 2 * M * N * K < SMALL_GEMM_FLOP:
+            return False
+    elif forced != "tma":
+        return False
+    if not tma_gemm.available(device):
+        return False
+    if forced == "tma":
+        return True
+    if phase == "attn_fwd":
+        return K <= TMA_MAX_DIM and (N >= 1024 or K <= 1024)
+    if phase == "ff_bwd":
+        return True
+    if phase == "attn_bwd":
+        return max(N, K) <= TMA_MAX_DIM
+    return False
+
+
+def _tma_tiles(n_gemm: int, reduce_aux: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SUBTILE) from the same sweep: 128x256 with a
+    split epilogue, 4 stages (3 when the epilogue also stages the aux tile: 4 asked for 262 KB
+    of shared memory); 128x128 with a whole epilogue for GEMMs under 1024 columns (T5's 768:
+    6 column tiles of 256 left SMs idle)."""
+    if config.triton_interpreted():
+        return (16, 32, 16, 4, 1, True)  # several tiles a CTA and a split epilogue, in tests
+    if n_gemm < 1024:
+        return (128, 128, 64, 8, 4, False)
+    return (128, 256, 64, 8, 3 if reduce_aux else 4, True)
+
+
 def dense_path(path: str):
-    """Force the "fused" or "cublas" strategy (tests and benchmarks); "auto" chooses by M."""
+    """Force the "fused", "cublas" or "tma" strategy (tests and benchmarks; "tma" where the
+    operands and the device allow it, else "fused"); "auto" chooses by M."""
     return config.path_override(_path_override, path, _PATHS)
 
 
@@ -957,6 +1017,10 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
             _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
                                  traceable=traceable)
             return _cublas_linear(xs, weight if fan_in_fan_out else weight.t(), bias), None
+        if (scale_index is None and _use_tma("ff_fwd", M, N, K, weight.dtype, x.device, traceable)
+                and tma_gemm.eligible(x, weight, N)):  # forced only: see TMA_MIN_M
+            return tma_gemm.launch_tma_gemm(x, weight, fan_in_fan_out, N, scale_a=scale,
+                                            bias=bias, tiles=_tma_tiles(N, False))[0], None
         # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
         # forward never peaks above the backward's dx.
         if scale_index is None and _use_cublas("ff_fwd", M, N, K, weight.dtype, x.device):
@@ -966,6 +1030,13 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
                                  scale_a=scale, bias=bias, scale_index=scale_index,
                                  traceable=traceable)
         return y, None
+    if scale_index is None and _use_tma("attn_fwd", M, N, K, weight.dtype, x.device, traceable):
+        x16 = x.to(out_dtype)
+        if tma_gemm.eligible(x16, weight, N):
+            y, u, _ = tma_gemm.launch_tma_gemm(x16, weight, fan_in_fan_out, N, bias=bias,
+                                               scale_c=scale, store_preact=save_preact,
+                                               tiles=_tma_tiles(N, False))
+            return y, u
     if _use_cublas("attn_fwd", M, N, K, weight.dtype, x.device):
         u = _cublas_linear(x.to(out_dtype), weight if fan_in_fan_out else weight.t(), bias)
         y = torch.empty_like(u)
@@ -1007,7 +1078,15 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
                                      need_dweight, x_dtype, traceable)
     if feedforward:
         if need_dx or need_dscale:
-            if _use_cublas("ff_bwd", M, N, K, weight.dtype, dy.device):
+            aux = x if need_dscale else None
+            if (_use_tma("ff_bwd", M, N, K, weight.dtype, dy.device, traceable)
+                    and tma_gemm.eligible(dy, weight, K, aux)
+                    and (aux is None or aux.dtype == weight.dtype)):
+                # g = dy W: B[n, k] = W[n, k], stored (N, K) rows unless fan_in_fan_out.
+                dx, _, partial = tma_gemm.launch_tma_gemm(
+                    dy, weight, not fan_in_fan_out, K, scale_c=scale, aux=aux, store_c=need_dx,
+                    tiles=_tma_tiles(K, need_dscale))
+            elif _use_cublas("ff_bwd", M, N, K, weight.dtype, dy.device):
                 w_nk = weight.t() if fan_in_fan_out else weight
                 dx, partial = _feedforward_grads_from_g(torch.matmul(dy, w_nk), x, scale,
                                                         need_dx, need_dscale, traceable)
@@ -1024,7 +1103,15 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             xs = (x.to(scale.dtype) * scale.reshape(-1)).to(weight.dtype)
             dweight = dy.t().mm(xs)  # (N, K)
     else:
-        if need_dx and not _use_cublas("attn_bwd", M, N, K, weight.dtype, dy.device):
+        if (need_dx and _use_tma("attn_bwd", M, N, K, weight.dtype, dy.device, traceable)
+                and tma_gemm.eligible(dy, weight, K)):
+            dx, _, _ = tma_gemm.launch_tma_gemm(dy, weight, not fan_in_fan_out, K, scale_a=scale,
+                                                tiles=_tma_tiles(K, False))
+            if need_dscale:  # dl = sum_rows dy*u: a pass, as the fused path does at this size
+                _, partial = _launch_scale_reduce(dy, aux=preact, sum_dtype=scale.dtype,
+                                                  traceable=traceable)
+                dscale = _reduce_partials(partial, scale)
+        elif need_dx and not _use_cublas("attn_bwd", M, N, K, weight.dtype, dy.device):
             # dx = (dy*l) W with dy scaled in registers. dl = sum_rows dy*u: reduced from the
             # same dy tiles in small GEMMs (one launch, where launches are the cost); a pass
             # of its own in large ones, where the in-loop reduction slows the GEMM more than

@@ -144,6 +144,11 @@ def _aligned(t: Optional[torch.Tensor]) -> bool:
             and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
+@functools.lru_cache(maxsize=8)
+def _hopper_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def available(device: torch.device) -> bool:
     """Triton has host-side descriptors, and the device is Hopper or newer (TMA, wgmma) or the
     interpreter runs the kernel."""
@@ -152,12 +157,14 @@ def available(device: torch.device) -> bool:
     if device.type != "cuda":
         from . import config
         return config.triton_interpreted()
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def eligible(a: torch.Tensor, b: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    """Operands this kernel can take: 16-bit, TMA-addressable (see _aligned)."""
+def eligible(a: torch.Tensor, b: torch.Tensor, n_out: int, *others: Optional[torch.Tensor]) -> bool:
+    """Operands this kernel can take: 16-bit, TMA-addressable (see _aligned), and an output of
+    n_out columns whose rows are whole 16-byte units (it is written through a descriptor)."""
     return (a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
+            and (n_out * a.element_size()) % 16 == 0
             and all(_aligned(t) for t in (a, b, *others)))
 
 

@@ -217,3 +217,27 @@ def test_attention_dl_by_separate_pass_in_large_gemms(triton_backend, monkeypatc
 
     monkeypatch.setattr(dense, "SMALL_GEMM_FLOP", 0)
     check_against_reference(77, 96, 130, False, False, True, dtype, "fused")
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+@pytest.mark.parametrize("fan_in_fan_out,has_bias", [(False, True), (True, False)])
+@pytest.mark.parametrize("M,K,N", [(70, 40, 48), (37, 64, 136)])
+def test_tma_path(triton_backend, monkeypatch, M, K, N, fan_in_fan_out, has_bias, feedforward):
+    """The persistent TMA GEMM as the op runs it (forced): forward and both backward GEMMs (dl's
+    partials from its epilogue, feedforward; by the pass, attention), against the reference;
+    the launches are counted so the test fails if the dispatch stops reaching the kernel."""
+    from conftest import count_calls
+    from ia3_kernels import dense, tma_gemm
+    if not tma_gemm.available(torch.device(DEVICE)):
+        pytest.skip("needs TMA (Hopper) or the interpreter, and triton >= 3.4")
+    calls = count_calls(monkeypatch, tma_gemm, "launch_tma_gemm")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    check_against_reference(M, K, N, feedforward, fan_in_fan_out, has_bias, dtype, "tma")
+    assert len(calls) == 2  # the forward and the dx GEMM
+    if feedforward:
+        assert calls[1][1]["aux"] is not None  # dl from the dx GEMM's epilogue
+    # Operands TMA cannot address (a row of 65 halves is not 16-byte aligned) take the fused
+    # kernel under the same forcing, with the same results.
+    calls.clear()
+    check_against_reference(M, K + 1, N, feedforward, fan_in_fan_out, has_bias, dtype, "tma")
+    assert not calls
