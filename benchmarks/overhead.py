@@ -2,7 +2,7 @@
 layer small enough that the GPU never holds the CPU back, a breakdown of our stack, and
 cProfiles of ours (forward, and forward+backward with autograd's device threads off so that the
 profiler sees the backward). Eager timings of small layers measure exactly this.
-`--conv`: the same for the convolution layers."""
+`--conv`: the same for the convolution layers; `--paths`: ours with each dense strategy forced.""" 
 from __future__ import annotations
 
 import cProfile
@@ -307,7 +307,33 @@ def conv_big() -> None:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(12)
 
 
+def paths_host() -> None:
+    """Host us per eager call of ours with each dense strategy forced, on T5's 768->768 at
+    M = 16 (GPU time negligible): what each strategy's launches cost the CPU. The TMA kernel
+    launches through Triton's own path with host-side descriptors; the others through
+    launch.FastKernel and aten."""
+    import ia3_kernels
+    shape = Shape("T5-base", "q/k/v/o", 768, 768)
+    for mode in ("ff", "attn"):
+        bare, _, ours = build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)
+        x = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
+        xg = x.clone().requires_grad_()
+        for name, layer, path in [("bare", bare, "auto"), ("ours", ours, "fused"),
+                                  ("ours", ours, "cublas"), ("ours", ours, "tma")]:
+            params = [xg] + [p for p in layer.parameters() if p.requires_grad]
+            with ia3_kernels.dense_path(path):
+                with torch.no_grad():
+                    fwd = host_us(lambda: layer(x), calls=500)
+                fb = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=300)
+            print(f"{mode:<4} {name} {path:<6} host us/call: forward {fwd:7.1f}   "
+                  f"forward+backward {fb:7.1f}", flush=True)
+
+
 def main() -> int:
+    if "--paths" in sys.argv[1:]:
+        paths_host()
+        return 0
     if "--conv-big" in sys.argv[1:]:
         conv_big()
         return 0
