@@ -2,7 +2,7 @@
 layer small enough that the GPU never holds the CPU back, a breakdown of our stack, and
 cProfiles of ours (forward, and forward+backward with autograd's device threads off so that the
 profiler sees the backward). Eager timings of small layers measure exactly this.
-`--conv`: the same for the convolution layers; `--paths`: ours with each dense strategy forced.""" 
+`--conv`: the same for the convolution layers; `--paths`: ours with each dense strategy forced."""
 from __future__ import annotations
 
 import cProfile

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             else:
                 from ia3_kernels.dense import _launch_matmul
                 shipped = time_rotated([lambda w=w: _launch_matmul(
-                    x, out_shape=(1, n), out_dtype=x.dtype, scale_a=scale,
+                    x, out_shape=(1, n), out_dtype=x.dtype, scale_a=scale, traceable=False,
                     **w.fused_args(1, "fwd", x.dtype)) for w in weights], 25)
             roof = weight_bytes(SimpleNamespace(n=n, k=k), fmt) / bw * 1e6
             per_shape.append((k, n, layers, weights, scale, x, ref, bare, shipped, roof))
