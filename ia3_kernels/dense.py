@@ -525,9 +525,16 @@ SMALL_GEMM_FLOP = 1 << 34
 #   4096->14336 and 14336->4096 (1.40 against 1.23), where scaling the A tile in registers
 #   costs what it costs the feedforward forward (1.2-1.4x cuBLAS, so that one stays cuBLAS's).
 # Only eager calls (the kernel launches through Triton's own path with host-side descriptors)
-# and only past SMALL_GEMM_FLOP (host time rules below it).
+# and only past SMALL_GEMM_FLOP (host time rules below it). In the backward, only past
+# TMA_BWD_MIN_FLOP: there a TMA launch cost ~450-500 us more host time than the fused
+# kernel's on the H100 host (`python -m benchmarks.overhead --paths`, T5 768->768 at M = 16:
+# ff fwd+bwd 855 against 400 us, attn 876 against 354; forward only +13-33 us; cause not found
+# yet, benchmarks/results/host-overhead-paths-h100.log), and the layer suite's eager
+# q/o_proj ff forward+backward at M = 2048 took 1123 us against 179 bare with it, while at
+# M = 8192 (2**38 flop, ~0.4 ms of GPU in that GEMM) it took 1.08x bare against 1.14 before.
 TMA_MIN_M = 2048
 TMA_MAX_DIM = 4096
+TMA_BWD_MIN_FLOP = 1 << 38
 
 
 def _use_tma(phase: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
@@ -549,9 +556,9 @@ def _use_tma(phase: str, M: int, N: int, K: int, dtype: torch.dtype, device: tor
     if phase == "attn_fwd":
         return K <= TMA_MAX_DIM and (N >= 1024 or K <= 1024)
     if phase == "ff_bwd":
-        return True
+        return 2 * M * N * K >= TMA_BWD_MIN_FLOP
     if phase == "attn_bwd":
-        return max(N, K) <= TMA_MAX_DIM
+        return max(N, K) <= TMA_MAX_DIM and 2 * M * N * K >= TMA_BWD_MIN_FLOP
     return False
 
 
