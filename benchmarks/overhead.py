@@ -326,8 +326,18 @@ def paths_host() -> None:
                 with torch.no_grad():
                     fwd = host_us(lambda: layer(x), calls=500)
                 fb = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=300)
+                with autograd_threads(False):
+                    fb1 = host_us(lambda: torch.autograd.grad(layer(xg), params, dy), calls=300)
             print(f"{mode:<4} {name} {path:<6} host us/call: forward {fwd:7.1f}   "
-                  f"forward+backward {fb:7.1f}", flush=True)
+                  f"forward+backward {fb:7.1f} (autograd device threads off: {fb1:7.1f})",
+                  flush=True)
+        # Where the TMA path's backward spends its host time (threads off: the profiler sees it).
+        params = [xg] + [p for p in ours.parameters() if p.requires_grad]
+        prof = cProfile.Profile()
+        with ia3_kernels.dense_path("tma"), autograd_threads(False):
+            prof.runcall(lambda: [torch.autograd.grad(ours(xg), params, dy) for _ in range(200)])
+        print(f"--- cProfile, ours, {mode}, TMA forced, forward+backward x 200 (threads off)")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(15)
 
 
 def main() -> int:
