@@ -106,9 +106,11 @@ def main(argv=None) -> int:
             continue
         best_luts = list(dict.fromkeys(lut for _, lut in stage1))[:1]
         # Stage 2: tiles, for the best decode(s).
-        bns = (64, 128) if fmt == "nf4" else (32, 64)
+        # 512-deep tiles spill at 4 warps (LDL in the loop, sass_loop; 1.2-19x slower on the
+        # H100, tune-gemv-h100.log): 128 and 256 deep, 4 and 8 warps (more loads in flight).
+        bns = (32, 64, 128) if fmt == "nf4" else (16, 32, 64)
         stage2 = []
-        for lut, bn, bk, warps, pre in itertools.product(best_luts, bns, (256, 512), (4,), (0, 1)):
+        for lut, bn, bk, warps, pre in itertools.product(best_luts, bns, (128, 256), (4, 8), (0, 1)):
             tiles = (bn, bk, 0, warps, lut, pre)
             res = run(tiles)
             if res:
