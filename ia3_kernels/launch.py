@@ -15,7 +15,7 @@ more (a finer key only costs a cache entry, never a wrong kernel):
     16 and the int32 range);
   - tensors: dtype and 16-byte alignment of the data pointer; None: None;
   - num_warps, num_stages and the current device.
-Other launch options, an argument without a dtype (floats, tuples, descriptors), launch hooks
+Other launch options, an argument without a dtype (floats, tuples), launch hooks
 set by a profiler, or a Triton whose compiled kernels do not expose the launcher (checked once)
 send the call through Triton's own path. `IA3_FAST_LAUNCH=0` turns the shortcut off.
 """
@@ -70,6 +70,16 @@ def current_stream_handle(device_index: int) -> int:
 
 _TENSOR_KEY = "(None if {0} is None else ({0}.dtype, not {0}.data_ptr() & 15))"
 _INT_KEY = "{0}"
+# Host-side TMA descriptors (triton.tools.tensor_descriptor): Triton types them as
+# tensordesc<dtype[block_shape]>; the key adds the base's 16-byte alignment, the padding mode
+# and the tf32 flag where the class has them. Their launcher builds the CUtensorMap from the
+# descriptor object, the same call as in Triton's own run().
+_DESC_KEY = ("(type({0}), {0}.base.dtype, tuple({0}.block_shape), not {0}.base.data_ptr() & 15,"
+             " getattr({0}, 'padding', None), getattr({0}, 'round_f32_to_tf32', None))")
+
+
+def _is_descriptor(value) -> bool:
+    return type(value).__name__ == "TensorDescriptor" and hasattr(value, "block_shape")
 
 
 def _make_binder(params, example_args: dict):
@@ -80,6 +90,8 @@ def _make_binder(params, example_args: dict):
       - int: the value itself. Triton specialises ints on == 1, divisibility by 16 and the
         int32 range; keying on the value is finer (one entry per distinct M, say), and costs
         nothing to compute, where three comparisons for each of ~10 ints cost ~1.5 us;
+      - a TMA descriptor (triton.tools.tensor_descriptor.TensorDescriptor): its class, the
+        base's dtype and alignment, the block shape, padding and tf32 flags (_DESC_KEY);
       - anything else (a tensor or None): None, or (dtype, 16-byte alignment of the data).
         A value without .dtype raises AttributeError: Triton's own path takes that call.
     A tensor passed later where an int was keys by its identity: a miss, never a wrong kernel.
@@ -89,6 +101,8 @@ def _make_binder(params, example_args: dict):
     for name, p in zip(names, params):
         if p.is_constexpr or type(example_args[name]) is int:
             keys.append(_INT_KEY.format(name))
+        elif _is_descriptor(example_args[name]):
+            keys.append(_DESC_KEY.format(name))
         else:
             keys.append(_TENSOR_KEY.format(name))
     source = (f"def bind({', '.join(names)}, num_warps=4, num_stages=3, **options):\n"

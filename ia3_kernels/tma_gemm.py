@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv
+
 try:  # triton >= 3.4: host-side tensor descriptors (passed by value, capturable in graphs)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - triton 3.3
@@ -126,6 +128,18 @@ def _ia3_tma_gemm_kernel(
                           STORE_C, BLOCK_N)
 
 
+def _eager_kernel():
+    """The kernel as eager calls launch it: through launch.FastKernel (descriptors keyed by
+    dtype, block shape and alignment), or as it is under the interpreter."""
+    from . import config
+    from .launch import FastKernel
+    if config.triton_interpreted():
+        return _ia3_tma_gemm_kernel
+    return FastKernel(_ia3_tma_gemm_kernel)
+
+
+_KERNEL = _eager_kernel()
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SUBTILE). Default: the persistent-matmul
 # tutorial's usual pick on the H100 for bf16 at large M (to be replaced by benchmarks.tune_tma).
 DEFAULT_TILES = (128, 256, 64, 8, 3, True)
@@ -183,7 +197,7 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     if store_c:
         c = out if out is not None else torch.empty((M, N), device=a.device, dtype=a.dtype)
     u = torch.empty((M, N), device=a.device, dtype=a.dtype) if store_preact else None
-    num_pid_m = triton.cdiv(M, bm)
+    num_pid_m = cdiv(M, bm)
     partial = (torch.empty((num_pid_m, N), device=a.device, dtype=torch.float32)
                if aux is not None else None)
     bn_epi = bn // 2 if subtile else bn
@@ -193,8 +207,8 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     c_desc = TensorDescriptor.from_tensor(c if store_c else a, [bm, bn_epi])
     u_desc = TensorDescriptor.from_tensor(u, [bm, bn_epi]) if store_preact else c_desc
     aux_desc = TensorDescriptor.from_tensor(aux, [bm, bn_epi]) if aux is not None else c_desc
-    grid = (min(n_sm, num_pid_m * triton.cdiv(N, bn)),)
-    _ia3_tma_gemm_kernel[grid](
+    grid = (min(n_sm, num_pid_m * cdiv(N, bn)),)
+    _KERNEL[grid](
         a_desc, b_desc, c_desc, u_desc, aux_desc, scale_a, bias, scale_c, partial, M, N, K,
         B_KN=b_kn, SCALE_A=scale_a is not None, HAS_BIAS=bias is not None,
         STORE_PREACT=store_preact, REDUCE_AUX=aux is not None, SCALE_C=scale_c is not None,

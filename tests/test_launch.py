@@ -106,3 +106,36 @@ def test_launch_hooks_send_calls_through_triton(monkeypatch):
     calls = _count_triton_launches(monkeypatch, fast)
     fast[(1, 1)](*args, **kwargs)
     assert calls["triton"] == 1
+
+
+def test_key_of_tma_descriptors():
+    """Host-side TMA descriptors key by dtype, block shape and base alignment (Triton types
+    them tensordesc<dtype[block]>), not by their data: a new descriptor over another tensor of
+    the same kind launches the cached kernel."""
+    from ia3_kernels import tma_gemm
+    if tma_gemm.TensorDescriptor is None:
+        pytest.skip("triton < 3.4: no host-side descriptors")
+    TD = tma_gemm.TensorDescriptor
+
+    def descs(a, b, c):
+        return (TD.from_tensor(a, [16, 16]), TD.from_tensor(b, [32, 16]),
+                TD.from_tensor(c, [16, 16]), TD.from_tensor(c, [16, 16]),
+                TD.from_tensor(c, [16, 16]))
+
+    a, b, c = (torch.randn(64, 32, dtype=torch.float16) for _ in range(3))
+    args = (*descs(a, b, c), None, None, None, None, 64, 64, 32)
+    kwargs = dict(B_KN=False, SCALE_A=False, HAS_BIAS=False, STORE_PREACT=False,
+                  REDUCE_AUX=False, SCALE_C=False, STORE_C=True, SUBTILE=False, BLOCK_M=16,
+                  BLOCK_N=32, BLOCK_K=16, GROUP_M=8, NUM_SMS=4)
+    bind = _binder_for(tma_gemm._ia3_tma_gemm_kernel, args, kwargs)
+    key = bind(*args, **kwargs)[0]
+    other = (*descs(*(torch.randn(128, 32, dtype=torch.float16) for _ in range(3))), *args[5:])
+    assert bind(*other, **kwargs)[0] == key  # other tensors, shapes: the same kernel
+    bf16 = (*descs(*(t.to(torch.bfloat16) for t in (a, b, c))), *args[5:])
+    assert bind(*bf16, **kwargs)[0] != key  # dtype
+    wider = (args[0], TD.from_tensor(b, [64, 16]), *args[2:])
+    assert bind(*wider, **kwargs)[0] != key  # block shape
+    shifted = torch.randn(64 * 32 + 8, dtype=torch.float16)[8:].view(64, 32)  # 16 bytes in
+    assert bind(TD.from_tensor(shifted, [16, 16]), *args[1:], **kwargs)[0] == key
+    with pytest.raises(AttributeError):  # a tensor where a descriptor was: Triton's path
+        bind(a, *args[1:], **kwargs)
