@@ -78,8 +78,15 @@ def main(argv=None) -> int:
         body = hottest_loop(compiled.asm["sass"])
         weights = consts["BLOCK_N"] * consts["BLOCK_K"] / (32 * warps)
         mix = collections.Counter(re.split(r"[ .;]", b.lstrip("@!P0123456789 "))[0] for b in body)
+        sass = compiled.asm["sass"]
+        # Registers a thread ~ the highest register named (+2 reserved); 64K a SM bound the
+        # resident warps, which hide the FMA/PRMT chains' latency (2 a scheduler is too few).
+        regs = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass)) + 3
+        warps_per_sm = min(64, 65536 // (regs * 32 * warps) * warps)
         print(f"{arg}: {len(body)} instructions a loop step, {weights:.0f} weights a thread -> "
-              f"{len(body) / weights:.2f} a weight; shared memory {compiled.metadata.shared} B")
+              f"{len(body) / weights:.2f} a weight; shared memory {compiled.metadata.shared} B; "
+              f"~{regs} registers a thread (<= {warps_per_sm} warps an SM); local memory "
+              f"loads/stores {sass.count('LDL')}/{sass.count('STL')}")
         print("   " + ", ".join(f"{k} {v}" for k, v in mix.most_common(16)))
     return 0
 
