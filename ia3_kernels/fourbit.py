@@ -86,8 +86,8 @@ class FourBitWeight:
 
     def use_cublas(self, M: int, phase: str, device: torch.device) -> bool:
         forced = _path_override["path"]
-        if forced != "auto":
-            return forced == "cublas"
+        if forced != "auto":  # "tma": the dequantized scratch feeds tma_gemm where it may
+            return forced in ("cublas", "tma")
         min_m = FOURBIT_FWD_CUBLAS_MIN_M if phase == "fwd" else FOURBIT_BWD_CUBLAS_MIN_M
         return (device.type == "cuda" and M >= min_m
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
@@ -95,7 +95,7 @@ class FourBitWeight:
     def use_small_m(self, M: int) -> bool:
         """small_m's forward: M <= 64 and quantization blocks that never straddle rows."""
         return (M <= SMALL_M_MAX_M and self.in_features % self.blocksize == 0
-                and _path_override["path"] != "cublas")
+                and _path_override["path"] not in ("cublas", "tma"))
 
     def small_m_args(self) -> dict:
         return dict(w=self.packed, w_scale=self.absmax, quant4=self)

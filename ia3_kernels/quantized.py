@@ -10,7 +10,10 @@ Strategies, chosen per phase by the format's `use_small_m(M)` and `use_cublas(M,
   kernel, the stored weight tile as the tensor cores' A operand;
 * cublas: a Triton pass dequantizes the whole weight into a compute-dtype scratch, with l folded
   in where that is exact (feedforward along in-features, attention backward along
-  out-features), cuBLAS multiplies it and the scratch is freed right after. bitsandbytes' own
+  out-features), cuBLAS multiplies it and the scratch is freed right after. On Hopper at large
+  M the attention forward and the feedforward backward multiply the scratch with tma_gemm
+  instead, where dense.py's rule (`_use_tma`) takes it: l and the bias, or dl's partial sums,
+  ride in its epilogue instead of a pass over the M x N output. bitsandbytes' own
   layers build the same copy in their backward (and 4-bit forward at large M), so a training
   step peaks no higher than bnb's.
 
@@ -24,10 +27,10 @@ from typing import Optional
 
 import torch
 
-from . import config, mixed
+from . import config, mixed, tma_gemm
 from .dense import _KERNEL_DTYPES
 from .dense import (_cublas_linear, _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
-                    _reduce_partials)
+                    _reduce_partials, _tma_tiles, _use_tma)
 from .small_m import launch_small_m
 
 # The attention backward reduces dl from the dx kernel's dy tiles (one launch) only where the
@@ -80,6 +83,14 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     w = wq.dequantize_into(torch.empty((N, K), device=x.device, dtype=dtype),
                            scale=scale if feedforward else None, scale_axis=1,
                            traceable=traceable)
+    if (not feedforward and scale_index is None
+            and _use_tma("attn_fwd", M, N, K, dtype, x.device, traceable)
+            and tma_gemm.eligible(x, w, N)):
+        # The scratch is a 16-bit (N, K) matrix: the dense layer's rule and kernel apply, with
+        # bias and l in the epilogue instead of a pass over u (dense.TMA_MIN_M's notes).
+        y, u, _ = tma_gemm.launch_tma_gemm(x, w, False, N, bias=bias, scale_c=scale,
+                                           store_preact=save_preact, tiles=_tma_tiles(N, False))
+        return y, u
     out = _cublas_linear(x, w.t(), bias)
     del w
     if feedforward:
@@ -123,9 +134,18 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
         if cublas:
             w = wq.dequantize_into(torch.empty((N, K), device=dy.device, dtype=dtype),
                                    traceable=traceable)
-            g = torch.matmul(dy, w)
+            aux = x if need_dscale else None
+            if (_use_tma("ff_bwd", M, N, K, dtype, dy.device, traceable)
+                    and tma_gemm.eligible(dy, w, K, aux) and (aux is None or aux.dtype == dtype)):
+                # dx = (dy W)*l and dl's partials in the epilogue: no pass over g (dense's rule).
+                dx, _, partial = tma_gemm.launch_tma_gemm(dy, w, True, K, scale_c=scale, aux=aux,
+                                                          store_c=need_dx,
+                                                          tiles=_tma_tiles(K, need_dscale))
+            else:
+                g = torch.matmul(dy, w)
+                dx, partial = _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale,
+                                                        traceable)
             del w
-            dx, partial = _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale, traceable)
         else:
             dx, _, partial, _ = _launch_matmul(
                 dy, out_shape=(M, K), out_dtype=dtype, scale_c=scale,

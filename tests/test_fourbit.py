@@ -335,3 +335,20 @@ def test_tiny_nf4_llama_trains_like_peft(triton_backend, fourbit_calls):
         for name in gs:
             torch.testing.assert_close(gf[name], gs[name], rtol=1e-3, atol=1e-5, msg=name)
     assert len(fourbit_calls) == 3 * 2 * 3  # steps x decoder layers x (k, v, down)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_tma_route_against_reference(triton_backend, monkeypatch, feedforward):
+    """The dequantized scratch multiplied by tma_gemm (forced: on the GPU it takes over at
+    large M on Hopper): the attention forward (l and bias in its epilogue) and the feedforward
+    backward (dx and dl's partials) each launch it once."""
+    from conftest import count_calls
+    from ia3_kernels import tma_gemm
+    if not tma_gemm.available(torch.device(DEVICE)):
+        pytest.skip("needs TMA (Hopper) or the interpreter, and triton >= 3.4")
+    calls = count_calls(monkeypatch, tma_gemm, "launch_tma_gemm")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    x, w, b, scale = make_case(70, 128, 48, feedforward, True, dtype)
+    check_against_reference(x, w, b, scale, feedforward, dtype, "tma")
+    assert len(calls) == 1
+    assert (calls[0][1].get("aux") is not None) == feedforward  # ff: dx + dl; attn: forward

@@ -260,3 +260,18 @@ def test_attention_scale_grad_when_u_was_not_saved(triton_backend):
     (g_ref,) = torch.autograd.grad(int8.torch_ia3_linear_int8(x, cb, scb, b, s, False), s,
                                    torch.ones_like(y))
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_tma_route_against_reference(triton_backend, monkeypatch, feedforward):
+    """As test_fourbit's: the dequantized scratch through tma_gemm (forced), once a step."""
+    from conftest import count_calls
+    from ia3_kernels import tma_gemm
+    if not tma_gemm.available(torch.device(DEVICE)):
+        pytest.skip("needs TMA (Hopper) or the interpreter, and triton >= 3.4")
+    calls = count_calls(monkeypatch, tma_gemm, "launch_tma_gemm")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    x, cb, scb, b, scale = make_case(70, 96, 48, feedforward, True, dtype)
+    check_against_reference(x, cb, scb, b, scale, feedforward, dtype, "tma")
+    assert len(calls) == 1
+    assert (calls[0][1].get("aux") is not None) == feedforward
