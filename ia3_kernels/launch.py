@@ -14,10 +14,12 @@ more (a finer key only costs a cache entry, never a wrong kernel):
   - constexpr parameters and ints: their values (Triton keys ints on == 1, divisibility by
     16 and the int32 range);
   - tensors: dtype and 16-byte alignment of the data pointer; None: None;
+  - host-side TMA descriptors: dtype, block shape, base alignment (and padding/tf32 flags);
   - num_warps, num_stages and the current device.
 Other launch options, an argument without a dtype (floats, tuples), launch hooks
 set by a profiler, or a Triton whose compiled kernels do not expose the launcher (checked once)
-send the call through Triton's own path. `IA3_FAST_LAUNCH=0` turns the shortcut off.
+send the call through Triton's own path, as does a kernel whose first direct launch of a key
+raises TypeError/ValueError/AttributeError (a launcher that takes its arguments otherwise). `IA3_FAST_LAUNCH=0` turns the shortcut off.
 """
 from __future__ import annotations
 
@@ -125,6 +127,7 @@ class FastKernel:
         self._names = [p.name for p in fn.params]
         self._bind = None  # built on the first call, from the kinds of its arguments
         self._compiled: dict = {}
+        self._launched: set = set()  # keys launched directly once without error
         self._usable = _ENABLED
         self._current_device = self._current_stream = None
 
@@ -150,14 +153,27 @@ class FastKernel:
             if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
                 if len(self._compiled) >= _MAX_ENTRIES:
                     self._compiled.clear()
+                    self._launched.clear()
                 self._compiled[key] = kernel
             else:
                 self._usable = False  # a Triton whose launch API we do not know: its own path
             return kernel
+        if key in self._launched:
+            self._run(kernel, grid, device, full)
+            return kernel
+        try:  # the first direct launch of a key: a launcher that refuses its arguments (a Triton
+            # whose launcher takes them otherwise) sends this kernel back to Triton's own path
+            self._run(kernel, grid, device, full)
+        except (TypeError, ValueError, AttributeError):
+            self._usable = False
+            return self.fn[grid](*args, **kwargs)
+        self._launched.add(key)
+        return kernel
+
+    def _run(self, kernel, grid, device, full):
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                    self._current_stream(device), kernel.function, kernel.packed_metadata, None,
                    None, None, *full)
-        return kernel
 
     def _first_call_setup(self, args, kwargs):
         example = dict(zip(self._names, args))

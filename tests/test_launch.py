@@ -139,3 +139,49 @@ def test_key_of_tma_descriptors():
     assert bind(TD.from_tensor(shifted, [16, 16]), *args[1:], **kwargs)[0] == key
     with pytest.raises(AttributeError):  # a tensor where a descriptor was: Triton's path
         bind(a, *args[1:], **kwargs)
+
+
+def test_launcher_that_refuses_its_arguments_sends_the_kernel_back_to_triton(monkeypatch):
+    """The first direct launch of a key that raises TypeError (a launcher taking its
+    arguments otherwise, say descriptors on another Triton) relaunches through Triton and
+    turns the shortcut off for that kernel; one that succeeds is not retried."""
+    from types import SimpleNamespace
+
+    class FakeCompiled:
+        function = packed_metadata = None
+
+        def __init__(self, refuse):
+            self.refuse, self.runs = refuse, 0
+
+        def run(self, *args):
+            self.runs += 1
+            if self.refuse:
+                raise TypeError("launcher expected another argument kind")
+
+    class FakeJit:
+        params = [SimpleNamespace(name="x", is_constexpr=False),
+                  SimpleNamespace(name="n", is_constexpr=False)]
+
+        def __init__(self, compiled):
+            self.compiled, self.triton_calls = compiled, 0
+
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                self.triton_calls += 1
+                return self.compiled
+            return call
+
+    monkeypatch.setattr(launch, "_driver", lambda: (lambda: 0, lambda device: 0))
+    monkeypatch.setattr(launch, "_ENABLED", True)
+    t = torch.zeros(4)
+    for refuse in (True, False):
+        jit = FakeJit(FakeCompiled(refuse))
+        fast = launch.FastKernel(jit)
+        fast._usable = True
+        fast[(1,)](t, 7)  # first call: through "Triton", kept
+        fast[(1,)](t, 7)  # first direct launch
+        fast[(1,)](t, 7)
+        if refuse:
+            assert not fast._usable and jit.compiled.runs == 1 and jit.triton_calls == 3
+        else:
+            assert fast._usable and jit.compiled.runs == 2 and jit.triton_calls == 1
