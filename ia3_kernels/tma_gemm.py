@@ -140,8 +140,9 @@ def _eager_kernel():
 
 _KERNEL = _eager_kernel()
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SUBTILE). Default: the persistent-matmul
-# tutorial's usual pick on the H100 for bf16 at large M (to be replaced by benchmarks.tune_tma).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SUBTILE) for direct calls: the H100
+# sweep's most frequent winner at M = 8192 that also fits the aux tile's shared memory
+# (benchmarks/results/tune-tma-h100.log); dense._tma_tiles picks per GEMM for the op.
 DEFAULT_TILES = (128, 256, 64, 8, 3, True)
 
 
@@ -200,6 +201,10 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     num_pid_m = cdiv(M, bm)
     partial = (torch.empty((num_pid_m, N), device=a.device, dtype=torch.float32)
                if aux is not None else None)
+    if M == 0 or N == 0:  # nothing to launch (a grid of 0 CTAs)
+        if partial is not None:
+            partial.zero_()
+        return c, u, partial
     bn_epi = bn // 2 if subtile else bn
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
     b_desc = TensorDescriptor.from_tensor(b, [bk, bn] if b_kn else [bn, bk])

@@ -105,3 +105,12 @@ def test_eligibility():
     assert not tma_gemm.eligible(x.t(), w, 32)  # inner stride 8
     assert tma_gemm.eligible(x[:, :32], w, 32)  # a column slice with 128-byte rows is fine
     assert not tma_gemm.eligible(x, w, 32, torch.empty(8, 36, device=DEVICE, dtype=torch.float16))
+
+
+def test_empty_rows():
+    x = torch.empty(0, 64, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(32, 64, device=DEVICE, dtype=torch.float16)
+    y, u, partial = tma_gemm.launch_tma_gemm(x, w, False, 32, store_preact=True,
+                                             aux=torch.empty(0, 32, device=DEVICE,
+                                                             dtype=torch.float16))
+    assert y.shape == u.shape == (0, 32) and partial.shape == (0, 32)
