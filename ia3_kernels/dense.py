@@ -12,9 +12,9 @@ Feedforward layers scale the input, `y = (x*l) W^T + b`; attention layers scale 
   in a fixed order, so the result does not change from run to run.
 * "cublas": cuBLAS does the GEMM and one Triton pass applies what IA3 adds. At large M the
   textbook Triton GEMM is 25-32% behind cuBLAS on an H100 (../shared/anchors/triton-gemm-h100.md)
-  while a bandwidth-bound pass costs a few percent: the feedforward forward multiplies by
-  W diag(l) (built in at most two chunks of <= M output features, so the scratch never outgrows
-  x), the feedforward backward scales cuBLAS's dy W in place, the attention forward scales
+  while a bandwidth-bound pass costs a few percent: the feedforward forward folds l into the
+  smaller operand (W diag(l) where N <= M, x*l where N > M, so the scratch never outgrows x),
+  the feedforward backward scales cuBLAS's dy W in place, the attention forward scales
   cuBLAS's x W^T + b, the attention backward forms dy*l in row chunks of an eighth of M x N.
   Which strategy runs is decided per phase, M and GEMM size by `_use_cublas`, from
   measurements; GEMMs under SMALL_GEMM_FLOP stay fused, where eager launches cost the most.
@@ -475,8 +475,8 @@ if _path_override["path"] not in _PATHS:
 
 # Where cuBLAS + a Triton pass replaces the fused Triton GEMM, per phase, from H100 timings of
 # both strategies under CUDA graphs (benchmarks/results/paths-*.json, README "Design"):
-# - feedforward forward multiplies by W*l, built in chunks of at most M output rows (so the
-#   scratch never outgrows x); the fused kernel holds to M = 2048;
+# - feedforward forward: one pass folds l into the smaller operand (W*l if N <= M, else x*l,
+#   so the scratch never outgrows x), then cuBLAS; the fused kernel holds to M = 2048;
 FF_FWD_CUBLAS_MIN_M = 2048
 # - feedforward backward: cuBLAS's g = dy W scaled in place wins from M = 128 (4096x4096:
 #   37 us against 48 at M = 512);
@@ -594,10 +594,13 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
     if phase == "ff_fwd_mixed":
         return True  # on CUDA: x*l by a pass, then a plain GEMM, which cuBLAS does best
     if phase == "ff_fwd":
-        # W*l in at most 2 column chunks of <= M features (N <= 2M): each chunk costs a pass and
-        # a GEMM launch; 7 chunks (4096->14336 at M = 2048) measured 1.0 ms against 0.66 fused.
-        return N <= 2 * M and (dtype == torch.float32
-                               or (M >= FF_FWD_CUBLAS_MIN_M and not small_gemm))
+        # One pass (W*l where N <= M, x*l where N > M; _feedforward_forward_cublas) and one
+        # GEMM. fp32 keeps its earlier bound (N <= 2M); 16-bit from FF_FWD_CUBLAS_MIN_M at any
+        # N since the x*l pass replaced W*l's column chunks (not yet timed on a GPU: the model
+        # of its cost is in _feedforward_forward_cublas).
+        if dtype == torch.float32:
+            return N <= 2 * M
+        return M >= FF_FWD_CUBLAS_MIN_M and not small_gemm
     if phase == "attn_bwd":
         small_scratch = M * N * dtype.itemsize <= SMALL_SCRATCH_BYTES
         chunked = (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS
@@ -879,26 +882,20 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
 
 
 def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceable):
-    """y = x (W diag(l))^T + b by cuBLAS. W*l is built for at most M output features at a time
-    (M x K, the size of x), each chunk's GEMM writing its columns of y in place (cuBLAS takes
-    the row stride N as the leading dimension: no copy), so the scratch never outgrows x and
-    the forward never peaks above the backward's dx."""
-    M = x.shape[0]
+    """y = (x*l) W^T + b by cuBLAS, l folded by one pass over the smaller operand: W diag(l)
+    (N x K) where N <= M, x*l (M x K, rounded as PEFT's x*l) where N > M. Each pass costs about
+    467/M (W) or 467/N (x) of the GEMM on an H100 (3 TB/s against ~700 TFLOP/s), and its
+    scratch is never larger than x, so the forward never peaks above the backward's dx.
+    (Before, N > M took W*l in column chunks of <= M features, a pass and a GEMM each: 7 chunks
+    on 4096->14336 at M = 2048 measured 1.0 ms against 0.66 for the fused kernel.)"""
+    M, K = x.shape
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    cols = N if N <= M else max(1, cdiv(N, cdiv(N, M)))
-    if cols == N:
-        w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
-        return _cublas_linear(x, w_scaled if fan_in_fan_out else w_scaled.t(), bias)
-    y = torch.empty((M, N), device=x.device, dtype=weight.dtype)
-    for start in range(0, N, cols):
-        stop = min(N, start + cols)
-        part = weight[:, start:stop] if fan_in_fan_out else weight[start:stop]
-        w_scaled = _scaled_weight(part, scale, True, fan_in_fan_out, traceable)
-        w_kn = w_scaled if fan_in_fan_out else w_scaled.t()
-        _gemm_into(y[:, start:stop], x, w_kn, None if bias is None else bias[start:stop],
-                   traceable)
-        del w_scaled, w_kn  # else the next chunk is allocated while this one is still alive
-    return y
+    if N > M:
+        xs = torch.empty((M, K), device=x.device, dtype=weight.dtype)
+        _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, traceable=traceable)
+        return _cublas_linear(xs, weight if fan_in_fan_out else weight.t(), bias)
+    w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
+    return _cublas_linear(x, w_scaled if fan_in_fan_out else w_scaled.t(), bias)
 
 
 def _gemm_into(out_view, a, b, bias, traceable):
@@ -1028,7 +1025,7 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
                 and tma_gemm.eligible(x, weight, N)):  # forced only: see TMA_MIN_M
             return tma_gemm.launch_tma_gemm(x, weight, fan_in_fan_out, N, scale_a=scale,
                                             bias=bias, tiles=_tma_tiles(N, False))[0], None
-        # W diag(l) is an N x K scratch: built only when no larger than x (N <= M), so the
+        # l folded into W (N <= M) or x (N > M) by a pass: a scratch no larger than x, so the
         # forward never peaks above the backward's dx.
         if scale_index is None and _use_cublas("ff_fwd", M, N, K, weight.dtype, x.device):
             return _feedforward_forward_cublas(x.to(out_dtype), weight, bias, scale,

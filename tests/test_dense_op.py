@@ -241,3 +241,21 @@ def test_tma_path(triton_backend, monkeypatch, M, K, N, fan_in_fan_out, has_bias
     calls.clear()
     check_against_reference(M, K + 1, N, feedforward, fan_in_fan_out, has_bias, dtype, "tma")
     assert not calls
+
+
+@pytest.mark.parametrize("M,N", [(70, 40), (37, 48)], ids=["W*l (N <= M)", "x*l (N > M)"])
+def test_cublas_feedforward_forward_folds_l_into_the_smaller_operand(triton_backend, monkeypatch,
+                                                                     M, N):
+    """The cuBLAS feedforward forward scales W (N x K) when N <= M and x (M x K) when N > M:
+    one pass whose scratch is never larger than x; both against the reference."""
+    from conftest import count_calls
+    from ia3_kernels import dense
+    scaled_w = count_calls(monkeypatch, dense, "_scaled_weight")
+    passes = count_calls(monkeypatch, dense, "_launch_scale_reduce")
+    check_against_reference(M, 40, N, True, False, True, torch.float16, "cublas")
+    forward_passes = [c for c in passes.copy() if c[1].get("scale_axis") == 1
+                      and c[1].get("out") is not None and c[1].get("aux") is None]
+    if N <= M:
+        assert len(scaled_w) == 1  # W diag(l), one chunk
+    else:
+        assert not scaled_w and forward_passes[0][0][0].shape == (M, 40)  # x*l
