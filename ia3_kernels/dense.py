@@ -891,11 +891,13 @@ def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceabl
     M, K = x.shape
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     if N > M:
+        # From x as given (an fp32 x under autocast is scaled in fp32, then rounded once, as
+        # PEFT's x*l followed by autocast's cast).
         xs = torch.empty((M, K), device=x.device, dtype=weight.dtype)
         _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, traceable=traceable)
         return _cublas_linear(xs, weight if fan_in_fan_out else weight.t(), bias)
     w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
-    return _cublas_linear(x, w_scaled if fan_in_fan_out else w_scaled.t(), bias)
+    return _cublas_linear(x.to(weight.dtype), w_scaled if fan_in_fan_out else w_scaled.t(), bias)
 
 
 def _gemm_into(out_view, a, b, bias, traceable):
@@ -1028,8 +1030,8 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
         # l folded into W (N <= M) or x (N > M) by a pass: a scratch no larger than x, so the
         # forward never peaks above the backward's dx.
         if scale_index is None and _use_cublas("ff_fwd", M, N, K, weight.dtype, x.device):
-            return _feedforward_forward_cublas(x.to(out_dtype), weight, bias, scale,
-                                               fan_in_fan_out, traceable), None
+            return _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out,
+                                               traceable), None
         y, _, _, _ = _launch_matmul(x, _weight_as_kn(weight, fan_in_fan_out), weight, (M, N), out_dtype,
                                  scale_a=scale, bias=bias, scale_index=scale_index,
                                  traceable=traceable)
