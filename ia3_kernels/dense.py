@@ -27,7 +27,6 @@ over blocks (none where one block is final): no atomics, bitwise reproducible.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -39,6 +38,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import config, mixed, tma_gemm
 from .launch import FastKernel, cdiv, current_stream_handle
+from .launch import sm_count as _sm_count
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -574,6 +574,37 @@ def _tma_tiles(n_gemm: int, reduce_aux: bool):
     return (128, 256, 64, 8, 3 if reduce_aux else 4, True)
 
 
+def _tma_attention_forward(x, w, w_kn: bool, N: int, bias, scale, save_preact: bool,
+                           traceable: bool):
+    """(y, u) of the attention forward by tma_gemm (bias and l in its epilogue) where _use_tma
+    takes it and the operands are TMA-addressable; None otherwise. w: the stored weight, or a
+    quantized layer's dequantized (N, K) scratch."""
+    M, K = x.shape
+    if not _use_tma("attn_fwd", M, N, K, w.dtype, x.device, traceable):
+        return None
+    x = x.to(w.dtype)
+    if not tma_gemm.eligible(x, w, N):
+        return None
+    y, u, _ = tma_gemm.launch_tma_gemm(x, w, w_kn, N, bias=bias, scale_c=scale,
+                                       store_preact=save_preact, tiles=_tma_tiles(N, False))
+    return y, u
+
+
+def _tma_feedforward_grads(dy, w, w_kn: bool, K: int, x, scale, need_dx: bool,
+                           need_dscale: bool, traceable: bool):
+    """(dx, partial): dx = (dy W)*l and dl's partial sums of (dy W)*x (for _reduce_partials)
+    from one tma_gemm, where _use_tma takes the feedforward backward and the operands are
+    TMA-addressable; None otherwise. w as for _tma_attention_forward."""
+    M, N = dy.shape
+    aux = x if need_dscale else None
+    if not (_use_tma("ff_bwd", M, N, K, w.dtype, dy.device, traceable)
+            and tma_gemm.eligible(dy, w, K, aux) and (aux is None or aux.dtype == w.dtype)):
+        return None
+    dx, _, partial = tma_gemm.launch_tma_gemm(dy, w, w_kn, K, scale_c=scale, aux=aux,
+                                              store_c=need_dx, tiles=_tma_tiles(K, need_dscale))
+    return dx, partial
+
+
 def dense_path(path: str):
     """Force the "fused", "cublas" or "tma" strategy (tests and benchmarks; "tma" where the
     operands and the device allow it, else "fused"); "auto" chooses by M."""
@@ -617,17 +648,6 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
     if small_gemm:
         return False
     return M >= (FF_BWD_CUBLAS_MIN_M if phase == "ff_bwd" else ATTN_FWD_CUBLAS_MIN_M)
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: small, so that tests cover split-K and multi-block reductions
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -881,20 +901,23 @@ def _launch_scale_reduce(src, *, traceable, scale=None, scale_axis=1, out=None, 
     return out, partial
 
 
-def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceable):
+def _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceable,
+                                scale_index=None):
     """y = (x*l) W^T + b by cuBLAS, l folded by one pass over the smaller operand: W diag(l)
-    (N x K) where N <= M, x*l (M x K, rounded as PEFT's x*l) where N > M. Each pass costs about
+    (N x K) where N <= M, x*l (M x K, rounded as PEFT's x*l) where N > M or where l differs
+    per example (a mixed-adapter batch: scale_index, scale a table). Each pass costs about
     467/M (W) or 467/N (x) of the GEMM on an H100 (3 TB/s against ~700 TFLOP/s), and its
     scratch is never larger than x, so the forward never peaks above the backward's dx.
     (Before, N > M took W*l in column chunks of <= M features, a pass and a GEMM each: 7 chunks
     on 4096->14336 at M = 2048 measured 1.0 ms against 0.66 for the fused kernel.)"""
     M, K = x.shape
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    if N > M:
+    if N > M or scale_index is not None:
         # From x as given (an fp32 x under autocast is scaled in fp32, then rounded once, as
         # PEFT's x*l followed by autocast's cast).
         xs = torch.empty((M, K), device=x.device, dtype=weight.dtype)
-        _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, traceable=traceable)
+        _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
+                             traceable=traceable)
         return _cublas_linear(xs, weight if fan_in_fan_out else weight.t(), bias)
     w_scaled = _scaled_weight(weight, scale, True, fan_in_fan_out, traceable)
     return _cublas_linear(x.to(weight.dtype), w_scaled if fan_in_fan_out else w_scaled.t(), bias)
@@ -1019,10 +1042,8 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
             # size of the input) and the GEMM is a plain one, cuBLAS's. H100, CUDA graphs,
             # 14336->4096 at M = 64: 104 us with the table gathered in the fused kernel's K-loop
             # against ~60 for pass + cuBLAS (benchmarks/results/mixed-h100.md).
-            xs = torch.empty((M, K), device=x.device, dtype=out_dtype)
-            _launch_scale_reduce(x, scale=scale, scale_axis=1, out=xs, scale_index=scale_index,
-                                 traceable=traceable)
-            return _cublas_linear(xs, weight if fan_in_fan_out else weight.t(), bias), None
+            return _feedforward_forward_cublas(x, weight, bias, scale, fan_in_fan_out, traceable,
+                                               scale_index), None
         if (scale_index is None and _use_tma("ff_fwd", M, N, K, weight.dtype, x.device, traceable)
                 and tma_gemm.eligible(x, weight, N)):  # forced only: see TMA_MIN_M
             return tma_gemm.launch_tma_gemm(x, weight, fan_in_fan_out, N, scale_a=scale,
@@ -1036,13 +1057,11 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
                                  scale_a=scale, bias=bias, scale_index=scale_index,
                                  traceable=traceable)
         return y, None
-    if scale_index is None and _use_tma("attn_fwd", M, N, K, weight.dtype, x.device, traceable):
-        x16 = x.to(out_dtype)
-        if tma_gemm.eligible(x16, weight, N):
-            y, u, _ = tma_gemm.launch_tma_gemm(x16, weight, fan_in_fan_out, N, bias=bias,
-                                               scale_c=scale, store_preact=save_preact,
-                                               tiles=_tma_tiles(N, False))
-            return y, u
+    if scale_index is None:
+        done = _tma_attention_forward(x, weight, fan_in_fan_out, N, bias, scale, save_preact,
+                                      traceable)
+        if done is not None:
+            return done
     if _use_cublas("attn_fwd", M, N, K, weight.dtype, x.device):
         u = _cublas_linear(x.to(out_dtype), weight if fan_in_fan_out else weight.t(), bias)
         y = torch.empty_like(u)
@@ -1084,14 +1103,11 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
                                      need_dweight, x_dtype, traceable)
     if feedforward:
         if need_dx or need_dscale:
-            aux = x if need_dscale else None
-            if (_use_tma("ff_bwd", M, N, K, weight.dtype, dy.device, traceable)
-                    and tma_gemm.eligible(dy, weight, K, aux)
-                    and (aux is None or aux.dtype == weight.dtype)):
-                # g = dy W: B[n, k] = W[n, k], stored (N, K) rows unless fan_in_fan_out.
-                dx, _, partial = tma_gemm.launch_tma_gemm(
-                    dy, weight, not fan_in_fan_out, K, scale_c=scale, aux=aux, store_c=need_dx,
-                    tiles=_tma_tiles(K, need_dscale))
+            # g = dy W: B[n, k] = W[n, k], stored (N, K) rows unless fan_in_fan_out.
+            done = _tma_feedforward_grads(dy, weight, not fan_in_fan_out, K, x, scale, need_dx,
+                                          need_dscale, traceable)
+            if done is not None:
+                dx, partial = done
             elif _use_cublas("ff_bwd", M, N, K, weight.dtype, dy.device):
                 w_nk = weight.t() if fan_in_fan_out else weight
                 dx, partial = _feedforward_grads_from_g(torch.matmul(dy, w_nk), x, scale,

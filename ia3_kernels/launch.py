@@ -23,6 +23,7 @@ raises TypeError/ValueError/AttributeError (a launcher that takes its arguments 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,6 +69,19 @@ def _driver():
 def current_stream_handle(device_index: int) -> int:
     """The current CUDA stream's handle, as Triton's launcher takes it (no Stream object)."""
     return _driver()[1](device_index)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 4 elsewhere (the interpreter: few CTAs, so that tests cover
+    split-K, multi-block reductions and persistent kernels walking several tiles a CTA)."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 _TENSOR_KEY = "(None if {0} is None else ({0}.dtype, not {0}.data_ptr() & 15))"

@@ -27,10 +27,10 @@ from typing import Optional
 
 import torch
 
-from . import config, mixed, tma_gemm
+from . import config, mixed
 from .dense import _KERNEL_DTYPES
 from .dense import (_cublas_linear, _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
-                    _reduce_partials, _tma_tiles, _use_tma)
+                    _reduce_partials, _tma_attention_forward, _tma_feedforward_grads)
 from .small_m import launch_small_m
 
 # The attention backward reduces dl from the dx kernel's dy tiles (one launch) only where the
@@ -83,14 +83,12 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     w = wq.dequantize_into(torch.empty((N, K), device=x.device, dtype=dtype),
                            scale=scale if feedforward else None, scale_axis=1,
                            traceable=traceable)
-    if (not feedforward and scale_index is None
-            and _use_tma("attn_fwd", M, N, K, dtype, x.device, traceable)
-            and tma_gemm.eligible(x, w, N)):
+    if not feedforward and scale_index is None:
         # The scratch is a 16-bit (N, K) matrix: the dense layer's rule and kernel apply, with
         # bias and l in the epilogue instead of a pass over u (dense.TMA_MIN_M's notes).
-        y, u, _ = tma_gemm.launch_tma_gemm(x, w, False, N, bias=bias, scale_c=scale,
-                                           store_preact=save_preact, tiles=_tma_tiles(N, False))
-        return y, u
+        done = _tma_attention_forward(x, w, False, N, bias, scale, save_preact, traceable)
+        if done is not None:
+            return done
     out = _cublas_linear(x, w.t(), bias)
     del w
     if feedforward:
@@ -134,13 +132,11 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
         if cublas:
             w = wq.dequantize_into(torch.empty((N, K), device=dy.device, dtype=dtype),
                                    traceable=traceable)
-            aux = x if need_dscale else None
-            if (_use_tma("ff_bwd", M, N, K, dtype, dy.device, traceable)
-                    and tma_gemm.eligible(dy, w, K, aux) and (aux is None or aux.dtype == dtype)):
-                # dx = (dy W)*l and dl's partials in the epilogue: no pass over g (dense's rule).
-                dx, _, partial = tma_gemm.launch_tma_gemm(dy, w, True, K, scale_c=scale, aux=aux,
-                                                          store_c=need_dx,
-                                                          tiles=_tma_tiles(K, need_dscale))
+            # dx = (dy W)*l and dl's partials in one tma_gemm where dense's rule takes it.
+            done = _tma_feedforward_grads(dy, w, True, K, x, scale, need_dx, need_dscale,
+                                          traceable)
+            if done is not None:
+                dx, partial = done
             else:
                 g = torch.matmul(dy, w)
                 dx, partial = _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale,

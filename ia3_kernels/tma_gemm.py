@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv
+from .launch import cdiv, sm_count
 
 try:  # triton >= 3.4: host-side tensor descriptors (passed by value, capturable in graphs)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -146,11 +146,6 @@ _KERNEL = _eager_kernel()
 DEFAULT_TILES = (128, 256, 64, 8, 3, True)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _aligned(t: Optional[torch.Tensor]) -> bool:
     """A 2-D tensor a TMA descriptor can address: unit inner stride, 16-byte base and rows."""
     if t is None:
@@ -190,10 +185,7 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     sums of u * aux when aux is given (reduce with a fixed-order sum)."""
     M, K = a.shape
     bm, bn, bk, warps, stages, subtile = tiles or DEFAULT_TILES
-    if a.device.type == "cuda":
-        n_sm = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    else:
-        n_sm = 4  # interpreter: a few CTAs, so that tests walk several tiles per CTA
+    n_sm = sm_count(a.device)
     c = None
     if store_c:
         c = out if out is not None else torch.empty((M, N), device=a.device, dtype=a.dtype)
