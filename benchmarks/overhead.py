@@ -2,7 +2,8 @@
 layer small enough that the GPU never holds the CPU back, a breakdown of our stack, and
 cProfiles of ours (forward, and forward+backward with autograd's device threads off so that the
 profiler sees the backward). Eager timings of small layers measure exactly this.
-`--conv`: the same for the convolution layers; `--paths`: ours with each dense strategy forced."""
+`--conv`: the same for the convolution layers; `--paths`: ours with each dense strategy forced;
+`--eager`: where large eager forward+backward calls spend their time (host, device, syncs)."""
 from __future__ import annotations
 
 import cProfile
@@ -52,26 +53,31 @@ def breakdown() -> None:
     x = torch.randn(16, 768, device="cuda", dtype=torch.bfloat16)
     w, b = bare.weight, bare.bias
     s = ours.ia3_l["default"].detach()
-    y = torch.empty(16, 768, device="cuda", dtype=torch.bfloat16)
-    bm, bn, bk, split, warps, stages = dense._matmul_config(16, 768, 768, 2,
-                                                            dense._sm_count(x.device), False)
-    grid = (dense.cdiv(16, bm) * dense.cdiv(768, bn), split)
-    counters = torch.zeros(grid[0], device="cuda", dtype=torch.int32)
-    work = torch.empty(split * 16 * 768, device="cuda", dtype=torch.float32)
-    fast = FastKernel(dense._ia3_matmul_kernel)
+    # The fused path's own launch, caught as it happens (the kernel's signature is not copied
+    # here: a copy went stale once and crashed this benchmark), then replayed both ways.
+    caught = []
+    real_launch = FastKernel._launch
+
+    def spy(self, grid, args, kwargs):
+        caught.append((self.fn, grid, args, kwargs))
+        return real_launch(self, grid, args, kwargs)
+
+    FastKernel._launch = spy
+    try:
+        with dense.dense_path("fused"):
+            dense.dense_forward_impl(x, w, b, s, True, False, False)
+    finally:
+        FastKernel._launch = real_launch
+    jit_fn, grid, args, kwargs = caught[0]
+    fast = FastKernel(jit_fn)
 
     def launch(kernel):
-        kernel[grid](
-            x, w, y, s, None, b, None, None, None, None, None, work, counters, 16, 768, 768,
-            x.stride(0), x.stride(1), w.stride(1), w.stride(0), y.stride(0), y.stride(1), 0, 0, 0, 0,
-            SCALE_A=True, REDUCE_A_AUX=False, HAS_BIAS=True, REDUCE_AUX=False, STORE_PREACT=False,
-            SCALE_C=False, STORE_C=True, SPLIT_K=split, DOT_PRECISION="tf32", BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        kernel[grid](*args, **kwargs)
 
     steps = {
         "torch.empty": lambda: torch.empty(16, 768, device="cuda", dtype=torch.bfloat16),
         "F.linear (bare op)": lambda: F.linear(x, w, b),
-        "Triton kernel[grid](...)": lambda: launch(dense._ia3_matmul_kernel),
+        "Triton kernel[grid](...)": lambda: launch(jit_fn),
         "FastKernel launch": lambda: launch(fast),
         "dense_forward_impl": lambda: dense.dense_forward_impl(x, w, b, s, True, False, False),
         "ia3_linear": lambda: dense.ia3_linear(x, w, b, s, True),
@@ -307,6 +313,66 @@ def conv_big() -> None:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(12)
 
 
+def queued_device_us(fn, calls: int = 20, sleep_ms: float = 100.0) -> float:
+    """Device us per fn() with no host gaps: the calls are queued behind a sleep kernel long
+    enough to hide their host time, and timed between events around them alone. Prints a
+    warning when the host took longer to queue them than the sleep (the figure then includes
+    host gaps) or when fn synchronizes (the sleep cannot cover it)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(sleep_ms * 1e-3 * 1.8e9))  # cycles at ~1.8 GHz
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    queued_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    if queued_ms > 0.8 * sleep_ms:
+        print(f"    (queueing took {queued_ms:.0f} ms against a {sleep_ms:.0f} ms sleep: host gaps "
+              "or a sync are in this figure)")
+    return start.elapsed_time(end) / calls * 1e3
+
+
+# Eager suite rows far above max(host, device) at M = 2048/8192 (suite-dense-large-h100.md):
+# a sync, a cudaMalloc, or the autograd thread hand-off? One line per layer says which.
+EAGER_CASES = [
+    (Shape("Llama-3-8B", "k/v_proj", 4096, 1024), "ff", 8192),
+    (Shape("Llama-3-8B", "q/o_proj", 4096, 4096), "attn", 8192),
+    (Shape("Llama-3-8B", "q/o_proj", 4096, 4096), "ff", 2048),
+    (Shape("T5-base", "wo", 3072, 768), "attn", 2048),
+    (Shape("T5-base", "q/k/v/o", 768, 768), "ff", 2048),
+    (Shape("T5-base", "q/k/v/o", 768, 768), "ff", 16),
+]
+
+
+def eager_diag() -> None:
+    """For each EAGER_CASES layer, bare / PEFT / ours forward+backward (x and the IA3 vector
+    require grad, as in the suite): host us per call (autograd threads on, and off), device us
+    per call with no host gaps, the suite's eager reading (do_bench, L2 flushed), cudaMallocs
+    per call, and the host ms of a call issued behind 50 ms of device work (~50: it syncs)."""
+    from .layers import step_fn, time_eager
+    for shape, mode, M in EAGER_CASES:
+        layers = dict(zip(("bare", "peft", "ours"),
+                          build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)))
+        x = torch.randn(M, shape.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, shape.n, device="cuda", dtype=torch.bfloat16)
+        for name, layer in layers.items():
+            fb = step_fn(layer, x, "fwd_bwd", dy)
+            host = host_us(fb, calls=200)
+            with autograd_threads(False):
+                host_off = host_us(fb, calls=200)
+            device = queued_device_us(fb)
+            print(f"eager {shape.model} {shape.layer} {mode} M={M} {name:<4} fwd+bwd: host "
+                  f"{host:7.1f} us (threads off {host_off:7.1f}), device {device:7.1f} us, "
+                  f"do_bench {time_eager(fb):7.1f} us, cudaMalloc/call "
+                  f"{device_mallocs_per_call(fb):.2f}, behind 50 ms of work "
+                  f"{waits_for_device_ms(fb):5.1f} ms", flush=True)
+        del layers, x, dy
+        torch.cuda.empty_cache()
+
+
 def paths_host() -> None:
     """Host us per eager call of ours with each dense strategy forced, on T5's 768->768 at
     M = 16 (GPU time negligible): what each strategy's launches cost the CPU. The TMA kernel
@@ -343,6 +409,9 @@ def paths_host() -> None:
 def main() -> int:
     if "--paths" in sys.argv[1:]:
         paths_host()
+        return 0
+    if "--eager" in sys.argv[1:]:
+        eager_diag()
         return 0
     if "--conv-big" in sys.argv[1:]:
         conv_big()
