@@ -352,23 +352,29 @@ def eager_diag() -> None:
     require grad, as in the suite): host us per call (autograd threads on, and off), device us
     per call with no host gaps, the suite's eager reading (do_bench, L2 flushed), cudaMallocs
     per call, and the host ms of a call issued behind 50 ms of device work (~50: it syncs)."""
+    from ia3_kernels import dense_path
+
     from .layers import step_fn, time_eager
     for shape, mode, M in EAGER_CASES:
         layers = dict(zip(("bare", "peft", "ours"),
                           build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)))
         x = torch.randn(M, shape.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(M, shape.n, device="cuda", dtype=torch.bfloat16)
-        for name, layer in layers.items():
+        runs = [(name, layer, "auto") for name, layer in layers.items()]
+        if M >= 2048:  # ours with the TMA GEMM forced (the backward's 2**38 flop limit)
+            runs.append(("ours/tma", layers["ours"], "tma"))
+        for name, layer, path in runs:
             fb = step_fn(layer, x, "fwd_bwd", dy)
-            host = host_us(fb, calls=200)
-            with autograd_threads(False):
-                host_off = host_us(fb, calls=200)
-            device = queued_device_us(fb)
-            print(f"eager {shape.model} {shape.layer} {mode} M={M} {name:<4} fwd+bwd: host "
-                  f"{host:7.1f} us (threads off {host_off:7.1f}), device {device:7.1f} us, "
-                  f"do_bench {time_eager(fb):7.1f} us, cudaMalloc/call "
-                  f"{device_mallocs_per_call(fb):.2f}, behind 50 ms of work "
-                  f"{waits_for_device_ms(fb):5.1f} ms", flush=True)
+            with dense_path(path):
+                host = host_us(fb, calls=200)
+                with autograd_threads(False):
+                    host_off = host_us(fb, calls=200)
+                device = queued_device_us(fb)
+                print(f"eager {shape.model} {shape.layer} {mode} M={M} {name:<8} fwd+bwd: host "
+                      f"{host:7.1f} us (threads off {host_off:7.1f}), device {device:7.1f} us, "
+                      f"do_bench {time_eager(fb):7.1f} us, cudaMalloc/call "
+                      f"{device_mallocs_per_call(fb):.2f}, behind 50 ms of work "
+                      f"{waits_for_device_ms(fb):5.1f} ms", flush=True)
         del layers, x, dy
         torch.cuda.empty_cache()
 

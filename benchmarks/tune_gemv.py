@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="nf4,int8")
     parser.add_argument("--stage1-only", action="store_true",
                         help="the decodes at one tile only (a short device run)")
+    parser.add_argument("--decode", type=int, default=None,
+                        help="skip stage 1: sweep tiles with this code lookup (0, 1, 2)")
     args = parser.parse_args(argv)
     import ia3_kernels
     from ia3_kernels import fourbit
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
 
         # Stage 1: the decodes (lookup modes) and prefetch at a middle tile.
         luts = (0, 1, 2) if fmt == "nf4" else (0, 2)
+        if args.decode is not None:
+            luts = ()
         stage1 = []
         for lut, pre in itertools.product(luts, (0, 1)):
             tiles = (64, 256, 0, 4, lut, pre)
@@ -104,7 +108,8 @@ def main(argv=None) -> int:
             per_shape.clear()
             torch.cuda.empty_cache()
             continue
-        best_luts = list(dict.fromkeys(lut for _, lut in stage1))[:1]
+        best_luts = ([args.decode] if args.decode is not None
+                     else list(dict.fromkeys(lut for _, lut in stage1))[:1])
         # Stage 2: tiles, for the best decode(s).
         # 512-deep tiles spill at 4 warps (LDL in the loop, sass_loop; 1.2-19x slower on the
         # H100, tune-gemv-h100.log): 128 and 256 deep, 4 and 8 warps (more loads in flight).
