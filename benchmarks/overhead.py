@@ -3,7 +3,8 @@ layer small enough that the GPU never holds the CPU back, a breakdown of our sta
 cProfiles of ours (forward, and forward+backward with autograd's device threads off so that the
 profiler sees the backward). Eager timings of small layers measure exactly this.
 `--conv`: the same for the convolution layers; `--paths`: ours with each dense strategy forced;
-`--eager`: where large eager forward+backward calls spend their time (host, device, syncs)."""
+`--eager`: where large eager forward+backward calls spend their time (host, device, syncs);
+`--threads`: what autograd's device thread costs them."""
 from __future__ import annotations
 
 import cProfile
@@ -379,6 +380,60 @@ def eager_diag() -> None:
         torch.cuda.empty_cache()
 
 
+class _PythonIdentity(torch.autograd.Function):
+    """y = x with a Python backward that returns dy: what a Python backward node costs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
+
+
+def threads_diag() -> None:
+    """Eager forward+backward host time grew with M only with autograd's device threads on
+    (overhead --eager, H100: ours k/v_proj ff M = 8192 1091 us on, 418 off; T5 768 M = 16 448
+    / 466). Which part: a Python backward node on the device thread at all (an identity
+    Function), the GIL's switch interval (5 ms by default: a thread that wants the GIL waits
+    for the holder's next release or the interval), cuBLAS on that thread, or our kernels?"""
+    from ia3_kernels import dense_path
+
+    from .layers import step_fn
+    default_interval = sys.getswitchinterval()
+    for shape, mode, M in [(Shape("Llama-3-8B", "k/v_proj", 4096, 1024), "ff", 8192),
+                           (Shape("Llama-3-8B", "q/o_proj", 4096, 4096), "attn", 8192),
+                           (Shape("T5-base", "q/k/v/o", 768, 768), "ff", 2048)]:
+        bare, _, ours = build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)
+        x = torch.randn(M, shape.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, shape.n, device="cuda", dtype=torch.bfloat16)
+        bare_py = lambda t: _PythonIdentity.apply(bare(t))  # noqa: E731
+        runs = [("bare", bare, "auto"), ("bare + Python identity node", bare_py, "auto"),
+                ("ours", ours, "auto"), ("ours fused", ours, "fused"),
+                ("ours cublas", ours, "cublas"), ("ours tma", ours, "tma")]
+        for name, layer, path in runs:
+            params = [x] + ([p for p in layer.parameters() if p.requires_grad]
+                            if isinstance(layer, torch.nn.Module) else [])
+            fb = lambda: torch.autograd.grad(layer(x), params, dy)  # noqa: E731
+            cells = []
+            with dense_path(path):
+                for threads, interval in ((True, default_interval), (False, default_interval),
+                                          (True, 1e-5)):
+                    sys.setswitchinterval(interval)
+                    try:
+                        with autograd_threads(threads):
+                            cells.append(host_us(fb, calls=200))
+                    finally:
+                        sys.setswitchinterval(default_interval)
+                device = queued_device_us(fb)
+            print(f"threads {shape.model} {shape.layer} {mode} M={M} {name:<28} fwd+bwd host us: "
+                  f"threads on {cells[0]:7.1f}, off {cells[1]:7.1f}, on with a 10 us GIL switch "
+                  f"interval {cells[2]:7.1f}; device {device:7.1f}", flush=True)
+        del bare, ours, x, dy
+        torch.cuda.empty_cache()
+
+
 def paths_host() -> None:
     """Host us per eager call of ours with each dense strategy forced, on T5's 768->768 at
     M = 16 (GPU time negligible): what each strategy's launches cost the CPU. The TMA kernel
@@ -415,6 +470,9 @@ def paths_host() -> None:
 def main() -> int:
     if "--paths" in sys.argv[1:]:
         paths_host()
+        return 0
+    if "--threads" in sys.argv[1:]:
+        threads_diag()
         return 0
     if "--eager" in sys.argv[1:]:
         eager_diag()

@@ -628,10 +628,14 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.b
     elif interpret:
         bn, bk, split, warps, lut, prefetch = 16, 64, 0, 4, 1, 1
     elif four_bit:
-        # H100 sweep (tune-gemv-h100.log), 64x256: byte permutes (decode 2) with prefetch were
-        # best on 3 of 4 shapes (14336->4096: 30.5 us; shared-memory gathers, decode 0: 32.9,
-        # decode 1: 43.0, bank conflicts); 128-wide tiles lost on 3 of 4, 512-deep ones by 1.2-19x.
-        bn, bk, split, warps, lut, prefetch = 64, 256, 0, 4, 2, 1
+        # H100 sweeps. Decode (tune-gemv-h100.log, 64x256): byte permutes (decode 2) with
+        # prefetch were best on 3 of 4 shapes (14336->4096: 30.5 us; shared-memory gathers,
+        # decode 0: 32.9, decode 1: 43.0, bank conflicts); 512-deep tiles spill (1.2-19x).
+        # Tiles (tune-gemv-tiles-h100.log, decode 2 + prefetch, 4 warps): 32x256 where the
+        # output is wide (4096->14336: 27.3 us against 31.9 at 64x256), 128x128 elsewhere
+        # (14336->4096 28.2 against 29.2; 4096->4096 10.5 against 10.7; 4096->1024 5.5 / 5.7).
+        bn, bk = (32, 256) if N >= 2 * K else (128, 128)
+        split, warps, lut, prefetch = 0, 4, 2, 1
     else:
         # Same sweep: 32x256 with byte permutes, no prefetch (14336->4096 28.4 us, 4096->14336
         # 27.6; integer-op decode 28.5 / 29.8; 64-wide and 512-deep tiles 0-8% slower).
