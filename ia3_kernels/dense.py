@@ -524,14 +524,16 @@ SMALL_GEMM_FLOP = 1 << 34
 #   where no dimension passes 4096 (4096->4096 487 + a ~45 us pass against 664 us), lost on
 #   4096->14336 and 14336->4096 (1.40 against 1.23), where scaling the A tile in registers
 #   costs what it costs the feedforward forward (1.2-1.4x cuBLAS, so that one stays cuBLAS's).
-# Only eager calls (the kernel launches through Triton's own path with host-side descriptors)
-# and only past SMALL_GEMM_FLOP (host time rules below it). In the backward, only past
-# TMA_BWD_MIN_FLOP: there a TMA launch cost ~450-500 us more host time than the fused
-# kernel's on the H100 host (`python -m benchmarks.overhead --paths`, T5 768->768 at M = 16:
-# ff fwd+bwd 855 against 400 us, attn 876 against 354; forward only +13-33 us; cause not found
-# yet, benchmarks/results/host-overhead-paths-h100.log), and the layer suite's eager
-# q/o_proj ff forward+backward at M = 2048 took 1123 us against 179 bare with it, while at
-# M = 8192 (2**38 flop, ~0.4 ms of GPU in that GEMM) it took 1.08x bare against 1.14 before.
+# Only eager calls (host-side descriptors, built per call) and only past SMALL_GEMM_FLOP (host
+# time rules below it). In the backward, only past TMA_BWD_MIN_FLOP. The first reason, ~450-500
+# us more host time a backward launch through Triton's own run() (host-overhead-paths-h100.log),
+# went when the kernel moved to launch.FastKernel (ff fwd+bwd host at T5 768->768, M = 16: 686
+# us against 855 before, fused 335; host-overhead-paths-fastkernel-h100.log). What keeps the
+# limit: below 2**38 the TMA backward saved no device time in the layer's forward+backward
+# (`overhead --eager`, host-overhead-eager-h100.log, device time without host gaps: q/o_proj
+# ff M = 2048 243.8 us forced against 217.5 by this rule, k/v_proj ff M = 8192 296.6 against
+# 297.7; only T5 wo attn at M = 2048 gained, 70.4 against 84.6, a host-bound layer anyway)
+# while its five descriptors cost host time on every call.
 TMA_MIN_M = 2048
 TMA_MAX_DIM = 4096
 TMA_BWD_MIN_FLOP = 1 << 38
