@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import config, mixed
-from .dense import (_KERNEL_DTYPES, _check_devices_and_dtypes, _launch_scale_reduce, _sm_count,
-                    _split_k_counters, check_matching_dtypes)
+from .dense import (_KERNEL_DTYPES, _Caller, _check_devices_and_dtypes, _launch_scale_reduce,
+                    _sm_count, _split_k_counters, check_matching_dtypes)
 from .launch import FastKernel, cdiv
 
 
@@ -672,18 +672,8 @@ def torch_ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return (u.to(scale.dtype) * lvec).to(u.dtype)
 
 
-class _Caller:
-    """Names the caller in error messages; the layer's description is built only on error."""
-
-    def __init__(self, describe):
-        self.describe = describe
-
-    def __str__(self) -> str:
-        return self.describe() if self.describe is not None else "ia3_conv"
-
-
 def _check_inputs(x, weight, bias, scale, feedforward, groups, describe, adapter_index=None):
-    where = _Caller(describe)
+    where = _Caller(describe, "ia3_conv")
     nd = weight.dim() - 2
     if nd not in (1, 2, 3):
         raise ValueError(f"{where}: weight must be 3-D, 4-D or 5-D (Conv1d/2d/3d), got shape "
@@ -700,7 +690,7 @@ def _check_inputs(x, weight, bias, scale, feedforward, groups, describe, adapter
         if x.dim() != nd + 2:
             raise ValueError(f"{where}: a mixed-adapter batch needs a batched x (N, C, ...), got "
                              f"shape {tuple(x.shape)}")
-        mixed.check_adapter_index(str(where), x, scale, adapter_index, expected, feedforward)
+        mixed.check_adapter_index(where, x, scale, adapter_index, expected, feedforward)
     elif scale.numel() != expected:
         kind = ("feedforward (scales in_channels)" if feedforward
                 else "attention (scales out_channels)")
@@ -709,7 +699,7 @@ def _check_inputs(x, weight, bias, scale, feedforward, groups, describe, adapter
     if bias is not None and bias.numel() != c_out:
         raise ValueError(f"{where}: bias must have out_channels={c_out} elements, got "
                          f"{tuple(bias.shape)}")
-    _check_devices_and_dtypes(lambda: str(where), x, weight, bias, scale)
+    _check_devices_and_dtypes(where, x, weight, bias, scale)
     return where, nd
 
 
@@ -804,7 +794,7 @@ def ia3_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     n uses row adapter_index[n] (mixed.py)."""
     where, nd = _check_inputs(x, weight, bias, scale, feedforward, groups, describe,
                               adapter_index)
-    check_matching_dtypes(lambda: str(where), x, weight, bias, "nn.Conv")
+    check_matching_dtypes(where, x, weight, bias, "nn.Conv")
     backend = config.get_backend()
     use = backend != "torch" and not (backend == "auto" and x.device.type != "cuda")
     if use:

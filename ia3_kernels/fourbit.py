@@ -28,7 +28,7 @@ from torch.library import triton_op
 
 from . import config
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
-                    _launch_scale_reduce, _path_override, _sm_count, _where, split_k_for)
+                    _launch_scale_reduce, _path_override, _sm_count, _Caller, split_k_for)
 from .quantized import compute_dtype as _autocast_or
 from .small_m import SMALL_M_MAX_M
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
@@ -321,7 +321,7 @@ class _FourBitLinearFunction(torch.autograd.Function):
 def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None,
                   adapter_index=None):
     """Clear errors before anything launches."""
-    where = _where(describe)
+    where = _Caller(describe, "ia3_linear_4bit")
     N, K = w.out_features, w.in_features
     if w.blocksize not in BLOCKSIZES:
         raise ValueError(f"{where}: 4-bit blocksize must be one of {BLOCKSIZES}, got {w.blocksize}")
@@ -349,7 +349,7 @@ def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None,
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (4-bit weight "
                          f"({N}, {K})), got x of shape {tuple(x.shape)}")
     _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index, x)
-    _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {
+    _check_devices_and_dtypes(where, x, None, bias, scale, {
         "weight": w.packed, "absmax": w.absmax, "code": w.code, "absmax2": w.absmax2,
         "code2": w.code2, "offset": w.offset})
 

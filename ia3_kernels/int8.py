@@ -29,7 +29,7 @@ import torch
 from torch.library import triton_op
 
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
-                    _launch_scale_reduce, _path_override, _where)
+                    _launch_scale_reduce, _path_override, _Caller)
 from .quantized import compute_dtype as _compute_dtype
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -225,7 +225,7 @@ class _Int8LinearFunction(torch.autograd.Function):
 
 def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None, adapter_index=None):
     """Clear errors before anything launches."""
-    where = _where(describe)
+    where = _Caller(describe, "ia3_linear_int8")
     if cb.dim() != 2 or cb.dtype != torch.int8:
         raise ValueError(f"{where}: the int8 weight (CB) must be a 2-D int8 tensor (out, in), got "
                          f"{cb.dtype} of shape {tuple(cb.shape)}")
@@ -237,7 +237,7 @@ def _check_inputs(x, cb, scb, bias, scale, feedforward, describe=None, adapter_i
         raise ValueError(f"{where}: x's last dimension must be in_features={K} (CB {tuple(cb.shape)}"
                          f" stored (out, in)), got x of shape {tuple(x.shape)}")
     _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index, x)
-    _check_devices_and_dtypes(lambda: where, x, None, bias, scale, {"CB": cb, "SCB": scb})
+    _check_devices_and_dtypes(where, x, None, bias, scale, {"CB": cb, "SCB": scb})
 
 
 def ia3_linear_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
