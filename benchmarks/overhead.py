@@ -400,7 +400,6 @@ def threads_diag() -> None:
     for the holder's next release or the interval), cuBLAS on that thread, or our kernels?"""
     from ia3_kernels import dense_path
 
-    from .layers import step_fn
     default_interval = sys.getswitchinterval()
     for shape, mode, M in [(Shape("Llama-3-8B", "k/v_proj", 4096, 1024), "ff", 8192),
                            (Shape("Llama-3-8B", "q/o_proj", 4096, 4096), "attn", 8192),
@@ -467,26 +466,27 @@ def paths_host() -> None:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(15)
 
 
+def _conv_default() -> None:
+    conv_breakdown()
+    conv_overhead()
+
+
+# Flag -> what it runs instead of the default (the first flag of this order present wins).
+MODES = {
+    "--paths": paths_host,
+    "--threads": threads_diag,
+    "--eager": eager_diag,
+    "--conv-big": conv_big,
+    "--conv-ablation": lambda: conv_ablation(big="big" in sys.argv[1:]),
+    "--conv": _conv_default,
+}
+
+
 def main() -> int:
-    if "--paths" in sys.argv[1:]:
-        paths_host()
-        return 0
-    if "--threads" in sys.argv[1:]:
-        threads_diag()
-        return 0
-    if "--eager" in sys.argv[1:]:
-        eager_diag()
-        return 0
-    if "--conv-big" in sys.argv[1:]:
-        conv_big()
-        return 0
-    if "--conv-ablation" in sys.argv[1:]:
-        conv_ablation(big="big" in sys.argv[1:])
-        return 0
-    if "--conv" in sys.argv[1:]:
-        conv_breakdown()
-        conv_overhead()
-        return 0
+    for flag, run in MODES.items():
+        if flag in sys.argv[1:]:
+            run()
+            return 0
     breakdown()
     backward_breakdown()
     shape = Shape("T5-base", "q/k/v/o", 768, 768)
