@@ -466,6 +466,89 @@ def paths_host() -> None:
         pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(15)
 
 
+SPIN_CASES = {
+    "t5ff16": (Shape("T5-base", "q/k/v/o", 768, 768), "ff", 16),
+    "t5ff2048": (Shape("T5-base", "q/k/v/o", 768, 768), "ff", 2048),
+    "t5attn2048": (Shape("T5-base", "wo", 3072, 768), "attn", 2048),
+    "kvff8192": (Shape("Llama-3-8B", "k/v_proj", 4096, 1024), "ff", 8192),
+}
+
+
+def spin() -> None:
+    """`--spin CASE VARIANT SECONDS`: one eager forward+backward (autograd's device threads on,
+    as in training) in a loop for SECONDS, for a sampling profiler outside the process
+    (py-spy record --native --threads --idle): cProfile sees only the calling thread, and the
+    host time lost with the device thread on (overhead --threads) is on the other one. Prints
+    host us per call and, for ours, how much of it the backward's own body took on the
+    device thread."""
+    from ia3_kernels import dense
+
+    args = sys.argv[sys.argv.index("--spin") + 1:]
+    case, variant, seconds = args[0], args[1], float(args[2])
+    shape, mode, M = SPIN_CASES[case]
+    layers = dict(zip(("bare", "peft", "ours"),
+                      build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)))
+    layer = layers[variant]
+    x = torch.randn(M, shape.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, shape.n, device="cuda", dtype=torch.bfloat16)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    body = [0.0, 0]
+    real_backward = dense._DenseLinearFunction.backward
+    # `--spin CASE VARIANT SECONDS body|all [off]`: cProfile the backward's body on whichever
+    # thread runs it, or the whole loop. One profiler at a time: since Python 3.12 cProfile
+    # rides on sys.monitoring, which is process-wide (it sees every thread's calls) and takes
+    # one profiler.
+    profile = args[3] if len(args) > 3 and args[3] in ("body", "all") else ""
+    body_prof, caller_prof = cProfile.Profile(), cProfile.Profile()
+
+    def timed_backward(ctx, g):
+        if profile == "body":
+            body_prof.enable()
+        start = time.perf_counter()
+        try:
+            return real_backward(ctx, g)
+        finally:
+            body[0] += time.perf_counter() - start
+            body[1] += 1
+            if profile == "body":
+                body_prof.disable()
+
+    dense._DenseLinearFunction.backward = staticmethod(timed_backward)
+    torch.autograd.set_multithreading_enabled("off" not in args[3:])
+    try:
+        for _ in range(50):
+            torch.autograd.grad(layer(x), params, dy)
+        torch.cuda.synchronize()
+        body[:] = [0.0, 0]
+        if profile == "body":
+            body_prof = cProfile.Profile()
+        elif profile == "all":
+            caller_prof.enable()
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(20):
+                torch.autograd.grad(layer(x), params, dy)
+            calls += 20
+        elapsed = time.perf_counter() - start
+        if profile == "all":
+            caller_prof.disable()
+        torch.cuda.synchronize()
+    finally:
+        dense._DenseLinearFunction.backward = staticmethod(real_backward)
+    threads = torch.autograd.is_multithreading_enabled()
+    torch.autograd.set_multithreading_enabled(True)
+    per_body = body[0] / body[1] * 1e6 if body[1] else 0.0
+    print(f"spin {case} {variant}: {calls} fwd+bwd calls, host {elapsed / calls * 1e6:.1f} us a "
+          f"call; our backward body {per_body:.1f} us a call on the device thread "
+          f"({body[1]} calls; autograd device threads "
+          f"{'on' if threads else 'off'})", flush=True)
+    if profile and (profile == "all" or body[1]):
+        label = "the backward's body" if profile == "body" else "the whole loop"
+        print(f"--- spin {case} {variant}: cProfile of {label}, {calls} calls")
+        pstats.Stats(body_prof if profile == "body" else caller_prof,
+                     stream=sys.stdout).sort_stats("tottime").print_stats(22)
+
+
 def _conv_default() -> None:
     conv_breakdown()
     conv_overhead()
@@ -473,6 +556,7 @@ def _conv_default() -> None:
 
 # Flag -> what it runs instead of the default (the first flag of this order present wins).
 MODES = {
+    "--spin": spin,
     "--paths": paths_host,
     "--threads": threads_diag,
     "--eager": eager_diag,
