@@ -143,18 +143,45 @@ def split_k_reduce(acc, workspace_ptr, counter_ptr, pid_k, split_stride, offs, m
 
 
 @triton.jit
+def finish_partial_rows(partial_ptr, final_ptr, counter_ptr, n_rows, row_len, cols, mask,
+                        BLOCK: tl.constexpr, FINISH_R: tl.constexpr):
+    """dl's partial sums finished in the launch that makes them: each of the n_rows CTAs that
+    own a row of partial[:, cols] has stored it (fp32) and counts itself on counter_ptr; the
+    one that arrives last sums rows 0..n_rows-1 in that order (the same order whoever is last:
+    deterministic), writes final[cols] in final's dtype and puts the counter back to zero for
+    the next launch. In place of a torch sum + cast + view after the kernel: three aten calls,
+    ~45 of the 234 us of host a T5 768->768 feedforward backward took on the H100 host under
+    cProfile (benchmarks/results/host-spin-profile-h100.log)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_rows - 1:
+        tl.store(counter_ptr, 0)
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for r0 in range(0, n_rows, FINISH_R):
+            offs_r = r0 + tl.arange(0, FINISH_R)
+            tile = tl.load(partial_ptr + offs_r[:, None].to(tl.int64) * row_len + cols[None, :],
+                           mask=(offs_r < n_rows)[:, None] & mask[None, :], other=0.0,
+                           cache_modifier=".cg")
+            total += tl.sum(tile, axis=0)
+        tl.store(final_ptr + cols, total.to(final_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
     a_aux_ptr, a_partial_ptr, workspace_ptr, counter_ptr, w_scale_ptr,
-    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, scale_index_ptr,
-    M, N, K, rows_per_index,
+    q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, scale_index_ptr, final_ptr,
+    M, N, K, rows_per_index, finish_base,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_a_auxm, stride_a_auxk,
     SCALE_A: tl.constexpr,  # multiply column k of the A tile by scale_a[k] before the dot
     REDUCE_A_AUX: tl.constexpr,  # a_partial[pid_m, k] = sum over the tile's rows of A * a_aux
     HAS_BIAS: tl.constexpr,  # u = acc + bias[n]
     REDUCE_AUX: tl.constexpr,  # partial[pid_m, n] = sum over the tile's rows of u * aux
+    # The partial rows of REDUCE_AUX / REDUCE_A_AUX summed into final[n] / final[k] by the
+    # last CTA to write one (finish_partial_rows; counters from counter_ptr + finish_base).
+    FINISH: tl.constexpr,
     STORE_PREACT: tl.constexpr,  # write u (M x N, contiguous) before the output scaling
     SCALE_C: tl.constexpr,  # c = u * scale_c[n]
     # Mixed-adapter batches: scale_a / scale_c are tables of one row per adapter (K or N
@@ -272,6 +299,10 @@ def _ia3_matmul_kernel(
                                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 a_part = tl.sum(a.to(tl.float32) * a_aux.to(tl.float32), axis=0)
                 tl.store(a_partial_ptr + pid_m * K + rk, a_part, mask=mask_k)
+                if FINISH:  # one CTA of each row block writes this k block: num_pid_m rows
+                    finish_partial_rows(a_partial_ptr, final_ptr,
+                                        counter_ptr + finish_base + k0 // BLOCK_K, num_pid_m, K,
+                                        rk, mask_k, BLOCK_K, 16)
         if SCALE_A:
             if SCALE_GATHER:
                 s = tl.load(scale_a_ptr + scale_row[:, None] * K + rk[None, :],
@@ -351,6 +382,9 @@ def _ia3_matmul_kernel(
                           mask=mask_2d, other=0.0).to(tl.float32)
             part = tl.sum(tl.where(mask_2d, u * aux, 0.0), axis=0)
             tl.store(partial_ptr + pid_m * N + rn, part, mask=mask_n)
+            if FINISH:
+                finish_partial_rows(partial_ptr, final_ptr, counter_ptr + finish_base + pid_n,
+                                    num_pid_m, N, rn, mask_n, BLOCK_N, 16)
         if STORE_PREACT:
             tl.store(preact_ptr + offs_2d, u.to(preact_ptr.dtype.element_ty), mask=mask_2d)
         if STORE_C:
@@ -744,7 +778,7 @@ def _quant4_args(quant4):
 def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=None, scale_c=None,
                    bias=None, aux=None, store_preact=False, reduce_aux=False, store_c=True,
                    a_aux=None, sum_dtype=torch.float32, w_scale=None, w_scale_axis=0,
-                   quant4=None, w_4bit=0, tiles=None, scale_index=None):
+                   quant4=None, w_4bit=0, tiles=None, scale_index=None, finish_like=None):
     """C = epilogue(prologue(a) @ B) where B[k, n] = b[k*b_strides[0] + n*b_strides[1]].
     An int8 b is dequantized in registers with w_scale / 127 along GEMM axis w_scale_axis
     (1 = N, 2 = K; see the kernel's W_SCALE_AXIS). A 4-bit weight comes as `quant4` (b its
@@ -756,6 +790,8 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     Returns (c, preact, partial, a_partial): partial (row blocks, N) sums of u*aux, and
     a_partial (row blocks, K) sums of a*a_aux (a before scale_a), or None. Sums are fp32, or
     `sum_dtype` where one row block makes them final (no cast launch afterwards).
+    finish_like: a tensor of N (reduce_aux) or K (a_aux) elements; the sums then come back
+    final, summed over row blocks in the kernel, shaped and typed like it (the caller's dl).
     """
     M, K = a.shape
     N = out_shape[1]
@@ -773,29 +809,42 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     if quant4 is not None:
         w_scale = quant4.absmax
     num_pid_m = cdiv(M, bm)
-    tiles = num_pid_m * cdiv(N, bn)
+    num_pid_n = cdiv(N, bn)
+    tiles = num_pid_m * num_pid_n
     partial_dtype = sum_dtype if num_pid_m == 1 else torch.float32
-    partial = (torch.empty((num_pid_m, N), device=device, dtype=partial_dtype)
-               if reduce_aux else None)
-    a_partial = (torch.empty((num_pid_m, K), device=device, dtype=partial_dtype)
-                 if a_aux is not None else None)
+    sums = reduce_aux or a_aux is not None
+    final = torch.empty_like(finish_like) if sums and finish_like is not None else None
+    finish = final is not None and num_pid_m > 1
+    if final is not None and not finish:
+        partial_dtype = final.dtype  # one row block: the kernel's row is the final sum
+    partial = a_partial = None
+    if reduce_aux:
+        partial = (final if final is not None and not finish
+                   else torch.empty((num_pid_m, N), device=device, dtype=partial_dtype))
+    if a_aux is not None:
+        a_partial = (final if final is not None and not finish
+                     else torch.empty((num_pid_m, K), device=device, dtype=partial_dtype))
+    workspace = counters = None
+    finish_base = tiles if split_k > 1 else 0
     if split_k > 1:
         workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
-        counters = _split_k_counters(tiles, device, traceable)
-    else:
-        workspace = counters = None
+    if split_k > 1 or finish:
+        counters = _split_k_counters(
+            finish_base + ((num_pid_n if reduce_aux else cdiv(K, bk)) if finish else 0),
+            device, traceable)
     aux_strides = aux.stride() if aux is not None else (0, 0)
     a_aux_strides = a_aux.stride() if a_aux is not None else (0, 0)
     # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
     _KERNELS[traceable][0][(tiles, split_k)](
         a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial, workspace,
-        counters, w_scale, *q_ptrs, scale_index, M, N, K,
-        M // scale_index.numel() if scale_index is not None else 1,
+        counters, w_scale, *q_ptrs, scale_index, final if finish else None, M, N, K,
+        M // scale_index.numel() if scale_index is not None else 1, finish_base,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
         aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
         SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
-        REDUCE_AUX=reduce_aux, STORE_PREACT=store_preact, SCALE_C=scale_c is not None,
+        REDUCE_AUX=reduce_aux, FINISH=finish, STORE_PREACT=store_preact,
+        SCALE_C=scale_c is not None,
         SCALE_GATHER=scale_index is not None, STORE_C=store_c, SPLIT_K=split_k,
         DOT_PRECISION=_dot_precision(b.dtype if w_scale is None and quant4 is None else a.dtype),
         W_SCALE_AXIS=w_scale_axis if w_scale is not None and quant4 is None else 0,
@@ -804,6 +853,11 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )
+    if final is not None:  # the sums come back final, shaped like finish_like
+        if reduce_aux:
+            partial = final
+        else:
+            a_partial = final
     return c, preact, partial, a_partial
 
 
@@ -976,7 +1030,10 @@ def _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale, traceable):
 
 def _reduce_partials(partial, like):
     """Per-block partial sums -> a gradient shaped and typed like `like` (fixed order). One
-    block is already final, in like's dtype (the kernels were given it as sum_dtype)."""
+    block is already final, in like's dtype (the kernels were given it as sum_dtype); sums a
+    kernel finished itself (_launch_matmul's finish_like) come shaped like `like`: as they are."""
+    if partial.shape == like.shape and partial.dtype == like.dtype:
+        return partial
     total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
     return total.to(like.dtype).view(like.shape)  # .to is free where the dtype already is
 
@@ -1118,7 +1175,8 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
                 dx, _, partial, _ = _launch_matmul(
                     dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                     scale_c=scale, aux=x if need_dscale else None, reduce_aux=need_dscale,
-                    store_c=need_dx, sum_dtype=scale.dtype, traceable=traceable)
+                    store_c=need_dx, sum_dtype=scale.dtype, traceable=traceable,
+                    finish_like=scale)
             if need_dscale:
                 dscale = _reduce_partials(partial, scale)
         if need_dbias:
@@ -1144,7 +1202,7 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             dx, _, _, partial = _launch_matmul(
                 dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                 scale_a=scale, a_aux=preact if in_kernel else None, sum_dtype=scale.dtype,
-                traceable=traceable)
+                traceable=traceable, finish_like=scale)
             if need_dscale and not in_kernel:
                 _, partial = _launch_scale_reduce(dy, aux=preact, sum_dtype=scale.dtype,
                                                   traceable=traceable)

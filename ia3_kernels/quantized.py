@@ -146,7 +146,8 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
             dx, _, partial, _ = _launch_matmul(
                 dy, out_shape=(M, K), out_dtype=dtype, scale_c=scale,
                 aux=x if need_dscale else None, reduce_aux=need_dscale, store_c=need_dx,
-                sum_dtype=scale.dtype, traceable=traceable, **wq.fused_args(M, "bwd", dtype))
+                sum_dtype=scale.dtype, traceable=traceable, finish_like=scale,
+                **wq.fused_args(M, "bwd", dtype))
     elif not feedforward:
         # dx = (dy*l) W = dy (diag(l) W); dl = sum_rows dy*u.
         dl_in_kernel = False
@@ -162,7 +163,7 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
             dx, _, _, partial = _launch_matmul(
                 dy, out_shape=(M, K), out_dtype=dtype, scale_a=scale,
                 a_aux=preact if dl_in_kernel else None, sum_dtype=scale.dtype,
-                traceable=traceable, **wq.fused_args(M, "bwd", dtype))
+                traceable=traceable, finish_like=scale, **wq.fused_args(M, "bwd", dtype))
         if need_dscale and not dl_in_kernel:
             _, partial = _launch_scale_reduce(dy, aux=preact, sum_dtype=scale.dtype,
                                               traceable=traceable)
