@@ -549,6 +549,64 @@ def spin() -> None:
                      stream=sys.stdout).sort_stats("tottime").print_stats(22)
 
 
+@contextlib.contextmanager
+def _host_variant(finish: bool, plans: bool):
+    """Ours with dl's in-kernel finish and/or _launch_matmul's launch plans turned off, as
+    before they existed (torch sum + cast + view of the partials; the full launch each call)."""
+    from ia3_kernels import dense, quantized
+
+    real = dense._launch_matmul
+
+    def without_finish(*args, finish_like=None, **kwargs):
+        return real(*args, **kwargs)
+
+    saved = dense._PLANS_ENABLED
+    dense._PLANS_ENABLED = plans
+    if not finish:
+        dense._launch_matmul = quantized._launch_matmul = without_finish
+    try:
+        yield
+    finally:
+        dense._PLANS_ENABLED = saved
+        dense._launch_matmul = quantized._launch_matmul = real
+
+
+def ab_host(rounds: int = 5) -> None:
+    """`--ab`: host us per eager forward+backward (autograd's device threads on, as in
+    training) of bare, PEFT and ours with and without dl's in-kernel finish and the launch
+    plans, interleaved in rounds in one process (the host's speed drifts between machines and
+    minutes: best of `rounds`), and the device us of ours (no host gaps)."""
+    variants = [("bare", "bare", None), ("peft", "peft", None),
+                ("ours before (no finish, no plans)", "ours", (False, False)),
+                ("ours + in-kernel finish", "ours", (True, False)),
+                ("ours + finish + plans", "ours", (True, True))]
+    for case in ("t5ff16", "t5ff2048", "t5attn2048", "kvff8192"):
+        shape, mode, M = SPIN_CASES[case]
+        layers = dict(zip(("bare", "peft", "ours"),
+                          build_layers(shape, mode, torch.device("cuda"), torch.bfloat16)))
+        x = torch.randn(M, shape.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, shape.n, device="cuda", dtype=torch.bfloat16)
+        best: dict = {}
+        for _ in range(rounds):
+            for label, name, flags in variants:
+                layer = layers[name]
+                params = [x] + [p for p in layer.parameters() if p.requires_grad]
+                step = lambda: torch.autograd.grad(layer(x), params, dy)  # noqa: E731
+                ctx = _host_variant(*flags) if flags else contextlib.nullcontext()
+                with ctx:
+                    us = host_us(step, calls=300)
+                best[label] = min(best.get(label, us), us)
+        with _host_variant(True, True):
+            params = [x] + [p for p in layers["ours"].parameters() if p.requires_grad]
+            device = queued_device_us(lambda: torch.autograd.grad(layers["ours"](x), params, dy))
+        for label, _, _ in variants:
+            print(f"ab {case} ({shape.model} {shape.layer} {mode} M={M}) {label:<34} fwd+bwd host "
+                  f"{best[label]:7.1f} us (best of {rounds})", flush=True)
+        print(f"ab {case} ours device {device:7.1f} us a fwd+bwd (no host gaps)", flush=True)
+        del layers, x, dy
+        torch.cuda.empty_cache()
+
+
 def _conv_default() -> None:
     conv_breakdown()
     conv_overhead()
@@ -556,6 +614,7 @@ def _conv_default() -> None:
 
 # Flag -> what it runs instead of the default (the first flag of this order present wins).
 MODES = {
+    "--ab": ab_host,
     "--spin": spin,
     "--paths": paths_host,
     "--threads": threads_diag,

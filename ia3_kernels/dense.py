@@ -798,6 +798,17 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     device = a.device
     c = torch.empty(out_shape, device=device, dtype=out_dtype) if store_c else None
     preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
+    q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
+    if quant4 is not None:
+        w_scale = quant4.absmax
+    plan_key = plan = None
+    if _PLANS_ENABLED and not traceable and device.type == "cuda":
+        plan_key = _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux,
+                             store_preact, reduce_aux, store_c, a_aux, sum_dtype, w_scale,
+                             w_scale_axis, quant4, w_4bit, tiles, scale_index, finish_like)
+        known = _matmul_plans.get(plan_key) if plan_key is not None else None
+        if known is not None:
+            tiles, plan = known
     if tiles is None:
         bm, bn, bk, split_k, warps, stages = _matmul_config(
             M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted(),
@@ -805,9 +816,6 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         aligned = False
     else:
         bm, bn, bk, split_k, warps, stages, aligned = tiles
-    q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
-    if quant4 is not None:
-        w_scale = quant4.absmax
     num_pid_m = cdiv(M, bm)
     num_pid_n = cdiv(N, bn)
     tiles = num_pid_m * num_pid_n
@@ -832,16 +840,49 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         counters = _split_k_counters(
             finish_base + ((num_pid_n if reduce_aux else cdiv(K, bk)) if finish else 0),
             device, traceable)
+    if plan is None or not plan(a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
+                                a_partial, workspace, counters, w_scale, *q_ptrs, scale_index,
+                                final if finish else None):
+        args, kwargs = _matmul_launch_args(
+            a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial,
+            workspace, counters, w_scale, q_ptrs, scale_index, final if finish else None, M, N,
+            K, finish_base, store_c, store_preact, reduce_aux, finish, split_k, w_scale_axis,
+            quant4, w_4bit, q_blocksize, q_nested, q_blocksize2, aligned, bm, bn, bk, warps,
+            stages)
+        kernel = _KERNELS[traceable][0]
+        if plan_key is not None and isinstance(kernel, FastKernel):
+            plan = kernel.plan((tiles, split_k), args, kwargs, _MATMUL_PLAN_SLOTS)
+            if plan is not None:
+                if len(_matmul_plans) >= _MAX_MATMUL_PLANS:
+                    _matmul_plans.clear()
+                _matmul_plans[plan_key] = ((bm, bn, bk, split_k, warps, stages, aligned), plan)
+        else:
+            kernel[(tiles, split_k)](*args, **kwargs)
+    if final is not None:  # the sums come back final, shaped like finish_like
+        if reduce_aux:
+            partial = final
+        else:
+            a_partial = final
+    return c, preact, partial, a_partial
+
+
+def _matmul_launch_args(a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
+                        a_partial, workspace, counters, w_scale, q_ptrs, scale_index, final, M,
+                        N, K, finish_base, store_c, store_preact, reduce_aux, finish, split_k,
+                        w_scale_axis, quant4, w_4bit, q_blocksize, q_nested, q_blocksize2,
+                        aligned, bm, bn, bk, warps, stages):
+    """_ia3_matmul_kernel's (args, kwargs) for _launch_matmul."""
     aux_strides = aux.stride() if aux is not None else (0, 0)
     a_aux_strides = a_aux.stride() if a_aux is not None else (0, 0)
     # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
-    _KERNELS[traceable][0][(tiles, split_k)](
+    return (
         a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial, workspace,
-        counters, w_scale, *q_ptrs, scale_index, final if finish else None, M, N, K,
+        counters, w_scale, *q_ptrs, scale_index, final, M, N, K,
         M // scale_index.numel() if scale_index is not None else 1, finish_base,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
         aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
+    ), dict(
         SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
         REDUCE_AUX=reduce_aux, FINISH=finish, STORE_PREACT=store_preact,
         SCALE_C=scale_c is not None,
@@ -853,12 +894,54 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         num_warps=warps, num_stages=stages,
     )
-    if final is not None:  # the sums come back final, shaped like finish_like
-        if reduce_aux:
-            partial = final
-        else:
-            a_partial = final
-    return c, preact, partial, a_partial
+
+
+# Eager launches of _ia3_matmul_kernel replay a launch plan (launch.FastKernel.plan) kept per
+# call signature: the tile choice, the kernel's keyword arguments and FastKernel's binding
+# and key are computed once per signature instead of on every call. Host time on the H100 host
+# under cProfile (benchmarks/results/host-spin-profile-h100.log, T5 768->768 backward):
+# _launch_matmul's own Python 26 us, FastKernel's launch + bind + device query ~38 us, a call.
+_PLANS_ENABLED = True
+_MAX_MATMUL_PLANS = 4096
+_matmul_plans: dict = {}
+# Every tensor parameter of _ia3_matmul_kernel, in signature order: a plan's runtime values.
+_MATMUL_PLAN_SLOTS = ("a_ptr", "b_ptr", "c_ptr", "scale_a_ptr", "scale_c_ptr", "bias_ptr",
+                      "aux_ptr", "preact_ptr", "partial_ptr", "a_aux_ptr", "a_partial_ptr",
+                      "workspace_ptr", "counter_ptr", "w_scale_ptr", "q_code_ptr",
+                      "q_code2_ptr", "q_absmax2_ptr", "q_offset_ptr", "scale_index_ptr",
+                      "final_ptr")
+
+
+def _described(t):
+    return None if t is None else (t.dtype, t.stride())
+
+
+def _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux, store_preact,
+              reduce_aux, store_c, a_aux, sum_dtype, w_scale, w_scale_axis, quant4, w_4bit,
+              tiles, scale_index, finish_like):
+    """Everything a launch of _launch_matmul depends on besides the tensors' data: shapes,
+    strides and dtypes of every operand, the flags, the caller's tiles; None (no plan) when an
+    operand is not 16-byte aligned (Triton specialises pointers on it; outputs are fresh
+    allocations, always aligned)."""
+    q_tensors = () if quant4 is None else (quant4.code, quant4.code2, quant4.absmax2,
+                                           quant4.offset)
+    pointers = 0
+    for t in (a, b, scale_a, scale_c, bias, aux, a_aux, w_scale, scale_index) + q_tensors:
+        if t is not None:
+            pointers |= t.data_ptr()
+    if pointers & 15:
+        return None
+    return (a.shape, a.stride(), a.dtype, b.dtype, b_strides, out_shape, out_dtype,
+            _described(scale_a), _described(scale_c), _described(bias), _described(aux),
+            store_preact, reduce_aux, store_c, _described(a_aux), sum_dtype, _described(w_scale),
+            w_scale_axis, w_4bit, tiles, None if scale_index is None else
+            (scale_index.numel(), scale_index.dtype),
+            None if finish_like is None else (finish_like.shape, finish_like.dtype),
+            None if quant4 is None else (quant4.blocksize, quant4.nested, quant4.blocksize2,
+                                         tuple(t.dtype for t in q_tensors if t is not None)),
+            # fp32 dots follow torch's allow_tf32 switch, which may change between calls
+            _dot_precision(b.dtype if w_scale is None and quant4 is None else a.dtype),
+            a.device.index)
 
 
 # Split-K tile counters kept per (device, stream): the kernel leaves them at zero, so eager

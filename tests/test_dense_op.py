@@ -259,3 +259,48 @@ def test_cublas_feedforward_forward_folds_l_into_the_smaller_operand(triton_back
         assert len(scaled_w) == 1  # W diag(l), one chunk
     else:
         assert not scaled_w and forward_passes[0][0][0].shape == (M, 40)  # x*l
+
+
+@pytest.mark.parametrize("mode", ["ff", "attn"])
+def test_dl_partials_finished_in_kernel_across_row_blocks_and_splits(mode):
+    """dl's per-row-block sums are finished by the launch that makes them (the last CTA of a
+    column block, or of a k block for the attention's in-loop sums, adds the rows in a fixed
+    order), also where split-K CTAs share a tile; the counters it uses are left at zero."""
+    from ia3_kernels import dense
+    torch.manual_seed(0)
+    interpret = torch.device(DEVICE).type != "cuda"
+    # Several row blocks and split-K at once: small output grids split K (interpreter: 16-row
+    # blocks, 4 "SMs"; GPU: int8-sized tiles are not needed, 16-row blocks come at M <= 16 only,
+    # so the GPU takes the row blocks without the split).
+    M, N, K = (40, 300, 24) if interpret else (300, 96, 200)
+    dt = torch.float32 if interpret else torch.bfloat16
+    dy = torch.randn(M, N, device=DEVICE, dtype=dt)
+    w = torch.randn(N, K, device=DEVICE, dtype=dt) / 8
+    if mode == "ff":  # dx = (dy W) * l, dl = sum_rows (dy W) * x
+        x = torch.randn(M, K, device=DEVICE, dtype=dt)
+        s = torch.rand(1, K, device=DEVICE, dtype=dt) + 0.5
+        dx, _, dl, _ = dense._launch_matmul(dy, dense._weight_as_nk(w, False), w, (M, K), dt,
+                                            scale_c=s, aux=x, reduce_aux=True, sum_dtype=dt,
+                                            traceable=False, finish_like=s)
+        g = dy.double() @ w.double()
+        want_dx, want_dl = g * s.double(), (g * x.double()).sum(0, keepdim=True)
+        config = dense._matmul_config(M, K, N, dy.element_size(), dense._sm_count(torch.device(DEVICE)),
+                                      interpret)
+    else:  # dx = (dy*l) W, dl = sum_rows dy*u from the dy tiles of the K-loop
+        u = torch.randn(M, N, device=DEVICE, dtype=dt)
+        s = torch.rand(N, 1, device=DEVICE, dtype=dt) + 0.5
+        dx, _, _, dl = dense._launch_matmul(dy, dense._weight_as_nk(w, False), w, (M, K), dt,
+                                            scale_a=s, a_aux=u, sum_dtype=dt, traceable=False,
+                                            finish_like=s)
+        want_dx = (dy.double() * s.double().reshape(1, -1)) @ w.double()
+        want_dl = (dy.double() * u.double()).sum(0).reshape(N, 1)
+        config = dense._matmul_config(M, K, N, dy.element_size(), dense._sm_count(torch.device(DEVICE)),
+                                      interpret)
+    bm, split_k = config[0], config[3]
+    assert -(-M // bm) > 1 and (split_k > 1 or not interpret)
+    assert dl.shape == s.shape and dl.dtype == s.dtype
+    tol = 1e-4 if dt == torch.float32 else 3e-2
+    torch.testing.assert_close(dx.double(), want_dx, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(dl.double(), want_dl, rtol=tol, atol=tol * 4 * M ** 0.5)
+    for buf in dense._counter_buffers.values():
+        assert int(buf.count_nonzero()) == 0

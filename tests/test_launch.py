@@ -185,3 +185,109 @@ def test_launcher_that_refuses_its_arguments_sends_the_kernel_back_to_triton(mon
             assert not fast._usable and jit.compiled.runs == 1 and jit.triton_calls == 3
         else:
             assert fast._usable and jit.compiled.runs == 2 and jit.triton_calls == 1
+
+
+class _FakeCompiled:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+
+class _FakeJit:
+    """A triton.jit stand-in: parameters x, y (tensors), n (int), BLOCK (constexpr)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+        self.params = [SimpleNamespace(name=n, is_constexpr=n == "BLOCK")
+                       for n in ("x", "y", "n", "BLOCK")]
+        self.compiled, self.triton_calls = _FakeCompiled(), 0
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.triton_calls += 1
+            return self.compiled
+        return call
+
+
+def _fake_fast(monkeypatch):
+    monkeypatch.setattr(launch, "_driver", lambda: (lambda: 0, lambda device: 11))
+    monkeypatch.setattr(launch, "_ENABLED", True)
+    jit = _FakeJit()
+    fast = launch.FastKernel(jit)
+    fast._usable = True
+    return jit, fast
+
+
+def test_plan_relaunches_with_new_slot_values_and_the_rest_fixed(monkeypatch):
+    jit, fast = _fake_fast(monkeypatch)
+    x, y = torch.zeros(4), torch.ones(4)
+    # First call: through "Triton" (compiles); second: its first direct launch; a plan only
+    # once that worked.
+    assert fast.plan((3, 2), (x, y, 7), dict(BLOCK=16), ("x", "y")) is None
+    plan = fast.plan((3, 2), (x, y, 7), dict(BLOCK=16), ("x", "y"))
+    assert plan is not None and jit.triton_calls == 1 and len(jit.compiled.launches) == 1
+    x2, y2 = torch.zeros(4), torch.ones(4)
+    assert plan(x2, y2) is True
+    launched = jit.compiled.launches[-1]
+    assert launched[:9] == (3, 2, 1, 11, "function", "metadata", None, None, None)
+    assert launched[9] is x2 and launched[10] is y2 and launched[11:] == (7, 16)
+    assert jit.triton_calls == 1
+    monkeypatch.setattr(launch, "_launch_hooks_active", lambda: True)
+    assert plan(x2, y2) is False and len(jit.compiled.launches) == 2  # a profiler: no launch
+
+
+def test_plan_refuses_a_tensor_outside_its_slots(monkeypatch):
+    jit, fast = _fake_fast(monkeypatch)
+    x, y = torch.zeros(4), torch.ones(4)
+    for _ in range(3):  # y would be replayed stale: never a plan
+        assert fast.plan((1,), (x, y, 7), dict(BLOCK=16), ("x",)) is None
+    assert len(jit.compiled.launches) == 2  # the calls themselves did launch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["ff_bwd", "attn_fwd", "attn_bwd", "split_k"])
+def test_launch_plans_give_the_launches_they_replace(monkeypatch, case):
+    """dense._launch_matmul replays a plan per call signature: bitwise what the full launch
+    gives, for new tensors of the same signature, and a new signature gets its own plan."""
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    M, N, K = {"split_k": (3, 4096, 4096)}.get(case, (300, 200, 96))
+    w = torch.randn(N, K, device="cuda", dtype=dt) / 8
+
+    def call(a, aux, scale):
+        if case == "ff_bwd":  # dx = (dy W) * l, dl = sum_rows (dy W) * x, finished in-kernel
+            return dense._launch_matmul(a, dense._weight_as_nk(w, False), w, (M, K), dt,
+                                        scale_c=scale, aux=aux, reduce_aux=True,
+                                        sum_dtype=scale.dtype, traceable=False,
+                                        finish_like=scale)
+        if case == "attn_bwd":  # dx = (dy*l) W, dl = sum_rows dy*u in the K-loop
+            return dense._launch_matmul(a, dense._weight_as_nk(w, False), w, (M, K), dt,
+                                        scale_a=scale, a_aux=aux, sum_dtype=scale.dtype,
+                                        traceable=False, finish_like=scale)
+        return dense._launch_matmul(aux, dense._weight_as_kn(w, False), w, (aux.shape[0], N),
+                                    dt, scale_c=scale, store_preact=True, traceable=False)
+
+    def inputs(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        dy = torch.randn(M, N, device="cuda", dtype=dt, generator=g)
+        aux = torch.randn(M, N if case == "attn_bwd" else K, device="cuda", dtype=dt, generator=g)
+        scale = torch.rand(1, N if case in ("attn_bwd", "attn_fwd", "split_k") else K,
+                           device="cuda", dtype=dt, generator=g) + 0.5
+        return dy, aux, scale
+
+    monkeypatch.setattr(dense, "_matmul_plans", {})
+    for seed in range(4):
+        args = inputs(seed)
+        monkeypatch.setattr(dense, "_PLANS_ENABLED", False)
+        expected = call(*args)
+        monkeypatch.setattr(dense, "_PLANS_ENABLED", True)
+        got = call(*args)
+        for e, g in zip(expected, got):
+            assert (e is None) == (g is None)
+            if e is not None:
+                assert torch.equal(e, g), (case, seed)
+    assert len(dense._matmul_plans) == 1
