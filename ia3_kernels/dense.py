@@ -912,7 +912,7 @@ _MATMUL_PLAN_SLOTS = ("a_ptr", "b_ptr", "c_ptr", "scale_a_ptr", "scale_c_ptr", "
                       "final_ptr")
 
 
-def _described(t):
+def _dtype_and_strides(t):
     return None if t is None else (t.dtype, t.stride())
 
 
@@ -931,9 +931,10 @@ def _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux
             pointers |= t.data_ptr()
     if pointers & 15:
         return None
+    described = _dtype_and_strides
     return (a.shape, a.stride(), a.dtype, b.dtype, b_strides, out_shape, out_dtype,
-            _described(scale_a), _described(scale_c), _described(bias), _described(aux),
-            store_preact, reduce_aux, store_c, _described(a_aux), sum_dtype, _described(w_scale),
+            described(scale_a), described(scale_c), described(bias), described(aux),
+            store_preact, reduce_aux, store_c, described(a_aux), sum_dtype, described(w_scale),
             w_scale_axis, w_4bit, tiles, None if scale_index is None else
             (scale_index.numel(), scale_index.dtype),
             None if finish_like is None else (finish_like.shape, finish_like.dtype),

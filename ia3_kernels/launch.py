@@ -231,8 +231,9 @@ def _make_plan(kernel, grid, device, full, slot_indices, current_stream):
               "    full = list(template)\n" + assignments +
               "    run(gx, gy, gz, stream(device), function, metadata, None, None, None, *full)\n"
               "    return True\n")
-    namespace = dict(hooks_active=lambda: _launch_hooks_active(), template=tuple(full), run=kernel.run,
-                     gx=grid[0], gy=grid[1], gz=grid[2], stream=current_stream, device=device,
-                     function=kernel.function, metadata=kernel.packed_metadata)
+    # hooks_active looks the module's function up at each call (tests replace it).
+    namespace = dict(hooks_active=lambda: _launch_hooks_active(), template=tuple(full),
+                     run=kernel.run, gx=grid[0], gy=grid[1], gz=grid[2], stream=current_stream,
+                     device=device, function=kernel.function, metadata=kernel.packed_metadata)
     exec(source, namespace)  # noqa: S102 - indices and names are generated here
     return namespace["plan"]
