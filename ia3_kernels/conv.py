@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import config, mixed
 from .dense import (_KERNEL_DTYPES, _Caller, _check_devices_and_dtypes, _launch_scale_reduce,
-                    _sm_count, _split_k_counters, check_matching_dtypes)
+                    _sm_count, _split_k_counters, check_matching_dtypes, last_arrival_row_sum)
 from .launch import FastKernel, cdiv
 
 
@@ -206,17 +206,9 @@ def _ia3_conv_dl_kernel(
                 part = tl.where(offs_c == c, terms, part)
 
     tl.store(partial_ptr + pid_r.to(tl.int64) * C + rc, part, mask=mask_c)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_r - 1:
-        tl.store(counter_ptr + pid_c, 0)
-        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for r0 in range(0, n_r, FINISH_R):
-            offs_r = r0 + tl.arange(0, FINISH_R)
-            tile = tl.load(partial_ptr + offs_r[:, None].to(tl.int64) * C + rc[None, :],
-                           mask=(offs_r < n_r)[:, None] & mask_c[None, :], other=0.0,
-                           cache_modifier=".cg")
-            total += tl.sum(tile, axis=0)
+    is_last, total = last_arrival_row_sum(partial_ptr, counter_ptr + pid_c, n_r, C, rc, mask_c,
+                                          BLOCK_C, FINISH_R)
+    if is_last:
         dl = tl.where(direct, total, total / tl.where(direct, 1.0, l_block))  # no 0/0 unused
         tl.store(dl_ptr + offs_c, dl.to(dl_ptr.dtype.element_ty), mask=mask_c)
 

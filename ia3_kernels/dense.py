@@ -143,26 +143,38 @@ def split_k_reduce(acc, workspace_ptr, counter_ptr, pid_k, split_stride, offs, m
 
 
 @triton.jit
-def finish_partial_rows(partial_ptr, final_ptr, counter_ptr, n_rows, row_len, cols, mask,
-                        BLOCK: tl.constexpr, FINISH_R: tl.constexpr):
-    """dl's partial sums finished in the launch that makes them: each of the n_rows CTAs that
-    own a row of partial[:, cols] has stored it (fp32) and counts itself on counter_ptr; the
-    one that arrives last sums rows 0..n_rows-1 in that order (the same order whoever is last:
-    deterministic), writes final[cols] in final's dtype and puts the counter back to zero for
-    the next launch. In place of a torch sum + cast + view after the kernel: three aten calls,
-    ~45 of the 234 us of host a T5 768->768 feedforward backward took on the H100 host under
-    cProfile (benchmarks/results/host-spin-profile-h100.log)."""
+def last_arrival_row_sum(partial_ptr, counter_ptr, n_rows, row_len, cols, mask,
+                         BLOCK: tl.constexpr, FINISH_R: tl.constexpr):
+    """Partial sums finished in the launch that makes them: each of the n_rows CTAs that own a
+    row of partial[:, cols] has stored it (fp32) and counts itself on counter_ptr; the one that
+    arrives last gets (True, the sum of rows 0..n_rows-1 in that order: the same order whoever
+    is last, deterministic) and puts the counter back to zero for the next launch; the others
+    get (False, zeros). dl's kernels (here and conv's) store the sum; in place of a torch sum +
+    cast + view after the kernel: three aten calls, ~45 of the 234 us of host a T5 768->768
+    feedforward backward took on the H100 host under cProfile
+    (benchmarks/results/host-spin-profile-h100.log)."""
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_rows - 1:
+    is_last = arrived == n_rows - 1
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    if is_last:
         tl.store(counter_ptr, 0)
-        total = tl.zeros((BLOCK,), dtype=tl.float32)
         for r0 in range(0, n_rows, FINISH_R):
             offs_r = r0 + tl.arange(0, FINISH_R)
             tile = tl.load(partial_ptr + offs_r[:, None].to(tl.int64) * row_len + cols[None, :],
                            mask=(offs_r < n_rows)[:, None] & mask[None, :], other=0.0,
                            cache_modifier=".cg")
             total += tl.sum(tile, axis=0)
+    return is_last, total
+
+
+@triton.jit
+def finish_partial_rows(partial_ptr, final_ptr, counter_ptr, n_rows, row_len, cols, mask,
+                        BLOCK: tl.constexpr, FINISH_R: tl.constexpr):
+    """last_arrival_row_sum, then the last CTA writes final[cols] in final's dtype."""
+    is_last, total = last_arrival_row_sum(partial_ptr, counter_ptr, n_rows, row_len, cols, mask,
+                                          BLOCK, FINISH_R)
+    if is_last:
         tl.store(final_ptr + cols, total.to(final_ptr.dtype.element_ty), mask=mask)
 
 
