@@ -475,12 +475,12 @@ SPIN_CASES = {
 
 
 def spin() -> None:
-    """`--spin CASE VARIANT SECONDS`: one eager forward+backward (autograd's device threads on,
-    as in training) in a loop for SECONDS, for a sampling profiler outside the process
-    (py-spy record --native --threads --idle): cProfile sees only the calling thread, and the
-    host time lost with the device thread on (overhead --threads) is on the other one. Prints
-    host us per call and, for ours, how much of it the backward's own body took on the
-    device thread."""
+    """`--spin CASE VARIANT SECONDS [body|all] [off]`: one eager forward+backward (autograd's
+    device threads on, as in training, unless `off`) in a loop for SECONDS. Prints host us per
+    call and, for ours, how much of it the backward's own body took on the thread that ran it;
+    `body` / `all` add a cProfile of that body or of the whole loop (see below). A sampling
+    profiler outside the process also works on this loop (py-spy record --threads; with
+    --native it fell seconds behind at 1 kHz on the H100 host and never wrote its file)."""
     from ia3_kernels import dense
 
     args = sys.argv[sys.argv.index("--spin") + 1:]
