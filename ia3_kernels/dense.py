@@ -835,14 +835,14 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     sums = reduce_aux or a_aux is not None
     final = torch.empty_like(finish_like) if sums and finish_like is not None else None
     finish = final is not None and num_pid_m > 1
-    if final is not None and not finish:
-        partial_dtype = final.dtype  # one row block: the kernel's row is the final sum
+    # One row block: the kernel writes its row straight into final, the sums' last home.
+    row_is_final = final is not None and not finish
     partial = a_partial = None
     if reduce_aux:
-        partial = (final if final is not None and not finish
+        partial = (final if row_is_final
                    else torch.empty((num_pid_m, N), device=device, dtype=partial_dtype))
     if a_aux is not None:
-        a_partial = (final if final is not None and not finish
+        a_partial = (final if row_is_final
                      else torch.empty((num_pid_m, K), device=device, dtype=partial_dtype))
     workspace = counters = None
     finish_base = tiles if split_k > 1 else 0

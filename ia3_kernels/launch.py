@@ -19,7 +19,8 @@ more (a finer key only costs a cache entry, never a wrong kernel):
 Other launch options, an argument without a dtype (floats, tuples), launch hooks
 set by a profiler, or a Triton whose compiled kernels do not expose the launcher (checked once)
 send the call through Triton's own path, as does a kernel whose first direct launch of a key
-raises TypeError/ValueError/AttributeError (a launcher that takes its arguments otherwise). `IA3_FAST_LAUNCH=0` turns the shortcut off.
+raises TypeError/ValueError/AttributeError (a launcher that takes its arguments otherwise).
+`IA3_FAST_LAUNCH=0` turns the shortcut off.
 """
 from __future__ import annotations
 

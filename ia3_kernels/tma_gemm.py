@@ -167,7 +167,8 @@ def available(device: torch.device) -> bool:
     if device.type != "cuda":
         from . import config
         return config.triton_interpreted()
-    return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _hopper_or_newer(index)
 
 
 def eligible(a: torch.Tensor, b: torch.Tensor, n_out: int, *others: Optional[torch.Tensor]) -> bool:

@@ -284,8 +284,6 @@ def test_dl_partials_finished_in_kernel_across_row_blocks_and_splits(mode):
                                             traceable=False, finish_like=s)
         g = dy.double() @ w.double()
         want_dx, want_dl = g * s.double(), (g * x.double()).sum(0, keepdim=True)
-        config = dense._matmul_config(M, K, N, dy.element_size(), dense._sm_count(torch.device(DEVICE)),
-                                      interpret)
     else:  # dx = (dy*l) W, dl = sum_rows dy*u from the dy tiles of the K-loop
         u = torch.randn(M, N, device=DEVICE, dtype=dt)
         s = torch.rand(N, 1, device=DEVICE, dtype=dt) + 0.5
@@ -294,8 +292,8 @@ def test_dl_partials_finished_in_kernel_across_row_blocks_and_splits(mode):
                                             finish_like=s)
         want_dx = (dy.double() * s.double().reshape(1, -1)) @ w.double()
         want_dl = (dy.double() * u.double()).sum(0).reshape(N, 1)
-        config = dense._matmul_config(M, K, N, dy.element_size(), dense._sm_count(torch.device(DEVICE)),
-                                      interpret)
+    config = dense._matmul_config(M, K, N, dy.element_size(),
+                                  dense._sm_count(torch.device(DEVICE)), interpret)
     bm, split_k = config[0], config[3]
     assert -(-M // bm) > 1 and (split_k > 1 or not interpret)
     assert dl.shape == s.shape and dl.dtype == s.dtype
