@@ -6,6 +6,7 @@ TFLOP/s, GB/s and % of the roofline. See benchmarks/suite.py.
     python -m benchmarks                                  # everything (GPU: ~30 min on an H100)
     python -m benchmarks --layers dense,conv1d --quick    # filters; --quick: few shapes and M
     python -m benchmarks --layers nf4 --merge             # add a family to the existing results
+    python -m benchmarks --stem s --resume                # go on where a run cut off stopped
 
 On a machine without a GPU it runs a few small shapes on the reference path (no compile, no
 bitsandbytes), in well under two minutes, to show the pipeline works: CPU numbers are not the
@@ -14,6 +15,7 @@ point of this package. Other entry points: benchmarks.e2e (training steps), benc
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -46,6 +48,9 @@ def parse_args(argv):
                    help="dense only: also time our op with the fused and the cuBLAS strategy forced")
     p.add_argument("--merge", action="store_true",
                    help="keep the other families' rows of an existing <stem>.json")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from an existing <stem>.json of this device: its layer groups are "
+                        "kept and not re-run (implies --merge)")
     return p.parse_args(argv)
 
 
@@ -77,6 +82,47 @@ def select(args, cuda: bool):
     return groups, m_values, dtypes, skipped
 
 
+def _group_key(family, model, layer, mode, layout, dtype_name) -> tuple:
+    return (family, model, layer, mode, layout or "", dtype_name)
+
+
+def resume(json_path: Path, env: dict, groups, m_values, dtypes):
+    """--resume: ({dtype: groups still to run}, the existing rows of the selected families).
+    A group (family, shape, mode, layout, dtype) counts as done when the file has a row for each
+    of its M values: the suite writes a group's rows together, so a run cut off by a time
+    limit goes on with the group it was in. Only a file from this device is resumed (ratios are
+    compared within a case, but a table should come from one machine)."""
+    if not json_path.exists():
+        return {dtype: groups for dtype in dtypes}, []
+    old = json.loads(json_path.read_text())
+    devices = {e.get("device") for e in old.get("environments", {}).values()}
+    if devices - {env.get("device")}:
+        raise SystemExit(f"--resume: {json_path} holds results from {sorted(map(str, devices))}, "
+                         f"this run is on {env.get('device')}; use another --stem")
+    measured: dict = {}
+    for r in old["rows"]:
+        key = _group_key(r["family"], r["model"], r["layer"], r["mode"], r.get("layout"), r["dtype"])
+        measured.setdefault(key, set()).add(r["m"])
+    todo, rerun, done = {}, set(), 0
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        todo[dtype] = []
+        for g in groups:
+            key = _group_key(g.family, g.shape.model, g.shape.layer, g.mode, g.layout, name)
+            if set(suite.m_values_of(g, m_values)) <= measured.get(key, set()):
+                done += 1
+            else:
+                todo[dtype].append(g)
+                rerun.add(key)
+    # Every other row of the families run now stays (write() replaces those families' rows).
+    families = {g.family for g in groups}
+    kept = [r for r in old["rows"] if r["family"] in families
+            and _group_key(r["family"], r["model"], r["layer"], r["mode"], r.get("layout"),
+                           r["dtype"]) not in rerun]
+    print(f"resuming {json_path}: {done} group(s) already measured, {len(rerun)} to run")
+    return todo, kept
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available()
@@ -106,19 +152,27 @@ def main(argv=None) -> int:
     ceilings = {k: env[k] for k in ("copy_tb_per_s", "bf16_matmul_tflops") if k in env}
     stem = args.stem or ("suite-" + ("".join(c if c.isalnum() else "-" for c in env["device"])
                                      .strip("-").lower() if cuda else "cpu"))
-    total = sum(len(suite.m_values_of(g, m_values)) for g in groups) * len(dtypes)
     rows: list[dict] = []
+    if args.resume:
+        groups_by_dtype, rows = resume(Path(args.out) / f"{stem}.json", env, groups, m_values, dtypes)
+    else:
+        groups_by_dtype = {dtype: groups for dtype in dtypes}
+    total = sum(len(suite.m_values_of(g, m_values)) for gs in groups_by_dtype.values() for g in gs)
     data = None
     with layers.progress(total) as tick:
         for dtype in dtypes:
-            for group in groups:
+            for group in groups_by_dtype[dtype]:
                 rows += [suite.row_dict(r) for r in suite.bench_group(
                     group, m_values, device, dtype, graphs=not args.no_graphs, compiled=compiled,
                     ceilings=ceilings, rep_ms=args.rep_ms, tick=tick)]
                 # After every group: a run cut off keeps what it measured.
                 json_path, md_path, data = suite_report.write(Path(args.out), stem, env, rows, note,
-                                                              args.merge, targets=cuda)
+                                                              args.merge or args.resume,
+                                                              targets=cuda)
     if data is None:
+        if args.resume and rows:
+            print("nothing left to run: every selected group is in the file already")
+            return 0
         print("nothing selected")
         return 1
     print()

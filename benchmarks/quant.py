@@ -9,6 +9,7 @@ Ratios come from one run.
 
     python -m benchmarks.quant                 # int8: every shape and M; JSON + markdown in results/
     python -m benchmarks.quant --format nf4    # NF4 + double quantization (fp4: FP4)
+    python -m benchmarks.quant --format nf4 --resume   # go on where a run cut off stopped
     python -m benchmarks.quant --tune          # small-M kernel configurations (CUDA graphs)
     python -m benchmarks.quant --compare-paths # fused GEMM vs dequantize + cuBLAS, by M
 """
@@ -305,6 +306,22 @@ def compare_paths(m_values=(256, 1024, 2048, 4096, 8192), fmt: str = "int8") -> 
     return out
 
 
+def resumed_rows(json_path: Path, env: dict, fmt: str) -> list[dict]:
+    """--resume: the rows of an earlier run of this stem, so that a run cut off by a time limit
+    goes on with the case it was in (a case's rows are written together, so every kept case is
+    whole). Refuses a file from another device or format: one table, one machine."""
+    if not json_path.exists():
+        return []
+    old = json.loads(json_path.read_text())
+    then = old["environment"]
+    if then.get("device") != env.get("device") or then.get("format", fmt) != fmt:
+        raise SystemExit(f"--resume: {json_path} was measured on {then.get('device')} "
+                         f"({then.get('format', '?')}); this run: {env.get('device')} ({fmt})")
+    print(f"resuming {json_path}: {len({(r['model'], r['layer'], r['m'], r['mode']) for r in old['rows']})} "
+          "case(s) already measured")
+    return old["rows"]
+
+
 def _write(out_dir: Path, args, env: dict, rows: list[dict]) -> list[dict]:
     summary = summarize(rows, args.format)
     (out_dir / f"{args.stem}.json").write_text(json.dumps(
@@ -324,6 +341,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--format", default="int8", choices=FORMATS)
     p.add_argument("--stem", default="", help="output file stem (default: <format>-h100)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from an existing <stem>.json of this device and format: its "
+                        "cases are kept and not re-run")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     args.stem = args.stem or f"{args.format}-h100"
     if not torch.cuda.is_available():
@@ -344,6 +364,7 @@ def main(argv=None) -> int:
         return 0
     env = report.environment()
     env["bitsandbytes"] = __import__("bitsandbytes").__version__
+    env["format"] = args.format
     shapes = SHAPES
     if args.layers:
         keys = [k.strip().lower() for k in args.layers.split(",") if k.strip()]
@@ -351,7 +372,9 @@ def main(argv=None) -> int:
     m_values = [int(v) for v in args.m.split(",")] if args.m else M_VALUES
     modes = [m for m in args.modes.split(",") if m]
     cases = [(s, m, mode) for s in shapes for m in m_values for mode in modes]
-    rows = []
+    rows = resumed_rows(out_dir / f"{args.stem}.json", env, args.format) if args.resume else []
+    done = {(r["model"], r["layer"], r["m"], r["mode"]) for r in rows}
+    cases = [c for c in cases if (c[0].model, c[0].layer, c[1], c[2]) not in done]
     with layers.progress(len(cases)) as tick:
         for shape, m, mode in cases:
             tick(f"{shape.model} {shape.layer} M={m} {mode}")

@@ -47,3 +47,47 @@ def test_pytest_benchmark_entry_point_runs(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     names = {b["extra_info"]["variant"] for b in json.loads(report.read_text())["benchmarks"]}
     assert names == {"bare", "peft", "ours"}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU run is the benchmark itself, not a test")
+def test_suite_resume_runs_only_the_missing_groups(tmp_path):
+    """--resume (a device run cut off by its time limit goes on): groups in the file stay as
+    they are, missing ones run, and a file from another device is refused."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "IA3_BACKEND")}
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "benchmarks", "--out", str(tmp_path),
+                               "--stem", "s", *extra], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    assert run("--layers", "dense").returncode == 0
+    first = json.loads((tmp_path / "s.json").read_text())["rows"]
+    out = run("--layers", "dense,conv1d", "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 group(s) already measured, 2 to run" in out.stdout
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r for r in rows if r["family"] == "dense"] == first  # kept, not re-measured
+    assert {r["family"] for r in rows} == {"dense", "conv1d"}
+    out = run("--layers", "dense,conv1d", "--resume")
+    assert out.returncode == 0 and "nothing left to run" in out.stdout
+    data = json.loads((tmp_path / "s.json").read_text())
+    for e in data["environments"].values():
+        e["device"] = "another GPU"
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    out = run("--layers", "dense", "--resume")
+    assert out.returncode != 0 and "another GPU" in out.stdout + out.stderr
+
+
+def test_quant_resume_keeps_whole_cases_of_the_same_device(tmp_path):
+    from benchmarks import quant
+
+    rows = [dict(model="Llama-3-8B", layer="k/v_proj", m=1, mode="ff", phase="fwd")]
+    path = tmp_path / "nf4-h100.json"
+    assert quant.resumed_rows(path, {"device": "H100"}, "nf4") == []  # nothing to resume
+    path.write_text(json.dumps({"environment": {"device": "H100", "format": "nf4"},
+                                "rows": rows}))
+    assert quant.resumed_rows(path, {"device": "H100"}, "nf4") == rows
+    with pytest.raises(SystemExit, match="H200"):
+        quant.resumed_rows(path, {"device": "H200"}, "nf4")
+    with pytest.raises(SystemExit, match="int8"):
+        quant.resumed_rows(path, {"device": "H100"}, "int8")
