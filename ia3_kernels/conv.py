@@ -36,7 +36,7 @@ import triton.language as tl
 from . import config, mixed
 from .dense import (_KERNEL_DTYPES, _Caller, _check_devices_and_dtypes, _launch_scale_reduce,
                     _sm_count, _split_k_counters, check_matching_dtypes, last_arrival_row_sum)
-from .launch import FastKernel, cdiv
+from .launch import FastKernel, PlanCache, cdiv, pointer_key
 
 
 @triton.jit
@@ -221,6 +221,15 @@ _WEIGHT_KERNEL, _DL_KERNEL = (
     (k if config.triton_interpreted() else FastKernel(k))
     for k in (_ia3_conv_weight_kernel, _ia3_conv_dl_kernel))
 
+# Eager launches of both kernels replay launch plans (launch.PlanCache): an eager conv
+# fwd+bwd has three launches (the forward's and the backward's weight folds, dl), which cost
+# 37, 32 and 47 us of host in context on the H200 host (host-overhead-conv-h200.log) against
+# ~5-10 for each aten kernel PEFT's C++ autograd launches.
+_WEIGHT_PLANS = PlanCache(_WEIGHT_KERNEL, ("w_ptr", "scale_ptr", "bias_ptr", "w_out_ptr",
+                                           "bias_out_ptr"))
+_DL_PLANS = PlanCache(_DL_KERNEL, ("src_ptr", "aux_ptr", "dy_ptr", "x_ptr", "w_ptr", "b_ptr",
+                                   "scale_ptr", "partial_ptr", "counter_ptr", "dl_ptr"))
+
 
 # --------------------------------------------------------------------------------------------
 # Launchers
@@ -250,23 +259,28 @@ def scale_conv_weight(weight, scale, feedforward: bool, groups: int, bias=None):
     if weight.numel() == 0:
         return out, bias_out
     shape, strides = weight.shape, weight.stride()
+    tensors = (weight, scale, bias, out, bias_out)
+    pointers = pointer_key(tensors)
+    key = (None if pointers is None else
+           (shape, strides, scale.numel(), feedforward, groups, pointers, weight.device))
     c_out, in_per_group = shape[0], shape[1]
     taps = 1
     for d in shape[2:]:
         taps *= d
-    # The spatial positions share one stride (the last spatial dimension's) in contiguous and
-    # channels_last storage alike, the layouts _channel_outer leaves.
-    stride_k = strides[-1] if len(shape) > 2 else 1
     # Tiles of up to 2048 elements (16 per thread of 4 warps): taps along one axis (3x3: 16
     # lanes, 9 used), input channels along the other; a kernel with more than 64 taps loops.
     block_k = min(_next_pow2(taps), 64)
     block_i = max(1, min(_next_pow2(in_per_group), 2048 // block_k))
-    _WEIGHT_KERNEL[(c_out, cdiv(in_per_group, block_i))](
-        weight, scale, bias, out, bias_out,
-        in_per_group, taps, c_out // groups, strides[0], strides[1], stride_k,
-        FEEDFORWARD=feedforward, HAS_BIAS=bias_out is not None,
-        BLOCK_I=block_i, BLOCK_K=block_k, num_warps=4,
-    )
+
+    def arguments():
+        # The spatial positions share one stride (the last spatial dimension's) in contiguous
+        # and channels_last storage alike, the layouts _channel_outer leaves.
+        stride_k = strides[-1] if len(shape) > 2 else 1
+        return (tensors + (in_per_group, taps, c_out // groups, strides[0], strides[1], stride_k),
+                dict(FEEDFORWARD=feedforward, HAS_BIAS=bias_out is not None,
+                     BLOCK_I=block_i, BLOCK_K=block_k, num_warps=4))
+
+    _WEIGHT_PLANS.launch(key, (c_out, cdiv(in_per_group, block_i)), tensors, arguments)
     return out, bias_out
 
 
@@ -404,14 +418,14 @@ def _spatial3(values, fill):
     return [fill] * (3 - len(values)) + values
 
 
-# Launch plans of the dl kernel by everything they depend on (shapes, strides, geometry, mode,
-# device): the grid and ~50 integer arguments cost ~40 us of Python to build (H100 host, a
-# third of a small conv's whole backward); a hit costs one key.
-_dl_plans: dict = {}
-_MAX_DL_PLANS = 1024
+# The dl kernel's grid and arguments by everything they depend on (shapes, strides, geometry,
+# mode, device): the grid and ~50 integer arguments cost ~40 us of Python to build (H100
+# host, a third of a small conv's whole backward); a hit costs one key.
+_dl_layouts: dict = {}
+_MAX_DL_LAYOUTS = 1024
 
 
-def _dl_plan(src, aux, dy, x, weight, feedforward, has_bias, geometry):
+def _dl_layout(src, aux, dy, x, weight, feedforward, has_bias, geometry):
     """(copy src, copy aux, grid, integer arguments, constexpr arguments) of _ia3_conv_dl_kernel."""
     stride, padding, dilation, groups = geometry
     interpreted = config.triton_interpreted()
@@ -461,14 +475,14 @@ def _dscale(scaled_grad, other, dy, x, weight, bias, scale, feedforward, geometr
     key = (scaled_grad.shape, scaled_grad.stride(), other.stride(), dy.shape, dy.stride(),
            x.shape, x.stride(), weight.shape, weight.stride(), geometry, feedforward,
            bias is not None, scaled_grad.device)
-    plan = _dl_plans.get(key)
-    if plan is None:
-        plan = _dl_plan(scaled_grad, other, dy, x, weight, feedforward, bias is not None,
-                        geometry)
-        if len(_dl_plans) >= _MAX_DL_PLANS:
-            _dl_plans.clear()
-        _dl_plans[key] = plan
-    copy_src, copy_aux, grid, ints, consts = plan
+    layout = _dl_layouts.get(key)
+    if layout is None:
+        layout = _dl_layout(scaled_grad, other, dy, x, weight, feedforward, bias is not None,
+                            geometry)
+        if len(_dl_layouts) >= _MAX_DL_LAYOUTS:
+            _dl_layouts.clear()
+        _dl_layouts[key] = layout
+    copy_src, copy_aux, grid, ints, consts = layout
     if copy_src:
         scaled_grad = scaled_grad.contiguous()
     if copy_aux:
@@ -476,8 +490,10 @@ def _dscale(scaled_grad, other, dy, x, weight, bias, scale, feedforward, geometr
     partial = torch.empty((grid[0], scale.numel()), device=scale.device, dtype=torch.float32)
     dl = torch.empty_like(scale)
     counters = _split_k_counters(grid[1], scale.device, False)
-    _DL_KERNEL[grid](scaled_grad, other, dy, x, weight, bias, scale, partial, counters, dl,
-                     *ints, **consts)
+    tensors = (scaled_grad, other, dy, x, weight, bias, scale, partial, counters, dl)
+    pointers = pointer_key(tensors)
+    _DL_PLANS.launch(None if pointers is None else (key, pointers), grid, tensors,
+                     lambda: (tensors + ints, consts))
     return dl
 
 

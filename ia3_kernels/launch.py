@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -240,3 +241,48 @@ def _make_plan(kernel, grid, device, full, slot_indices, current_stream):
         return True
 
     return plan
+
+
+def pointer_key(tensors) -> Optional[tuple]:
+    """What Triton's specialisation of pointer arguments adds to a launch plan's key: each
+    tensor's dtype (None for None); None (no plan) where any is not 16-byte aligned."""
+    pointers = 0
+    dtypes = []
+    for t in tensors:
+        if t is None:
+            dtypes.append(None)
+        else:
+            pointers |= t.data_ptr()
+            dtypes.append(t.dtype)
+    return None if pointers & 15 else tuple(dtypes)
+
+
+class PlanCache:
+    """Launch plans (FastKernel.plan) of one kernel per caller key, for launchers whose
+    non-tensor arguments follow from a key the caller can form cheaply (shapes, strides,
+    flags, device and pointer_key of the tensors): a hit skips building the arguments and
+    FastKernel's per-call binding and key. `slots` names every tensor parameter, in signature
+    order; a call passes their values in that order."""
+
+    def __init__(self, kernel, slots: tuple, max_entries: int = 1024):
+        self.kernel = kernel
+        self.slots = slots
+        self.max_entries = max_entries
+        self.plans: dict = {}
+
+    def launch(self, key, grid, values, build_args) -> None:
+        """Replay key's plan with `values`; else launch kernel[grid](*args, **kwargs) from
+        build_args() -> (args, kwargs) and keep the plan it yields. key None: a plain launch
+        (an unaligned pointer, a traced call)."""
+        plan = self.plans.get(key) if key is not None else None
+        if plan is not None and plan(*values):
+            return
+        args, kwargs = build_args()
+        if key is None or not isinstance(self.kernel, FastKernel):
+            self.kernel[grid](*args, **kwargs)
+            return
+        plan = self.kernel.plan(grid, args, kwargs, self.slots)  # launches this call
+        if plan is not None:
+            if len(self.plans) >= self.max_entries:
+                self.plans.clear()
+            self.plans[key] = plan

@@ -155,7 +155,7 @@ def test_dl_kernel_divides_by_l_or_sums_exact_terms_of_zero_and_nonfinite_channe
     x, exact = x.detach().to(DEVICE), exact.detach().to(DEVICE)
     dy, w, b, scale = dy.to(DEVICE), w.to(DEVICE), b.to(DEVICE), scale.to(DEVICE)
     src, aux = src.to(DEVICE), aux.to(DEVICE)
-    grid = conv._dl_plan(src, aux, dy, x, w, feedforward, True, geometry)[2]
+    grid = conv._dl_layout(src, aux, dy, x, w, feedforward, True, geometry)[2]
     assert grid[0] > 1 and grid[1] > 1  # pixels over several programs, several channel blocks
     quotient = (src * aux).sum((0, 2, 3)) / scale
     got = conv._dscale(src, aux, dy, x, w, b, scale, feedforward, geometry)

@@ -89,6 +89,39 @@ def test_cuda_graph_capture_of_forward_and_backward(feedforward):
     assert (captured[1].view(-1)[[0, 3]].abs() > 0).all()  # dl where l == 0: exact, not 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_launch_plans_give_what_the_launches_they_replace_give(monkeypatch, feedforward,
+                                                               channels_last):
+    """The weight fold and dl launches replay launch plans from their third call of a
+    signature on (the first goes through Triton, the second is FastKernel's first direct
+    launch): every call of the same fwd+bwd, with fresh tensors of that signature, gives the
+    first call's results bit for bit (eager: cuDNN's algorithm does not change), and a second
+    signature gets plans of its own. Two weight folds: the forward's passes the bias, the
+    backward's does not."""
+    from ia3_kernels import conv
+
+    monkeypatch.setattr(conv._WEIGHT_PLANS, "plans", {})
+    monkeypatch.setattr(conv._DL_PLANS, "plans", {})
+    x0, w, b, scale0, kwargs = make_case("stride2-dil2-grouped-reflect", feedforward, True,
+                                         torch.bfloat16, channels_last)
+
+    def step(x_like, scale_like):
+        x = x_like.detach().clone().requires_grad_()  # fresh tensors, same signature
+        scale = scale_like.detach().clone().requires_grad_()
+        y = ia3_kernels.ia3_conv(x, w, b, scale, feedforward, **kwargs)
+        return (y,) + torch.autograd.grad(y.float().square().sum(), [x, scale])
+
+    first = step(x0, scale0)
+    for _ in range(3):
+        for want, got in zip(first, step(x0, scale0)):
+            assert torch.equal(want, got)
+    assert len(conv._WEIGHT_PLANS.plans) == 2 and len(conv._DL_PLANS.plans) == 1
+    step(x0[:1], scale0)  # another batch size: another dl signature, the same weight folds
+    step(x0[:1], scale0)
+    assert len(conv._WEIGHT_PLANS.plans) == 2 and len(conv._DL_PLANS.plans) == 2
+
+
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_torch_compile_fullgraph(feedforward):
     import torch._dynamo

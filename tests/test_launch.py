@@ -291,3 +291,44 @@ def test_launch_plans_give_the_launches_they_replace(monkeypatch, case):
             if e is not None:
                 assert torch.equal(e, g), (case, seed)
     assert len(dense._matmul_plans) == 1
+
+
+def test_pointer_key_holds_dtypes_and_refuses_unaligned_pointers():
+    a, b = torch.zeros(16, dtype=torch.float16), torch.zeros(4, dtype=torch.int32)
+    assert launch.pointer_key((a, None, b)) == (torch.float16, None, torch.int32)
+    assert launch.pointer_key((a[1:], b)) is None  # 2 bytes in: Triton specialises on it
+
+
+def test_plan_cache_replays_without_building_the_arguments(monkeypatch):
+    """PlanCache (the conv launchers): the call that yields a plan launches through FastKernel
+    (first through "Triton", then its first direct launch), later calls of the key replay the
+    plan with their own tensors and never build the arguments; key None and kernels that are
+    not FastKernel (the interpreter) launch plainly, keeping nothing."""
+    jit, fast = _fake_fast(monkeypatch)
+    cache = launch.PlanCache(fast, ("x", "y"))
+    built = []
+
+    def call(key, x, y):
+        def arguments():
+            built.append(key)
+            return (x, y, 7), dict(BLOCK=16)
+        cache.launch(key, (3,), (x, y), arguments)
+
+    x, y = torch.zeros(4), torch.ones(4)
+    call("k", x, y)
+    call("k", x, y)
+    assert list(cache.plans) == ["k"] and jit.triton_calls == 1 and len(built) == 2
+    x2, y2 = torch.zeros(4), torch.ones(4)
+    call("k", x2, y2)
+    assert len(built) == 2  # replayed: no arguments built
+    launched = jit.compiled.launches[-1]
+    assert launched[9] is x2 and launched[10] is y2 and launched[11:] == (7, 16)
+    call(None, x, y)
+    assert len(built) == 3 and list(cache.plans) == ["k"]
+    plain = launch.PlanCache(jit, ("x", "y"))  # a triton.jit function itself: no plans
+    plain.launch("k", (3,), (x, y), lambda: ((x, y, 7), dict(BLOCK=16)))
+    assert plain.plans == {} and jit.triton_calls == 2
+    monkeypatch.setattr(launch, "_launch_hooks_active", lambda: True)  # a profiler is on
+    launches = len(jit.compiled.launches)
+    call("k", x2, y2)  # the plan declines; the call goes through Triton's own path
+    assert len(built) == 4 and jit.triton_calls == 3 and len(jit.compiled.launches) == launches
