@@ -552,6 +552,10 @@ ATTN_BWD_FUSED_MAX_N = 1024
 # 768->768 at M = 8192): T5-base training, 8 x 512 tokens, fused 1.41x the no-adapter floor
 # against 1.80x with cuBLAS + passes (benchmarks/results/e2e-t5-{fused,cublas}-h100.md).
 SMALL_GEMM_FLOP = 1 << 34
+# The fused attention backward reduces dl = sum_rows dy*u inside the dx GEMM below this size
+# (one launch), and by a pass of its own above it (see dense_backward_impl).
+# benchmarks.tune_attn_bwd times both sides of it.
+ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = SMALL_GEMM_FLOP
 
 
 # Hopper, large M: the persistent TMA GEMM (tma_gemm.py) with IA3 in its prologue/epilogue,
@@ -1294,7 +1298,7 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             # same dy tiles in small GEMMs (one launch, where launches are the cost); a pass
             # of its own in large ones, where the in-loop reduction slows the GEMM more than
             # the pass costs (T5-base 768->768 at M = 8192: 103.5 us against 85.3, graphs).
-            in_kernel = need_dscale and 2 * M * N * K < SMALL_GEMM_FLOP
+            in_kernel = need_dscale and 2 * M * N * K < ATTN_BWD_DL_IN_KERNEL_MAX_FLOP
             dx, _, _, partial = _launch_matmul(
                 dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                 scale_a=scale, a_aux=preact if in_kernel else None, sum_dtype=scale.dtype,

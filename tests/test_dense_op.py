@@ -212,11 +212,15 @@ def test_custom_op_autograd_matches_eager_function(triton_backend, feedforward, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_attention_dl_by_separate_pass_in_large_gemms(triton_backend, monkeypatch, dtype):
     """Large GEMMs reduce the attention dl in a pass of its own instead of inside the dx
-    kernel: with the size bar at 0 every GEMM takes that route."""
+    kernel: with the size bar at 0 every GEMM takes that route (the pass over dy and u is
+    counted, so the test fails if the route is not taken)."""
+    from conftest import count_calls
     from ia3_kernels import dense
 
-    monkeypatch.setattr(dense, "SMALL_GEMM_FLOP", 0)
+    monkeypatch.setattr(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0)
+    passes = count_calls(monkeypatch, dense, "_launch_scale_reduce")
     check_against_reference(77, 96, 130, False, False, True, dtype, "fused")
+    assert any(kwargs.get("aux") is not None for _, kwargs in passes)
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
