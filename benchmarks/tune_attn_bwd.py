@@ -5,10 +5,11 @@ layer on the same GEMMs. Prints one line per (shape, M).
 Why: under graphs our attention fwd+bwd at M <= 16 reads 1.31-1.59x the bare layer on k/v_proj
 and T5 (H100, suite-dense-stop26-partial-h100.md, and the same on 2026-11-25) and 1.54x on
 gate/up_proj at M = 16, where the feedforward layer, whose backward streams the same weight
-through the same kernel, reads 1.00-1.07x. The attention backward's K-loop also scales the dy
-tile by l and, on one column block of CTAs a k block, reduces dl = sum_rows dy*u (sm_90 SASS of
-its loop, compiled on a CPU: 619 instructions a step against 232 for the feedforward's, 135
-registers a thread against 72, no spills). Variants timed:
+through the same kernel, reads 1.00-1.07x on the Llama shapes (T5: 1.14-1.20). The attention
+backward's K-loop also scales the dy tile by l and, on one column block of CTAs a k block,
+reduces dl = sum_rows dy*u (sm_90 SASS of the loop compiled on a CPU with Triton 3.9, 16x32x256
+tiles: 619 instructions with the conditional dl block against 232 for the feedforward's, 308
+without dl; 135 registers a thread against 72; no spills). Variants timed:
   auto      the shipped rule;
   dl pass   dl by a pass of its own after the dx GEMM (ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = 0);
   cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx;
