@@ -47,7 +47,11 @@ def _block_k_128():
             bk, stages = 128, 4
         return bm, bn, bk, dense.split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm,
                                              interpret), warps, stages
-    return _patched(dense, "_matmul_config", config)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_patched(dense, "_matmul_config", config))
+    # Launch plans keep the tiles of their signature: fresh ones, or the auto variant's stay.
+    stack.enter_context(_patched(dense, "_matmul_plans", {}))
+    return stack
 
 
 VARIANTS = {
