@@ -5,7 +5,9 @@ L2-cold CUDA graphs (tune_quant_small_m.time_rotated: each replay walks >= 150 M
 
 Stage 1 compares the code lookups at one tile; stage 2 sweeps tiles with the best lookup of
 each format; stage 3 the split count of the best tile. Each candidate is checked against the
-float64 product of the dequantized weight (max relative error printed)."""
+float64 product of the dequantized weight (max relative error printed). `--pipeline-only`:
+instead, each prefetch mode (none, registers, the K-loop pipelined 2-4 stages deep) at each
+shape's shipped tiles."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
                         help="the decodes at one tile only (a short device run)")
     parser.add_argument("--decode", type=int, default=None,
                         help="skip stage 1: sweep tiles with this code lookup (0, 1, 2)")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="only the prefetch modes at each shape's shipped tiles: none, "
+                             "registers (1), the K-loop pipelined 2-4 stages deep")
     args = parser.parse_args(argv)
     import ia3_kernels
     from ia3_kernels import fourbit
@@ -92,6 +97,28 @@ def main(argv=None) -> int:
                               for (us, err), ps in zip(res, per_shape))
             print(f"{fmt} {tag} {tiles}: {cells}", flush=True)
 
+        if args.pipeline_only:
+            # PREFETCH >= 2: cp.async stages through shared memory (small_m's kernel note). The
+            # int8 GEMV reads 69% of the roofline with ~4.3 SASS instructions a weight, so
+            # bytes in flight may be what it lacks; NF4's loop issues 6.5-7 a weight and its
+            # pipelined form 7.9-10 (sass_loop, Triton 3.6), so it is likely to lose there.
+            for i, ps in enumerate(per_shape):
+                k, n = ps[0], ps[1]
+                shipped_tiles = small_m.gemv_tiles(n, k, fmt == "nf4", torch.device("cuda"))
+                lines = []
+                for pre in (0, 1, 2, 3, 4):
+                    tiles = (*shipped_tiles[:2], 0, shipped_tiles[3], shipped_tiles[4], pre)
+                    keep = per_shape[:]
+                    per_shape[:] = [ps]
+                    res = run(tiles)
+                    per_shape[:] = keep
+                    lines.append(f"prefetch {pre}: " + ("failed" if not res else
+                                 f"{res[0][0]:.1f} us {ps[9] / res[0][0]:.0%} e{res[0][1]:.0e}"))
+                print(f"{fmt} {k}->{n} tiles {shipped_tiles[:2]} (roofline {ps[9]:.1f} us, "
+                      f"before {ps[8]:.1f}): " + " | ".join(lines), flush=True)
+            per_shape.clear()
+            torch.cuda.empty_cache()
+            continue
         # Stage 1: the decodes (lookup modes) and prefetch at a middle tile.
         luts = (0, 1, 2) if fmt == "nf4" else (0, 2)
         if args.decode is not None:

@@ -296,6 +296,11 @@ def _quant_gemv_kernel(
     # either way, through shared memory); 2 byte permutes in registers on fp16 codes (GPU
     # only: inline PTX; bf16 only: the codes' 2**-11 rounding is under bf16's 2**-8, not under
     # fp16's or fp32's). int8: 0 integer ops, 2 prmt (inline PTX); exact either way.
+    # PREFETCH: 0 none; 1 the next tile's loads issued into registers before this tile's ALU
+    # work; n >= 2 the K-loop software-pipelined n stages deep by Triton (tl.range num_stages:
+    # cp.async copies into shared memory, n - 1 tiles in flight, no registers held for them;
+    # Triton pipelines loads that feed no tl.dot only in a loop annotated so, sm_90 SASS of
+    # Triton 3.6 and 3.9 compiled on a CPU).
     LUT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -339,13 +344,15 @@ def _quant_gemv_kernel(
             table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
 
-    if PREFETCH:
+    REGISTER_PREFETCH: tl.constexpr = PREFETCH == 1
+    LOOP_STAGES: tl.constexpr = PREFETCH if PREFETCH >= 2 else 1
+    if REGISTER_PREFETCH:
         w_next = tl.load(row_ptr + (k_start // EPW + word)[None, :, :],
                          mask=_word_mask(mask_n, k_start, word, k_end, EPW, EVEN_K), other=0)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if PREFETCH:
-            # The next tile's loads go out before this tile's ALU work (no pipelining of
-            # loads that feed no tl.dot).
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+        if REGISTER_PREFETCH:
+            # The next tile's loads go out before this tile's ALU work (Triton pipelines
+            # loads that feed no tl.dot only under PREFETCH >= 2's loop annotation).
             w_words = w_next
             k_next = k0 + BLOCK_K
             w_next = tl.load(row_ptr + (k_next // EPW + word)[None, :, :],

@@ -219,6 +219,7 @@ GEMV_CASES = [
     (512, 40, (16, 128, 2, 4, None, 0)),  # no prefetch, 2 splits
     (192, 33, (16, 128, 3, 4, None, 1)),  # BLOCK_K halves to 64; 3 splits
     (1024, 7, (8, 64, 16, 4, None, 1)),  # 16 splits, one row tile
+    (512, 40, (16, 64, 2, 4, None, 3)),  # the K-loop pipelined 3 stages deep (tl.range)
 ]
 
 
@@ -254,7 +255,8 @@ def test_gemv_4bit_other_blocksizes(blocksize):
 @pytest.mark.parametrize("lut", [0, 2] if HAS_CUDA and DEVICE == "cuda" else [0])
 @pytest.mark.parametrize("K,N,tiles", [(512, 40, (16, 256, 1, 4, 0, 1)),
                                        (200, 24, (16, 64, 2, 4, 0, 1)),  # K % BLOCK_K != 0
-                                       (300, 9, (8, 128, 1, 4, 0, 0))])  # masked, no prefetch
+                                       (300, 9, (8, 128, 1, 4, 0, 0)),  # masked, no prefetch
+                                       (520, 24, (16, 64, 2, 4, 0, 3))])  # pipelined, masked
 def test_gemv_int8_against_reference(K, N, tiles, lut, dtype, feedforward):
     """Decode 0 (integer ops) everywhere, 2 (inline PTX prmt) on the GPU."""
     tiles = (*tiles[:4], lut, tiles[5])
