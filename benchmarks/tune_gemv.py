@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             continue
         # Stage 1: the decodes (lookup modes) and prefetch at a middle tile.
-        luts = (0, 1, 2) if fmt == "nf4" else (0, 2)
+        luts = (0, 1, 2, 3) if fmt == "nf4" else (0, 2)
         if args.decode is not None:
             luts = ()
         stage1 = []

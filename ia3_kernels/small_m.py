@@ -190,20 +190,21 @@ def _small_m_epilogue(acc, rn, mask_n, offs_m, mask_m, M, N, c_ptr, scale_c_ptr,
 # plane pair (codes 0-7 and 8-15), a second prmt chooses by bit 3, a third pairs low and high
 # bytes into two fp16 values. Outputs $0-$7 are elements 0-7 of the word in storage order (a
 # byte holds its even element in the high nibble).
-def _prmt_decode_4(src: str, outs) -> str:
+def _prmt_decode_4(src: str, outs, planes: int = 9) -> str:
     """PTX: the 4 nibbles in the low 16 bits of register `src` -> the fp32 codes of their
     elements 0-3 in outputs outs[0..3] (nibble slot 1 holds element 0: a byte's high nibble is
-    its first element)."""
+    its first element). The 8 table registers are operands $planes..$planes+7."""
     o = outs
+    lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = (f"${planes + i}" for i in range(8))
     return f"""and.b32 s7, {src}, 0x7777;
 shr.b32 sel, {src}, 1;
 and.b32 sel, sel, 0x4444;
 or.b32 sel, sel, 0x3210;
-prmt.b32 la, $9, $10, s7;
-prmt.b32 lb, $11, $12, s7;
+prmt.b32 la, {lo0}, {lo1}, s7;
+prmt.b32 lb, {lo2}, {lo3}, s7;
 prmt.b32 lo, la, lb, sel;
-prmt.b32 ha, $13, $14, s7;
-prmt.b32 hb, $15, $16, s7;
+prmt.b32 ha, {hi0}, {hi1}, s7;
+prmt.b32 hb, {hi2}, {hi3}, s7;
 prmt.b32 hi, ha, hb, sel;
 prmt.b32 p, lo, hi, 0x5140;
 mov.b32 {{h0, h1}}, p;
@@ -220,6 +221,11 @@ _PRMT_DECODE_ASM = tl.constexpr(
     "{\n.reg .b32 s, s7, sel, la, lb, lo, ha, hb, hi, p;\n.reg .b16 h0, h1;\n"
     + _prmt_decode_4("$8", (0, 1, 2, 3)) + "shr.b32 s, $8, 16;\n"
     + _prmt_decode_4("s", (4, 5, 6, 7)) + "}\n")
+# Decode 3: elements 0-3 of a word by the byte permutes above (ALU pipe), 4-7 by a gather from
+# the 16 fp32 codes in shared memory (MIO pipe), splitting the lookups between two pipes.
+_PRMT_DECODE_LOW_ASM = tl.constexpr(
+    "{\n.reg .b32 s7, sel, la, lb, lo, ha, hb, hi, p;\n.reg .b16 h0, h1;\n"
+    + _prmt_decode_4("$4", (0, 1, 2, 3), planes=5) + "}\n")
 
 
 # int8 word -> its 4 codes as fp32: byte ^ 0x80 (code + 128) placed by one prmt as the low
@@ -295,7 +301,10 @@ def _quant_gemv_kernel(
     # code pairs (int64) gathered per byte, built per CTA from the 16 codes (one gather a step
     # either way, through shared memory); 2 byte permutes in registers on fp16 codes (GPU
     # only: inline PTX; bf16 only: the codes' 2**-11 rounding is under bf16's 2**-8, not under
-    # fp16's or fp32's). int8: 0 integer ops, 2 prmt (inline PTX); exact either way.
+    # fp16's or fp32's); 3 (4-bit, bf16 only) elements 0-3 of a word as 2, 4-7 as 0: the
+    # lookups split between the ALU and the shared-memory pipes (sm_90 SASS, Triton 3.6, at
+    # 128x128: 2.9 ALU-pipe and 0.65 LDS instructions a weight against 3.5 and 0.15 for 2, 2.4
+    # and 1.15 for 0; not timed yet). int8: 0 integer ops, 2 prmt (inline PTX); exact.
     # PREFETCH: 0 none; 1 the next tile's loads issued into registers before this tile's ALU
     # work; n >= 2 the K-loop software-pipelined n stages deep by Triton (tl.range num_stages:
     # cp.async copies into shared memory, n - 1 tiles in flight, no registers held for them;
@@ -332,7 +341,7 @@ def _quant_gemv_kernel(
             hi = tl.load(code_ptr + (b256 >> 4)).to(tl.int32, bitcast=True).to(tl.int64)
             lo = tl.load(code_ptr + (b256 & 15)).to(tl.int32, bitcast=True).to(tl.int64)
             table = (hi & 0xFFFFFFFF) | (lo << 32)
-        elif LUT == 2:
+        elif LUT >= 2:
             # The 16 codes as fp16, split into a low-byte and a high-byte plane of 4 registers
             # each (byte i of register r = code 4r + i), the tables of _PRMT_DECODE_ASM.
             i16 = tl.arange(0, 16)
@@ -340,7 +349,7 @@ def _quant_gemv_kernel(
             bits = bits.to(tl.int32) & 0xFFFF
             t_lo0, t_lo1, t_lo2, t_lo3 = _byte_plane(bits & 0xFF, i16)
             t_hi0, t_hi1, t_hi2, t_hi3 = _byte_plane(bits >> 8, i16)
-        else:
+        if LUT == 0 or LUT == 3:
             table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)
 
@@ -388,6 +397,18 @@ def _quant_gemv_kernel(
                     _PRMT_DECODE_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,r",
                     [w_words, t_lo0, t_lo1, t_lo2, t_lo3, t_hi0, t_hi1, t_hi2, t_hi3],
                     dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            elif LUT == 3:
+                c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                    _PRMT_DECODE_LOW_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r",
+                    [w_words, t_lo0, t_lo1, t_lo2, t_lo3, t_hi0, t_hi1, t_hi2, t_hi3],
+                    dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+                n45 = tl.join((w_words >> 20) & 15, (w_words >> 16) & 15)
+                n67 = tl.join((w_words >> 28) & 15, (w_words >> 24) & 15)
+                nib = tl.join(n45, n67)
+                codes = tl.reshape(tl.gather(table, tl.reshape(nib, (nib.numel,)), 0), nib.shape)
+                c45, c67 = tl.split(codes)
+                c4, c5 = tl.split(c45)
+                c6, c7 = tl.split(c67)
             elif LUT == 1:
                 # The 4 bytes of each word in one gather of fp32 code pairs: one table store
                 # and barrier pair a step (a gather a byte issued four).
@@ -650,7 +671,7 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.b
     if four_bit:
         while K % bk:  # whole quantization blocks: no mask along K
             bk //= 2
-        if lut == 2 and dtype != torch.bfloat16:
+        if lut in (2, 3) and dtype != torch.bfloat16:
             lut, prefetch = 0, 0  # fp16 codes: exact enough for bf16 only (the kernel's LUT note)
     if split == 0:
         # 4-bit: 2 CTAs an SM in power-of-two splits (4 splits of 64-wide tiles: 10.7 us on

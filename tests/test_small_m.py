@@ -211,8 +211,9 @@ def gemv(x, wq, bias, scale, feedforward, tiles=None, store_preact=False, scale_
         store_preact=store_preact, scale_index=scale_index, tiles=tiles, **wq.small_m_args())
 
 
-# Lookups 0 and 1 (shared-memory gathers) run under the interpreter; 2 is inline PTX (GPU).
-GEMV_LUTS = (0, 1, 2) if HAS_CUDA and DEVICE == "cuda" else (0, 1)
+# Lookups 0 and 1 (shared-memory gathers) run under the interpreter; 2 and 3 are inline PTX
+# (GPU).
+GEMV_LUTS = (0, 1, 2, 3) if HAS_CUDA and DEVICE == "cuda" else (0, 1)
 GEMV_CASES = [
     # (K, N, tiles)
     (512, 40, (16, 256, 1, 4, None, 1)),  # 4 quantization blocks a tile, N not a multiple
@@ -228,9 +229,9 @@ GEMV_CASES = [
 @pytest.mark.parametrize("lut", GEMV_LUTS)
 @pytest.mark.parametrize("fmt", ["nf4", "fp4-plain"])
 def test_gemv_4bit_against_reference(fmt, lut, K, N, tiles, feedforward):
-    """Decodes 0 and 1 (exact fp32 codes) in fp32; decode 2 (fp16 codes, for bf16 only: their
-    2**-11 rounding is below bf16's 2**-8) in bf16 on the GPU."""
-    dtype = torch.bfloat16 if lut == 2 else torch.float32
+    """Decodes 0 and 1 (exact fp32 codes) in fp32; decodes 2 and 3 (fp16 codes, for bf16 only:
+    their 2**-11 rounding is below bf16's 2**-8) in bf16 on the GPU."""
+    dtype = torch.bfloat16 if lut in (2, 3) else torch.float32
     wq = nf4_weight(N, K, quant_type=fmt[:3], nested=fmt == "nf4")
     x, bias, scale = inputs(1, K, N, feedforward, dtype, seed=5)
     tiles = (*tiles[:4], lut, tiles[5])
