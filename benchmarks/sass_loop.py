@@ -2,6 +2,10 @@
 kernel for sm_90 on this machine (no GPU needed: Triton's bundled ptxas) and print its hottest
 loop's SASS instruction mix per weight element. Each argument is a JSON object of the kernel's
 constexprs (and num_warps) over the defaults below (NF4, double quantization, feedforward).
+`--dense '{"SCALE_A": true, "REDUCE_A_AUX": true}' ...`: the same for dense.py's matmul kernel
+as a small-M backward launch specialises it (loop length, async copies, barriers, registers).
+The device runs Triton 3.6: `pip download triton==3.6.0 --no-deps`, install it into a folder
+and put that first on PYTHONPATH to compile with the device's version.
 
 Why: at M = 1 the GEMV is bound by instructions issued per weight as much as by HBM (an H100
 issues ~0.93e12 warp-instructions a second over 132 SMs, so 14336x4096 weights at 3.6
@@ -54,6 +58,46 @@ def compile_gemv(overrides: dict):
     return compiled, consts, num_warps
 
 
+# _ia3_matmul_kernel (dense.py) as a backward launch specialises it: unit strides are
+# constexpr 1 in a real launch (dy, u, x and dx contiguous; W row-major as B[n, k]), which
+# matters (without it the attention backward's probe showed spills that a launch does not have).
+DENSE_POINTERS = {"counter_ptr": "*i32", "partial_ptr": "*fp32", "a_partial_ptr": "*fp32",
+                  "workspace_ptr": "*fp32", "final_ptr": "*fp32", "scale_a_ptr": "*fp32",
+                  "scale_c_ptr": "*fp32"}
+DENSE_DEFAULTS = dict(SCALE_A=False, REDUCE_A_AUX=False, HAS_BIAS=False, REDUCE_AUX=False,
+                      FINISH=False, STORE_PREACT=False, SCALE_C=False, SCALE_GATHER=False,
+                      STORE_C=True, SPLIT_K=2, DOT_PRECISION="tf32", W_SCALE_AXIS=0,
+                      W_SCALE_MUL=1 / 127, W_4BIT=0, Q_BLOCKSIZE=64, Q_NESTED=False,
+                      Q_BLOCKSIZE2=256, Q_ALIGNED=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
+                      GROUP_M=8, stride_ak=1, stride_bn=1, stride_cn=1, stride_a_auxk=1,
+                      stride_auxn=1, rows_per_index=1)
+
+
+def compile_dense(overrides: dict):
+    """dense._ia3_matmul_kernel for sm_90 with a backward launch's specialisation (above);
+    overrides: constexprs, num_warps, num_stages (default 4, 4: the M <= 16 row of
+    dense._matmul_config), and "types": pointer dtypes over DENSE_POINTERS (others bf16)."""
+    from ia3_kernels import dense
+    kernel = dense._ia3_matmul_kernel
+    names = list(kernel.arg_names)
+    overrides = dict(overrides)
+    num_warps = overrides.pop("num_warps", 4)
+    num_stages = overrides.pop("num_stages", 4)
+    pointers = dict(DENSE_POINTERS, **overrides.pop("types", {}))  # e.g. a bf16 scale vector
+    consts = dict(DENSE_DEFAULTS, **overrides)
+    signature = {n: ("constexpr" if n in consts else
+                     pointers.get(n, "*bf16") if n.endswith("_ptr") else "i32")
+                 for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n].startswith("*") or n in ("N", "K", "stride_am", "stride_bk",
+                                                      "stride_cm", "stride_a_auxm",
+                                                      "stride_auxm")}
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                    constexprs={(names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
 def hottest_loop(sass: str):
     """The longest span between a label and a backward branch to it."""
     labels, instrs = {}, []
@@ -72,8 +116,34 @@ def hottest_loop(sass: str):
     return best
 
 
+def _registers(sass: str) -> int:
+    """Registers a thread ~ the highest register named (+2 reserved)."""
+    return max(int(r) for r in re.findall(r"\bR(\d+)\b", sass)) + 3
+
+
+def dense_main(args) -> int:
+    """`--dense '{...}' ...`: the dense kernel's K-loop per configuration: its SASS length,
+    async copies (LDGSTS: loads the pipeliner staged), shared-memory loads and barriers,
+    registers and spills."""
+    for arg in args or ["{}"]:
+        compiled = compile_dense(json.loads(arg))
+        sass = compiled.asm["sass"]
+        body = hottest_loop(sass)
+        mix = collections.Counter(re.split(r"[ .;]", b.lstrip("@!0123456789 "))[0]
+                                  for b in body)
+        print(f"{arg}: loop {len(body)} instructions; LDGSTS {mix['LDGSTS']}, LDG "
+              f"{mix['LDG']}, LDS {mix['LDS']}, LDSM {mix['LDSM']}, HMMA {mix['HMMA']}, BAR "
+              f"{mix['BAR']}; ~{_registers(sass)} registers a thread; shared memory "
+              f"{compiled.metadata.shared} B; local memory loads/stores "
+              f"{sass.count('LDL')}/{sass.count('STL')}")
+    return 0
+
+
 def main(argv=None) -> int:
-    for arg in (argv if argv is not None else sys.argv[1:]) or ["{}"]:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if argv[:1] == ["--dense"]:
+        return dense_main(argv[1:])
+    for arg in argv or ["{}"]:
         compiled, consts, warps = compile_gemv(json.loads(arg))
         body = hottest_loop(compiled.asm["sass"])
         weights = consts["BLOCK_N"] * consts["BLOCK_K"] / (32 * warps)
@@ -81,7 +151,7 @@ def main(argv=None) -> int:
         sass = compiled.asm["sass"]
         # Registers a thread ~ the highest register named (+2 reserved); 64K a SM bound the
         # resident warps, which hide the FMA/PRMT chains' latency (2 a scheduler is too few).
-        regs = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass)) + 3
+        regs = _registers(sass)
         warps_per_sm = min(64, 65536 // (regs * 32 * warps) * warps)
         print(f"{arg}: {len(body)} instructions a loop step, {weights:.0f} weights a thread -> "
               f"{len(body) / weights:.2f} a weight; shared memory {compiled.metadata.shared} B; "

@@ -7,9 +7,10 @@ and T5 (H100, suite-dense-stop26-partial-h100.md, and the same on 2026-11-25) an
 gate/up_proj at M = 16, where the feedforward layer, whose backward streams the same weight
 through the same kernel, reads 1.00-1.07x on the Llama shapes (T5: 1.14-1.20). The attention
 backward's K-loop also scales the dy tile by l and, on one column block of CTAs a k block,
-reduces dl = sum_rows dy*u (sm_90 SASS of the loop compiled on a CPU with Triton 3.9, 16x32x256
-tiles: 619 instructions with the conditional dl block against 232 for the feedforward's, 308
-without dl; 135 registers a thread against 72; no spills). Variants timed:
+reduces dl = sum_rows dy*u (`python -m benchmarks.sass_loop --dense`, Triton 3.6 as on the
+device, 16x32x256 tiles, bf16 l: 597 loop instructions with the conditional dl block, 8
+barriers and 148 registers a thread, against 224, 2 and 64 for the feedforward's and 307, 2
+and 56 without dl; no spills). Variants timed:
   auto      the shipped rule;
   dl pass   dl by a pass of its own after the dx GEMM (ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = 0);
   cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx;
