@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stage1-only", action="store_true",
                         help="the decodes at one tile only (a short device run)")
     parser.add_argument("--decode", type=int, default=None,
-                        help="skip stage 1: sweep tiles with this code lookup (0, 1, 2)")
+                        help="skip stage 1: sweep tiles with this code lookup (0, 1, 2, 3)")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="only the prefetch modes at each shape's shipped tiles: none, "
                              "registers (1), the K-loop pipelined 2-4 stages deep")
