@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import config, mixed, tma_gemm
-from .launch import FastKernel, cdiv, current_stream_handle
+from .launch import FastKernel, PlanCache, aligned_16, cdiv, current_stream_handle
 from .launch import sm_count as _sm_count
 
 # --------------------------------------------------------------------------------------------
@@ -829,14 +829,12 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
     if quant4 is not None:
         w_scale = quant4.absmax
-    plan_key = plan = None
+    plan_key = None
     if _PLANS_ENABLED and not traceable and device.type == "cuda":
         plan_key = _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux,
                              store_preact, reduce_aux, store_c, a_aux, sum_dtype, w_scale,
                              w_scale_axis, quant4, w_4bit, tiles, scale_index, finish_like)
-        known = _matmul_plans.get(plan_key) if plan_key is not None else None
-        if known is not None:
-            tiles, plan = known
+        tiles = _MATMUL_PLANS.extra(plan_key) or tiles
     if tiles is None:
         bm, bn, bk, split_k, warps, stages = _matmul_config(
             M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted(),
@@ -868,24 +866,25 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         counters = _split_k_counters(
             finish_base + ((num_pid_n if reduce_aux else cdiv(K, bk)) if finish else 0),
             device, traceable)
-    if plan is None or not plan(a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
-                                a_partial, workspace, counters, w_scale, *q_ptrs, scale_index,
-                                final if finish else None):
-        args, kwargs = _matmul_launch_args(
+
+    def arguments():
+        return _matmul_launch_args(
             a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial,
             workspace, counters, w_scale, q_ptrs, scale_index, final if finish else None, M, N,
             K, finish_base, store_c, store_preact, reduce_aux, finish, split_k, w_scale_axis,
             quant4, w_4bit, q_blocksize, q_nested, q_blocksize2, aligned, bm, bn, bk, warps,
             stages)
-        kernel = _KERNELS[traceable][0]
-        if plan_key is not None and isinstance(kernel, FastKernel):
-            plan = kernel.plan((tiles, split_k), args, kwargs, _MATMUL_PLAN_SLOTS)
-            if plan is not None:
-                if len(_matmul_plans) >= _MAX_MATMUL_PLANS:
-                    _matmul_plans.clear()
-                _matmul_plans[plan_key] = ((bm, bn, bk, split_k, warps, stages, aligned), plan)
-        else:
-            kernel[(tiles, split_k)](*args, **kwargs)
+
+    grid = (tiles, split_k)
+    if plan_key is None:  # traced, CPU, unaligned or plans off: the full launch
+        args, kwargs = arguments()
+        _KERNELS[traceable][0][grid](*args, **kwargs)
+    else:
+        _MATMUL_PLANS.launch(
+            plan_key, grid, (a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
+                             a_partial, workspace, counters, w_scale, *q_ptrs, scale_index,
+                             final if finish else None),
+            arguments, extra=(bm, bn, bk, split_k, warps, stages, aligned))
     if final is not None:  # the sums come back final, shaped like finish_like
         if reduce_aux:
             partial = final
@@ -929,15 +928,16 @@ def _matmul_launch_args(a, b, b_strides, c, scale_a, scale_c, bias, aux, preact,
 # and key are computed once per signature instead of on every call. Host time on the H100 host
 # under cProfile (benchmarks/results/host-spin-profile-h100.log, T5 768->768 backward):
 # _launch_matmul's own Python 26 us, FastKernel's launch + bind + device query ~38 us, a call.
+# The plan keeps the tiles chosen for its signature (PlanCache's extra).
 _PLANS_ENABLED = True
-_MAX_MATMUL_PLANS = 4096
-_matmul_plans: dict = {}
 # Every tensor parameter of _ia3_matmul_kernel, in signature order: a plan's runtime values.
-_MATMUL_PLAN_SLOTS = ("a_ptr", "b_ptr", "c_ptr", "scale_a_ptr", "scale_c_ptr", "bias_ptr",
-                      "aux_ptr", "preact_ptr", "partial_ptr", "a_aux_ptr", "a_partial_ptr",
-                      "workspace_ptr", "counter_ptr", "w_scale_ptr", "q_code_ptr",
-                      "q_code2_ptr", "q_absmax2_ptr", "q_offset_ptr", "scale_index_ptr",
-                      "final_ptr")
+_MATMUL_PLANS = PlanCache(
+    _KERNELS[False][0],
+    ("a_ptr", "b_ptr", "c_ptr", "scale_a_ptr", "scale_c_ptr", "bias_ptr", "aux_ptr",
+     "preact_ptr", "partial_ptr", "a_aux_ptr", "a_partial_ptr", "workspace_ptr", "counter_ptr",
+     "w_scale_ptr", "q_code_ptr", "q_code2_ptr", "q_absmax2_ptr", "q_offset_ptr",
+     "scale_index_ptr", "final_ptr"),
+    max_entries=4096)
 
 
 def _dtype_and_strides(t):
@@ -953,11 +953,8 @@ def _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux
     allocations, always aligned)."""
     q_tensors = () if quant4 is None else (quant4.code, quant4.code2, quant4.absmax2,
                                            quant4.offset)
-    pointers = 0
-    for t in (a, b, scale_a, scale_c, bias, aux, a_aux, w_scale, scale_index) + q_tensors:
-        if t is not None:
-            pointers |= t.data_ptr()
-    if pointers & 15:
+    if not aligned_16((a, b, scale_a, scale_c, bias, aux, a_aux, w_scale, scale_index)
+                      + q_tensors):
         return None
     described = _dtype_and_strides
     return (a.shape, a.stride(), a.dtype, b.dtype, b_strides, out_shape, out_dtype,

@@ -243,18 +243,22 @@ def _make_plan(kernel, grid, device, full, slot_indices, current_stream):
     return plan
 
 
+def aligned_16(tensors) -> bool:
+    """Whether every tensor's data (None skipped) is 16-byte aligned: Triton specialises a
+    pointer argument on it, which a launch plan fixes."""
+    pointers = 0
+    for t in tensors:
+        if t is not None:
+            pointers |= t.data_ptr()
+    return not pointers & 15
+
+
 def pointer_key(tensors) -> Optional[tuple]:
     """What Triton's specialisation of pointer arguments adds to a launch plan's key: each
     tensor's dtype (None for None); None (no plan) where any is not 16-byte aligned."""
-    pointers = 0
-    dtypes = []
-    for t in tensors:
-        if t is None:
-            dtypes.append(None)
-        else:
-            pointers |= t.data_ptr()
-            dtypes.append(t.dtype)
-    return None if pointers & 15 else tuple(dtypes)
+    if not aligned_16(tensors):
+        return None
+    return tuple(None if t is None else t.dtype for t in tensors)
 
 
 class PlanCache:
@@ -262,20 +266,26 @@ class PlanCache:
     non-tensor arguments follow from a key the caller can form cheaply (shapes, strides,
     flags, device and pointer_key of the tensors): a hit skips building the arguments and
     FastKernel's per-call binding and key. `slots` names every tensor parameter, in signature
-    order; a call passes their values in that order."""
+    order; a call passes their values in that order. Each plan may keep an `extra` value
+    beside it: what the launcher chose for that key (dense.py: its tiles)."""
 
     def __init__(self, kernel, slots: tuple, max_entries: int = 1024):
         self.kernel = kernel
         self.slots = slots
         self.max_entries = max_entries
-        self.plans: dict = {}
+        self.plans: dict = {}  # key -> (plan, extra)
 
-    def launch(self, key, grid, values, build_args) -> None:
+    def extra(self, key):
+        """The extra kept with key's plan; None without a plan (or key None)."""
+        entry = self.plans.get(key) if key is not None else None
+        return None if entry is None else entry[1]
+
+    def launch(self, key, grid, values, build_args, extra=None) -> None:
         """Replay key's plan with `values`; else launch kernel[grid](*args, **kwargs) from
-        build_args() -> (args, kwargs) and keep the plan it yields. key None: a plain launch
-        (an unaligned pointer, a traced call)."""
-        plan = self.plans.get(key) if key is not None else None
-        if plan is not None and plan(*values):
+        build_args() -> (args, kwargs) and keep the plan it yields (with `extra`). key None:
+        a plain launch (an unaligned pointer)."""
+        entry = self.plans.get(key) if key is not None else None
+        if entry is not None and entry[0](*values):
             return
         args, kwargs = build_args()
         if key is None or not isinstance(self.kernel, FastKernel):
@@ -285,4 +295,4 @@ class PlanCache:
         if plan is not None:
             if len(self.plans) >= self.max_entries:
                 self.plans.clear()
-            self.plans[key] = plan
+            self.plans[key] = (plan, extra)

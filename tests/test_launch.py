@@ -279,7 +279,7 @@ def test_launch_plans_give_the_launches_they_replace(monkeypatch, case):
                            device="cuda", dtype=dt, generator=g) + 0.5
         return dy, aux, scale
 
-    monkeypatch.setattr(dense, "_matmul_plans", {})
+    monkeypatch.setattr(dense._MATMUL_PLANS, "plans", {})
     for seed in range(4):
         args = inputs(seed)
         monkeypatch.setattr(dense, "_PLANS_ENABLED", False)
@@ -290,7 +290,7 @@ def test_launch_plans_give_the_launches_they_replace(monkeypatch, case):
             assert (e is None) == (g is None)
             if e is not None:
                 assert torch.equal(e, g), (case, seed)
-    assert len(dense._matmul_plans) == 1
+    assert len(dense._MATMUL_PLANS.plans) == 1
 
 
 def test_pointer_key_holds_dtypes_and_refuses_unaligned_pointers():
