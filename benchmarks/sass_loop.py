@@ -47,15 +47,22 @@ def compile_gemv(overrides: dict):
     if not consts["W_4BIT"]:
         types["w_scale_ptr"] = "*fp32"
     signature = {n: types.get(n, "constexpr" if n in consts else "i32") for n in names}
-    # Triton's own specialisation of a real launch: 16-byte-aligned pointers, N, K and the
-    # row stride divisible by 16.
+    compiled = _compile_sm90(kernel, signature, consts, ("N", "K", "stride_w_words"),
+                             num_warps, 1)
+    return compiled, consts, num_warps
+
+
+def _compile_sm90(kernel, signature: dict, consts: dict, divisible: tuple, num_warps: int,
+                  num_stages: int):
+    """kernel compiled for sm_90 as Triton specialises a real launch: 16-byte-aligned pointers
+    and the ints named in `divisible` divisible by 16; `consts` the constexpr values."""
+    names = list(kernel.arg_names)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in ("N", "K", "stride_w_words")}
+             if signature[n].startswith("*") or n in divisible}
     src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                     constexprs={(names.index(n),): v for n, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=1))
-    return compiled, consts, num_warps
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 # _ia3_matmul_kernel (dense.py) as a backward launch specialises it: unit strides are
@@ -88,14 +95,9 @@ def compile_dense(overrides: dict):
     signature = {n: ("constexpr" if n in consts else
                      pointers.get(n, "*bf16") if n.endswith("_ptr") else "i32")
                  for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in ("N", "K", "stride_am", "stride_bk",
-                                                      "stride_cm", "stride_a_auxm",
-                                                      "stride_auxm")}
-    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                    constexprs={(names.index(n),): v for n, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    return _compile_sm90(kernel, signature, consts, ("N", "K", "stride_am", "stride_bk",
+                                                     "stride_cm", "stride_a_auxm",
+                                                     "stride_auxm"), num_warps, num_stages)
 
 
 def hottest_loop(sass: str):
@@ -116,6 +118,12 @@ def hottest_loop(sass: str):
     return best
 
 
+def _mix(body) -> collections.Counter:
+    """Opcode counts of SASS lines, a predicate (@P0, @!UPT, ...) skipped."""
+    return collections.Counter(re.split(r"[ .;]", re.sub(r"^@!?U?P[0-9T]+\s+", "", b))[0]
+                               for b in body)
+
+
 def _registers(sass: str) -> int:
     """Registers a thread ~ the highest register named (+2 reserved)."""
     return max(int(r) for r in re.findall(r"\bR(\d+)\b", sass)) + 3
@@ -129,8 +137,7 @@ def dense_main(args) -> int:
         compiled = compile_dense(json.loads(arg))
         sass = compiled.asm["sass"]
         body = hottest_loop(sass)
-        mix = collections.Counter(re.split(r"[ .;]", b.lstrip("@!0123456789 "))[0]
-                                  for b in body)
+        mix = _mix(body)
         print(f"{arg}: loop {len(body)} instructions; LDGSTS {mix['LDGSTS']}, LDG "
               f"{mix['LDG']}, LDS {mix['LDS']}, LDSM {mix['LDSM']}, HMMA {mix['HMMA']}, BAR "
               f"{mix['BAR']}; ~{_registers(sass)} registers a thread; shared memory "
@@ -147,7 +154,7 @@ def main(argv=None) -> int:
         compiled, consts, warps = compile_gemv(json.loads(arg))
         body = hottest_loop(compiled.asm["sass"])
         weights = consts["BLOCK_N"] * consts["BLOCK_K"] / (32 * warps)
-        mix = collections.Counter(re.split(r"[ .;]", b.lstrip("@!P0123456789 "))[0] for b in body)
+        mix = _mix(body)
         sass = compiled.asm["sass"]
         # Registers a thread ~ the highest register named (+2 reserved); 64K a SM bound the
         # resident warps, which hide the FMA/PRMT chains' latency (2 a scheduler is too few).

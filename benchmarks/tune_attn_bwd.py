@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from unittest.mock import patch
 
 import torch
 
@@ -26,16 +27,6 @@ import ia3_kernels
 from ia3_kernels import dense
 
 from .layers import SHAPES, build_layers, case_inputs, step_fn, time_graph
-
-
-@contextlib.contextmanager
-def _patched(module, name, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def _block_k_128():
@@ -49,15 +40,15 @@ def _block_k_128():
         return bm, bn, bk, dense.split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm,
                                              interpret), warps, stages
     stack = contextlib.ExitStack()
-    stack.enter_context(_patched(dense, "_matmul_config", config))
+    stack.enter_context(patch.object(dense, "_matmul_config", config))
     # Launch plans keep the tiles of their signature: fresh ones, or the auto variant's stay.
-    stack.enter_context(_patched(dense, "_matmul_plans", {}))
+    stack.enter_context(patch.object(dense._MATMUL_PLANS, "plans", {}))
     return stack
 
 
 VARIANTS = {
     "auto": contextlib.nullcontext,
-    "dl pass": lambda: _patched(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
+    "dl pass": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
     "cublas": lambda: ia3_kernels.dense_path("cublas"),
     "bk128": _block_k_128,
 }
