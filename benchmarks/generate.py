@@ -108,15 +108,7 @@ def graph_ms(model, ids, new_tokens: int) -> float:
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         token.copy_(out.logits[:, -1:].argmax(-1))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_STEPS):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = layers.capture_graph(step, warmup=WARMUP_STEPS)
     graph.replay()  # one untimed replay
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -31,16 +31,13 @@ NF4_GEMV_TILES = [(bn, bk, w, 2) for bn, bk, w in itertools.product((16, 32, 64)
 def time_rotated(calls, rep_ms=40) -> float:
     """us per call: one CUDA graph replays every call of `calls` once (each on its own weight)."""
     from triton.testing import do_bench
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls[:2]:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    from .layers import capture_graph
+
+    def every_call():
         for fn in calls:
             fn()
+    graph, _ = capture_graph(every_call, warmup=1)
     us = do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3
     return us / len(calls)
 

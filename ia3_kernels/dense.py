@@ -1167,7 +1167,8 @@ def _attention_backward_cublas(dy, weight, scale, preact, fan_in_fan_out, need_d
     dx = torch.empty((M, w_nk.shape[1]), device=dy.device, dtype=weight.dtype) if need_dx else None
     rows = M
     if need_dx and M * N * dy.element_size() > SMALL_SCRATCH_BYTES:
-        rows = max(ATTN_BWD_MIN_CHUNK_ROWS, cdiv(M, ATTN_BWD_CHUNKS))
+        # (never more rows than M: a forced cuBLAS path below 512 rows gets one M-row chunk)
+        rows = min(M, max(ATTN_BWD_MIN_CHUNK_ROWS, cdiv(M, ATTN_BWD_CHUNKS)))
     total = None
     # One scratch buffer serves every chunk (the stream orders each chunk's pass after the
     # previous chunk's GEMM has read it).

@@ -58,16 +58,12 @@ def count_calls(monkeypatch, module, name: str) -> list:
 
 def capture_cuda_graph(fn):
     """(graph, fn's output inside it): fn runs once on a side stream first (kernels compile and
-    allocators warm outside the capture), then is captured. The caller replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+    allocators warm outside the capture), then is captured, as the benchmarks capture
+    (benchmarks.layers.capture_graph: garbage collected first, the collector paused during
+    the capture). The caller replays."""
+    from benchmarks.layers import capture_graph
+
+    return capture_graph(fn, warmup=1)
 
 
 @pytest.fixture

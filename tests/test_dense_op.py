@@ -174,6 +174,26 @@ def test_chunked_cublas_attention_backward(triton_backend, monkeypatch):
         check_against_reference(70, 48, 130, False, True, has_bias, torch.float16, "cublas")
 
 
+def test_cublas_attention_backward_scratch_never_exceeds_m_rows(triton_backend, monkeypatch):
+    """Past the small-scratch size the dy*l scratch is chunked at >= ATTN_BWD_MIN_CHUNK_ROWS
+    rows, but an M below that (the cuBLAS path forced) gets M rows, not a 512-row buffer."""
+    from ia3_kernels import dense
+
+    monkeypatch.setattr(dense, "SMALL_SCRATCH_BYTES", 64)
+    scratch_rows = []
+    real = dense._launch_scale_reduce
+
+    def spy(src, **kwargs):
+        if kwargs.get("out") is not None:
+            scratch_rows.append(kwargs["out"].untyped_storage().nbytes()
+                                // (kwargs["out"].shape[1] * kwargs["out"].element_size()))
+        return real(src, **kwargs)
+
+    monkeypatch.setattr(dense, "_launch_scale_reduce", spy)
+    check_against_reference(5, 24, 40, False, False, True, torch.float32, "cublas")
+    assert scratch_rows and max(scratch_rows) == 5
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_attention_dscale_without_saved_preact(triton_backend, path):
     """The attention op called with save_preact=False still gives l its gradient (recomputes u)."""
