@@ -543,7 +543,8 @@ FF_BWD_CUBLAS_MIN_M = 128
 #   (4096->1024 at M = 128: 17 us against 29 for the fused kernel's 64 output tiles).
 ATTN_FWD_CUBLAS_MIN_M = 128
 # - attention backward: cuBLAS's (dy*l) W is faster on the GPU at every M, but dy*l is scratch:
-#   used where it stays under 256 KiB (small M) or in 8 row chunks of >= 512 rows (M >= 4096),
+#   used where it stays under 256 KiB or under the fused kernel's own split-K workspace
+#   (small M; _attn_bwd_fused_workspace) or in 8 row chunks of >= 512 rows (M >= 4096),
 #   and there only for GEMMs of >= 2**39 flop (~0.8 ms): the chunk loop costs ~2 ms of host
 #   time on the H100 host (4096->1024 at M = 8192: 2.3 ms against 0.2 ms bare), which only
 #   the largest GEMMs hide. Elsewhere the fused kernel scales the dy tile in registers.
@@ -703,7 +704,9 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
         if dtype == torch.float32:
             return small_scratch or chunked
         if M <= ATTN_BWD_FUSED_MAX_M:
-            return N > ATTN_BWD_FUSED_MAX_N and small_scratch
+            return N > ATTN_BWD_FUSED_MAX_N and (
+                small_scratch or M * N * dtype.itemsize <= _attn_bwd_fused_workspace(M, N, K, dtype,
+                                                                                     device))
         return chunked  # beyond M = 64 a dy*l that fits the small scratch is a small GEMM's
     if dtype == torch.float32:
         # An fp32 tl.dot is either tf32 (3e-4 relative error, 10x PEFT's exact fp32 cuBLAS) or
@@ -712,6 +715,19 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
     if small_gemm:
         return False
     return M >= (FF_BWD_CUBLAS_MIN_M if phase == "ff_bwd" else ATTN_FWD_CUBLAS_MIN_M)
+
+
+def _attn_bwd_fused_workspace(M: int, N: int, K: int, dtype: torch.dtype,
+                              device: torch.device) -> int:
+    """Bytes of split-K workspace the fused attention backward (dx = (dy*l) W: M x K out,
+    reduced over N) would allocate. Where the cuBLAS route's dy*l scratch (M x N) is no larger,
+    that route costs no more memory, so _use_cublas takes it past SMALL_SCRATCH_BYTES:
+    4096->14336 at M = 9..16, whose fused kernel splits K in two (512 KiB of fp32 partials
+    at M = 16 against a 448 KiB scratch) and took 151.4 us against cuBLAS's 109.5 at M = 16
+    (H100, CUDA graphs, benchmarks/results/paths-small-attn-h100.md)."""
+    elem = dtype.itemsize
+    split_k = _matmul_config(M, K, N, elem, _sm_count(device), False, a_elem_size=elem)[3]
+    return split_k * M * K * 4 if split_k > 1 else 0
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

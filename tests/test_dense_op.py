@@ -194,6 +194,30 @@ def test_cublas_attention_backward_scratch_never_exceeds_m_rows(triton_backend, 
     assert scratch_rows and max(scratch_rows) == 5
 
 
+def test_small_m_attention_backward_takes_cublas_only_where_its_scratch_costs_no_more(monkeypatch):
+    """At M <= 64 and N > 1024 the cuBLAS route's dy*l scratch (M x N) is taken while it is
+    under 256 KiB or no larger than the fused kernel's split-K workspace, so the choice never
+    raises the step's peak: the rule as the H100 (132 SMs) sees it, no GPU needed."""
+    from ia3_kernels import dense
+
+    monkeypatch.setattr(dense, "_sm_count", lambda device: 132)
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    # 4096->14336: the fused dx GEMM (16 x 4096 out, over 14336) splits K in two at M = 16.
+    assert dense._attn_bwd_fused_workspace(16, 14336, 4096, bf16, cuda) == 2 * 16 * 4096 * 4
+    assert dense._use_cublas("attn_bwd", 16, 14336, 4096, bf16, cuda)  # 448 KiB <= 512 KiB
+    assert dense._use_cublas("attn_bwd", 8, 14336, 4096, bf16, cuda)  # under 256 KiB
+    # M = 32: 64-row tiles, no split, no workspace: the fused kernel, as before.
+    assert dense._attn_bwd_fused_workspace(32, 14336, 4096, bf16, cuda) == 0
+    assert not dense._use_cublas("attn_bwd", 32, 14336, 4096, bf16, cuda)
+    assert not dense._use_cublas("attn_bwd", 64, 4096, 4096, bf16, cuda)
+    for M in range(1, 65):  # never a scratch above both bounds
+        for N, K in ((14336, 4096), (4096, 4096), (4096, 14336), (2304, 768), (1024, 4096)):
+            if dense._use_cublas("attn_bwd", M, N, K, bf16, cuda):
+                assert N > 1024
+                assert M * N * 2 <= max(dense.SMALL_SCRATCH_BYTES,
+                                        dense._attn_bwd_fused_workspace(M, N, K, bf16, cuda))
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_attention_dscale_without_saved_preact(triton_backend, path):
     """The attention op called with save_preact=False still gives l its gradient (recomputes u)."""
