@@ -136,6 +136,13 @@ def kernel_table(fn, iters: int = 20) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def require_cuda(tool: str) -> None:
+    """Exit with a one-line reason (not a traceback from the first .cuda()) where a GPU-only
+    tool runs on a machine without CUDA."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"benchmarks.{tool} times GPU kernels: it needs a CUDA GPU")
+
+
 def time_eager(fn, warmup_ms=10, rep_ms=60) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3

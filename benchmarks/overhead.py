@@ -16,7 +16,7 @@ import time
 import torch
 
 from .conv import ConvShape, build_layers as build_conv_layers
-from .layers import Shape, build_layers
+from .layers import Shape, build_layers, require_cuda
 
 # A conv small enough that every call is host-bound, and a benchmark-sized one.
 TINY_CONV = ConvShape("tiny", "3x3 64->64 @8x8", 64, 64, (3, 3), 2, (8, 8), 1)
@@ -626,6 +626,12 @@ MODES = {
 
 
 def main() -> int:
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print(__doc__.strip())
+        print("flags (the first present wins; none: the dense breakdown and host tables): "
+              + ", ".join(MODES))
+        return 0
+    require_cuda("overhead")
     for flag, run in MODES.items():
         if flag in sys.argv[1:]:
             run()

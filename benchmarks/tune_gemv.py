@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.quant import weight_bytes
+from benchmarks.layers import require_cuda
 from benchmarks.report import measure_copy_tb_per_s
 from benchmarks.tune_quant_small_m import SHAPES, build, time_rotated, weights_of
 from ia3_kernels import small_m
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
                         help="only the prefetch modes at each shape's shipped tiles: none, "
                              "registers (1), the K-loop pipelined 2-4 stages deep")
     args = parser.parse_args(argv)
+    require_cuda("tune_gemv")
     import ia3_kernels
     from ia3_kernels import fourbit
     bw = measure_copy_tb_per_s() * 1e12

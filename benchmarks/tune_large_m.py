@@ -10,7 +10,7 @@ import torch
 import ia3_kernels
 from ia3_kernels import dense
 
-from .layers import Shape, build_layers, case_inputs, step_fn, time_graph
+from .layers import Shape, build_layers, case_inputs, require_cuda, step_fn, time_graph
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is the table's default row
 # (128x256 is its choice for wide grids without a stored u, since this sweep).
@@ -22,6 +22,7 @@ SHAPES = [Shape("T5-base", "q/k/v/o", 768, 768), Shape("T5-base", "wo", 3072, 76
 
 
 def main() -> int:
+    require_cuda("tune_large_m")
     real = dense._matmul_config
     for shape in SHAPES:
         for m in (2048, 8192):

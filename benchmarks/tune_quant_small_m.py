@@ -19,6 +19,8 @@ from ia3_kernels import dense, small_m
 from ia3_kernels.fourbit import FourBitWeight
 from ia3_kernels.int8 import Int8Weight
 
+from .layers import capture_graph, require_cuda
+
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 NF4_TILES = [(bn, bk, w, 2) for bn, bk, w in itertools.product((32, 64, 128), (128, 256, 512), (4, 8))]
 INT8_TILES = [(bn, bk, 4, s) for bn, bk, s in itertools.product((32, 64, 128), (128, 256, 512),
@@ -31,8 +33,6 @@ NF4_GEMV_TILES = [(bn, bk, w, 2) for bn, bk, w in itertools.product((16, 32, 64)
 def time_rotated(calls, rep_ms=40) -> float:
     """us per call: one CUDA graph replays every call of `calls` once (each on its own weight)."""
     from triton.testing import do_bench
-
-    from .layers import capture_graph
 
     def every_call():
         for fn in calls:
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="nf4,int8")
     parser.add_argument("--m", default="1,4,16,64")
     args = parser.parse_args(argv)
+    require_cuda("tune_quant_small_m")
     import ia3_kernels
     for fmt in args.formats.split(","):
         bytes_per_weight = 0.52 if fmt == "nf4" else 1.0

@@ -9,7 +9,7 @@ import torch
 
 from ia3_kernels import dense
 
-from .layers import SHAPES, build_layers, step_fn, time_graph
+from .layers import SHAPES, build_layers, require_cuda, step_fn, time_graph
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16 and split-K follows the usual rule.
 CANDIDATES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4),
@@ -17,6 +17,7 @@ CANDIDATES = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4), (128, 128, 8, 
 
 
 def main() -> int:
+    require_cuda("tune_small_m")
     real = dense._matmul_config
     shapes = [s for s in SHAPES if s.layer in ("q/o_proj", "k/v_proj", "gate/up_proj", "down_proj")]
     for shape in shapes:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ia3_kernels import dense, tma_gemm
 
-from .layers import time_graph
+from .layers import require_cuda, time_graph
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SUBTILE)
 TILES = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (128, 256, 64, 8, 3, False),
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--phases", default=",".join(PHASES))
     args = parser.parse_args(argv)
+    require_cuda("tune_tma")
     dev = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}", flush=True)
