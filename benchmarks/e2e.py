@@ -12,6 +12,7 @@ checks the pipeline in well under two minutes; CPU numbers are not the point.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -236,6 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing runs")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 8; quick 2)")
     p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
+    p.add_argument("--no-autograd-threads", action="store_true",
+                   help="every variant's backward on the calling thread "
+                        "(torch.autograd.set_multithreading_enabled(False)), not autograd's "
+                        "device thread: where eager steps are host-bound (T5-base, GPT-2)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     cuda, device, dtype = report.run_device()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a cast warning on every int8 call
@@ -250,6 +255,9 @@ def main(argv=None) -> int:
         "PEFT's bitsandbytes wrappers need); compiled: torch.compile(model), default mode" if cuda
         else "CPU-only machine: tiny configs on the reference path to check the pipeline (no "
         "bitsandbytes runs) — CPU numbers are not the point of this package"))
+    if args.no_autograd_threads:
+        note += ("; autograd's device threads off for every variant (torch.autograd."
+                 "set_multithreading_enabled(False): the backward runs on the calling thread)")
     print(note)
     ckpts = [False] if args.no_ckpt else [False, True]
     def compiled(ckpt):
@@ -275,7 +283,9 @@ def main(argv=None) -> int:
         (out / f"{stem}.md").write_text(markdown(env, kept + rows, note, summary))
         return summary
 
-    with layers.progress(total) as tick:
+    threads = (torch.autograd.set_multithreading_enabled(False) if args.no_autograd_threads
+               else contextlib.nullcontext())
+    with threads, layers.progress(total) as tick:
         for spec in specs:
             for ckpt in ckpts:
                 rows += run_spec(spec, device, dtype, ckpt, compiled(ckpt), warmup, steps, tick)
