@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import ia3_kernels
@@ -185,8 +185,13 @@ def adapter_scales(c, g, features, shape, examples):
     return [vector(shape) for _ in range(c["adapters"])], None
 
 
-def forward_backward(op, p: Problem, cast, dy_seed):
-    """op on leaves cast by `cast`; returns y and the gradients of x's base, the vectors, bias."""
+def forward_backward(op, p: Problem, cast, dy_seed, dy_dtype):
+    """op on leaves cast by `cast`; returns y and the gradients of x's base, the vectors, bias.
+    The upstream gradient is drawn in dy_dtype (the layer's dtype) for every variant, so that the
+    float64 references differentiate at the dy the layers receive, as they take x and W as
+    rounded to that dtype: a reference at the unrounded fp32 dy credited PEFT's attention path,
+    which rounds dy*l afresh, with undoing part of dy's own rounding (fp16 Conv3d, one 3x3 tap
+    dominating the weight: PEFT 7.3e-5 against ours 5.4e-4 there, over the bar by 0.2%)."""
     x_base = cast(p.x_base).detach().clone().requires_grad_()
     vectors = [cast(v).detach().clone().requires_grad_() for v in p.vectors]
     bias = None if p.bias is None else cast(p.bias).detach().clone().requires_grad_()
@@ -197,12 +202,25 @@ def forward_backward(op, p: Problem, cast, dy_seed):
     inputs = [x_base] + vectors + ([bias] if bias is not None else [])
     if y.numel() == 0:
         return y, [torch.zeros_like(t) for t in inputs]
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.device)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed))
+    dy = dy.to(y.device, dy_dtype)
     dy = cast(dy) if y.dtype == torch.float64 else dy.to(y.dtype)
     return y, list(torch.autograd.grad(y, inputs, dy))
 
 
+# Found by the long profile (seed 27, 2026-12-05) before forward_backward drew dy in the layer's
+# dtype for the references too: kept as a fixed case.
+FP16_CONV3D_ONE_TAP = {
+    "kind": "conv3d", "feedforward": False, "has_bias": False, "dtype": torch.float16,
+    "adapters": 2, "mixed": False, "seed": 1362, "path": "auto", "nd": 3, "groups": 1,
+    "c_in_per_group": 1, "c_out": 1, "kernel": [1, 3, 3], "spatial": [2, 5, 5], "batch": 2,
+    "conv": {"stride": [2, 1, 1], "padding": [0, 0, 0], "dilation": [1, 2, 2], "groups": 1,
+             "padding_mode": "zeros"},
+    "layout": "contiguous"}
+
+
 @given(cases())
+@example(c=FP16_CONV3D_ONE_TAP)
 def test_fuzz_against_reference(triton_backend, c):
     g = torch.Generator().manual_seed(c["seed"])
     p = linear_problem(c, g) if c["kind"] in LINEAR_KINDS else conv_problem(c, g)
@@ -213,12 +231,12 @@ def test_fuzz_against_reference(triton_backend, c):
     ia3_kernels.set_strict(True)  # a fallback to the reference would make the comparison moot
     try:
         with ia3_kernels.dense_path(c["path"]):
-            y, grads = forward_backward(p.ours, p, same, c["seed"])
+            y, grads = forward_backward(p.ours, p, same, c["seed"], dtype)
     finally:
         ia3_kernels.set_strict(False)
-    y_peft, grads_peft = forward_backward(p.peft, p, same, c["seed"])
-    y_ref, grads_ref = forward_backward(p.exact(p.weight64), p, f64, c["seed"])
-    y_abs, grads_abs = forward_backward(p.exact(p.weight64.abs()), p, f64_abs, c["seed"])
+    y_peft, grads_peft = forward_backward(p.peft, p, same, c["seed"], dtype)
+    y_ref, grads_ref = forward_backward(p.exact(p.weight64), p, f64, c["seed"], dtype)
+    y_abs, grads_abs = forward_backward(p.exact(p.weight64.abs()), p, f64_abs, c["seed"], dtype)
     assert y.shape == y_peft.shape and y.dtype == y_peft.dtype == dtype, c
     assert_within_peft_bar(y, y_peft, y_ref, dtype, f"y {c}", y_abs)
     names = ["dx"] + [f"dl{i}" for i in range(len(p.vectors))] + ["dbias"]
