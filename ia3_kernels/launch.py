@@ -227,7 +227,12 @@ def _make_plan(kernel, grid, device, full, slot_indices, current_stream):
     place by index (no per-call binding or key). A closure, not generated code: exec'ing a
     function per plan cost 129 us on the development CPU (~3x that on the GPU hosts), paid
     again for every new signature, where the closure's loop costs 0.35 us a call more."""
-    template = tuple(full)
+    # The slots are filled on every call: the template keeps None there, never the first call's
+    # tensors. Keeping them held that call's output (and through its grad_fn the autograd graph,
+    # AccumulateGrad nodes included) for the process's life: memory, and a CUDA-graph capture
+    # of a later backward broke on the stale AccumulateGrad's stream (H100, 2026-12-05:
+    # "operation would make the legacy stream depend on a capturing blocking stream").
+    template = tuple(None if i in slot_indices else value for i, value in enumerate(full))
     function, metadata, run = kernel.function, kernel.packed_metadata, kernel.run
     gx, gy, gz = grid
 

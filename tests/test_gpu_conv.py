@@ -106,8 +106,9 @@ def test_launch_plans_give_what_the_launches_they_replace_give(monkeypatch, feed
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(conv._WEIGHT_PLANS, "plans", {})
     monkeypatch.setattr(conv._DL_PLANS, "plans", {})
-    x0, w, b, scale0, kwargs = make_case("stride2-dil2-grouped-reflect", feedforward, True,
-                                         torch.bfloat16, channels_last)
+    # Zero padding: a reflect pad's backward (F.pad) adds with atomics on CUDA, so its dx is
+    # not bitwise repeatable whatever the launches (seen on the H100, 2026-12-05).
+    x0, w, b, scale0, kwargs = make_case("3x3", feedforward, True, torch.bfloat16, channels_last)
 
     def step(x_like, scale_like):
         x = x_like.detach().clone().requires_grad_()  # fresh tensors, same signature

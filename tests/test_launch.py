@@ -332,3 +332,31 @@ def test_plan_cache_replays_without_building_the_arguments(monkeypatch):
     launches = len(jit.compiled.launches)
     call("k", x2, y2)  # the plan declines; the call goes through Triton's own path
     assert len(built) == 4 and jit.triton_calls == 3 and len(jit.compiled.launches) == launches
+
+
+def test_plan_keeps_no_reference_to_the_first_calls_tensors():
+    """A plan's template holds None in its slots, not the tensors of the call that made it:
+    held, they kept that call's output and its autograd graph alive, and a later backward's
+    CUDA-graph capture broke on the stale AccumulateGrad node's stream (H100, 2026-12-05)."""
+    import gc
+    import weakref
+
+    launched = []
+
+    class Kernel:
+        function, packed_metadata = object(), object()
+
+        @staticmethod
+        def run(*args):
+            launched.append(args[9:])
+
+    first = torch.ones(3)
+    alive = weakref.ref(first)
+    plan = launch._make_plan(Kernel(), (1, 1, 1), 0, (first, 7, torch.zeros(2)), [0, 2],
+                             lambda device: 0)
+    del first
+    gc.collect()
+    assert alive() is None
+    second, third = torch.full((3,), 2.0), torch.ones(2)
+    assert plan(second, third)
+    assert launched[-1][0] is second and launched[-1][1] == 7 and launched[-1][2] is third
