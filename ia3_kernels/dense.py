@@ -61,6 +61,13 @@ def _absmax_of_blocks(blk, mask, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
 
 
 @triton.jit
+def gather_table(table, idx):
+    """table[idx] for an index tensor of any shape: one tl.gather over the flattened indices
+    (a register/shared-memory lookup, no global load per element), reshaped back."""
+    return tl.reshape(tl.gather(table, tl.reshape(idx, (idx.numel,)), 0), idx.shape)
+
+
+@triton.jit
 def _codes(code_ptr, q):
     """The 4-bit code values of nibbles q (any shape): the 16-entry table loaded once and
     gathered in registers (tl.gather). A table load per element, as this file did before,
@@ -68,8 +75,7 @@ def _codes(code_ptr, q):
     SASS (the dx loop at 16x64x128 issued 72 LDGSTS a step for 4 KB of packed weights); in
     small_m.py the same change made the tl.dot path 7x faster (386 -> 57 us at M = 16,
     14336->4096, tune-lut-h100.log)."""
-    table = tl.load(code_ptr + tl.arange(0, 16))
-    return tl.reshape(tl.gather(table, tl.reshape(q, (q.numel,)), 0), q.shape)
+    return gather_table(tl.load(code_ptr + tl.arange(0, 16)), q)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import config
 from .dense import (INT8_SCALE_MUL, _absmax_of_blocks, _dot_precision, _sm_count,
-                    _split_k_counters, _traceable, split_k_reduce)
+                    _split_k_counters, _traceable, gather_table, split_k_reduce)
 from .launch import FastKernel, cdiv
 
 
@@ -94,11 +94,8 @@ def _quant_small_m_kernel(
             absmax = _absmax_of_blocks(
                 (rn[:, None] * K + k0 + blocks[None, :] * SUB) // Q_BLOCKSIZE, mask_n[:, None],
                 w_scale_ptr, code2_ptr, absmax2_ptr, offset_ptr, Q_NESTED, Q_BLOCKSIZE2)
-            flat: tl.constexpr = BLOCK_N * BLOCK_K // 2
-            c_even = tl.reshape(tl.gather(table, tl.reshape(packed >> 4, (flat,)), 0),
-                                (BLOCK_N, NB, SUB // 2))
-            c_odd = tl.reshape(tl.gather(table, tl.reshape(packed & 15, (flat,)), 0),
-                               (BLOCK_N, NB, SUB // 2))
+            c_even = gather_table(table, packed >> 4)
+            c_odd = gather_table(table, packed & 15)
             if BLOCK_M == 1:
                 # GEMV: x comes as (blocks, bytes) like the tile, so it broadcasts along the rows
                 # with no re-layout; FMAs in fp32, the block's absmax once per pair of products.
@@ -309,7 +306,8 @@ def _quant_gemv_kernel(
     # work; n >= 2 the K-loop software-pipelined n stages deep by Triton (tl.range num_stages:
     # cp.async copies into shared memory, n - 1 tiles in flight, no registers held for them;
     # Triton pipelines loads that feed no tl.dot only in a loop annotated so, sm_90 SASS of
-    # Triton 3.6 and 3.9 compiled on a CPU).
+    # Triton 3.6 and 3.9 compiled on a CPU). H100, tune_gemv --pipeline-only: 2-4 stages lost
+    # to 1 on every NF4 shape and tied or lost for int8 (tune-attn-gemv-e2e-stop27-h100.log).
     LUT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -405,7 +403,7 @@ def _quant_gemv_kernel(
                 n45 = tl.join((w_words >> 20) & 15, (w_words >> 16) & 15)
                 n67 = tl.join((w_words >> 28) & 15, (w_words >> 24) & 15)
                 nib = tl.join(n45, n67)
-                codes = tl.reshape(tl.gather(table, tl.reshape(nib, (nib.numel,)), 0), nib.shape)
+                codes = gather_table(table, nib)
                 c45, c67 = tl.split(codes)
                 c4, c5 = tl.split(c45)
                 c6, c7 = tl.split(c67)
@@ -415,8 +413,7 @@ def _quant_gemv_kernel(
                 b01 = tl.join(w_words & 0xFF, (w_words >> 8) & 0xFF)
                 b23 = tl.join((w_words >> 16) & 0xFF, (w_words >> 24) & 0xFF)
                 pairs = tl.join(b01, b23)
-                pairs = tl.reshape(tl.gather(table, tl.reshape(pairs, (pairs.numel,)), 0),
-                                   pairs.shape)
+                pairs = gather_table(table, pairs)
                 p01, p23 = tl.split(pairs)
                 p0, p1 = tl.split(p01)
                 p2, p3 = tl.split(p23)
@@ -433,7 +430,7 @@ def _quant_gemv_kernel(
                 n45 = tl.join((w_words >> 20) & 15, (w_words >> 16) & 15)
                 n67 = tl.join((w_words >> 28) & 15, (w_words >> 24) & 15)
                 nib = tl.join(tl.join(n01, n23), tl.join(n45, n67))
-                codes = tl.reshape(tl.gather(table, tl.reshape(nib, (nib.numel,)), 0), nib.shape)
+                codes = gather_table(table, nib)
                 c0123, c4567 = tl.split(codes)  # split undoes the outermost join first
                 c01, c23 = tl.split(c0123)
                 c45, c67 = tl.split(c4567)
