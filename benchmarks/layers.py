@@ -143,6 +143,30 @@ def require_cuda(tool: str) -> None:
         raise SystemExit(f"benchmarks.{tool} times GPU kernels: it needs a CUDA GPU")
 
 
+@contextlib.contextmanager
+def forced_tiles(choose):
+    """Within the block, dense._matmul_config asks choose(M, N, K, elem_size, a_elem_size) for
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), or None to keep the table's row; split-K
+    follows dense.split_k_for. Launch plans are emptied on entry and restored on exit: a plan
+    keeps the tiles its signature first had, so without this every candidate of a sweep after
+    the first would time the first one's tiles."""
+    from unittest.mock import patch
+
+    from ia3_kernels import dense
+    real = dense._matmul_config
+
+    def config(M, N, K, elem_size, n_sm, interpret, stores_preact=False, a_elem_size=None):
+        tiles = choose(M, N, K, elem_size, a_elem_size or elem_size)
+        if tiles is None:
+            return real(M, N, K, elem_size, n_sm, interpret, stores_preact, a_elem_size)
+        bm, bn, bk, warps, stages = tiles
+        return bm, bn, bk, dense.split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm,
+                                             interpret), warps, stages
+    with patch.object(dense, "_matmul_config", config), \
+            patch.object(dense._MATMUL_PLANS, "plans", {}):
+        yield
+
+
 def time_eager(fn, warmup_ms=10, rep_ms=60) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3

@@ -247,9 +247,6 @@ DOT_CANDIDATES = [(32, 256, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3), (32, 512, 4
 
 
 def tune_small_m(m_values=(1, 16)) -> list[str]:
-    from ia3_kernels import dense
-
-    real = dense._matmul_config
     lines = []
     for shape in SHAPES[:4]:
         for m in m_values:
@@ -260,17 +257,13 @@ def tune_small_m(m_values=(1, 16)) -> list[str]:
             bm = 1 if m == 1 else 16
             results = []
             for cand in (GEMV_CANDIDATES if m == 1 else DOT_CANDIDATES):
-                def config(M, N, K, elem, n_sm, interpret, stores_preact=False, _c=cand):
-                    split = dense.split_k_for(M, N, K, bm, _c[0], _c[1], elem, n_sm, interpret)
-                    return bm, _c[0], _c[1], split, _c[2], _c[3]
-                dense._matmul_config = config
                 try:
-                    us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
-                except Exception as exc:
+                    with layers.forced_tiles(lambda M, N, K, e, ae, _c=cand:
+                                             (bm, _c[0], _c[1], _c[2], _c[3])):
+                        us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))
+                except Exception as exc:  # noqa: BLE001 - out of shared memory, etc.
                     us = float("nan")
                     print(f"  {cand} failed: {type(exc).__name__}", flush=True)
-                finally:
-                    dense._matmul_config = real
                 results.append((us, cand))
             results.sort(key=lambda r: (r[0] != r[0], r[0]))
             default_us = layers.time_graph(layers.step_fn(ours, x, "fwd", None))

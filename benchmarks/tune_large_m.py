@@ -8,9 +8,9 @@ import sys
 import torch
 
 import ia3_kernels
-from ia3_kernels import dense
 
-from .layers import Shape, build_layers, case_inputs, require_cuda, step_fn, time_graph
+from .layers import (Shape, build_layers, case_inputs, forced_tiles, require_cuda, step_fn,
+                     time_graph)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is the table's default row
 # (128x256 is its choice for wide grids without a stored u, since this sweep).
@@ -23,7 +23,6 @@ SHAPES = [Shape("T5-base", "q/k/v/o", 768, 768), Shape("T5-base", "wo", 3072, 76
 
 def main() -> int:
     require_cuda("tune_large_m")
-    real = dense._matmul_config
     for shape in SHAPES:
         for m in (2048, 8192):
             for mode in ("ff", "attn"):
@@ -34,19 +33,14 @@ def main() -> int:
                     bare_us = time_graph(step_fn(bare, xin, phase, dy))
                     results = []
                     for cand in CANDIDATES:
-                        def config(M, N, K, elem, n_sm, interpret, stores_preact=False, _c=cand):
-                            if M <= 256:
-                                return real(M, N, K, elem, n_sm, interpret, stores_preact)
-                            return _c[0], _c[1], _c[2], 1, _c[3], _c[4]
-                        dense._matmul_config = config
                         try:
-                            with ia3_kernels.dense_path("fused"):
+                            with forced_tiles(lambda M, N, K, e, ae, _c=cand:
+                                              _c if M > 256 else None), \
+                                    ia3_kernels.dense_path("fused"):
                                 us = time_graph(step_fn(ours, xin, phase, dy))
-                        except Exception as exc:  # out of shared memory, etc.
+                        except Exception as exc:  # noqa: BLE001 - out of shared memory, etc.
                             us = float("nan")
                             print(f"  config {cand} failed: {type(exc).__name__}")
-                        finally:
-                            dense._matmul_config = real
                         results.append((us, cand))
                     current = results[0][0]
                     results.sort(key=lambda r: (r[0] != r[0], r[0]))

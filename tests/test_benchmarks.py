@@ -91,3 +91,28 @@ def test_quant_resume_keeps_whole_cases_of_the_same_device(tmp_path):
         quant.resumed_rows(path, {"device": "H200"}, "nf4")
     with pytest.raises(SystemExit, match="int8"):
         quant.resumed_rows(path, {"device": "H100"}, "int8")
+
+
+def test_forced_tiles_reaches_the_launcher_and_sets_plans_aside():
+    """Tile sweeps (tune_small_m, tune_large_m, quant --tune) patch dense._matmul_config through
+    layers.forced_tiles; the patch must take the launcher's full call (it passes a_elem_size,
+    which the sweeps' own patches once refused) and empty the launch plans, which otherwise
+    replay the tiles their signature first had."""
+    from benchmarks.layers import forced_tiles
+    from ia3_kernels import dense
+
+    sentinel = {"key": "plan"}
+    dense._MATMUL_PLANS.plans, saved = sentinel, dense._MATMUL_PLANS.plans
+    try:
+        table = dense._matmul_config(64, 4096, 4096, 2, 132, False, False, 2)
+        small = dense._matmul_config(16, 4096, 4096, 2, 132, False, False, 2)
+        with forced_tiles(lambda M, N, K, e, ae: (32, 32, 256, 4, 3) if M == 64 else None):
+            assert dense._MATMUL_PLANS.plans == {}
+            forced = dense._matmul_config(64, 4096, 4096, 2, 132, False, False, 2)
+            assert forced[:3] == (32, 32, 256) and forced[4:] == (4, 3)
+            assert forced[3] == dense.split_k_for(64, 4096, 4096, 32, 32, 256, 2, 132)
+            assert dense._matmul_config(16, 4096, 4096, 2, 132, False, False, 2) == small
+        assert dense._matmul_config(64, 4096, 4096, 2, 132, False, False, 2) == table
+        assert dense._MATMUL_PLANS.plans is sentinel
+    finally:
+        dense._MATMUL_PLANS.plans = saved
