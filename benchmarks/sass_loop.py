@@ -71,7 +71,7 @@ def _compile_sm90(kernel, signature: dict, consts: dict, divisible: tuple, num_w
 DENSE_POINTERS = {"counter_ptr": "*i32", "partial_ptr": "*fp32", "a_partial_ptr": "*fp32",
                   "workspace_ptr": "*fp32", "final_ptr": "*fp32", "scale_a_ptr": "*fp32",
                   "scale_c_ptr": "*fp32"}
-DENSE_DEFAULTS = dict(SCALE_A=False, REDUCE_A_AUX=False, HAS_BIAS=False, REDUCE_AUX=False,
+DENSE_DEFAULTS = dict(SCALE_A=False, REDUCE_A_AUX=0, HAS_BIAS=False, REDUCE_AUX=False,
                       FINISH=False, STORE_PREACT=False, SCALE_C=False, SCALE_GATHER=False,
                       STORE_C=True, SPLIT_K=2, DOT_PRECISION="tf32", W_SCALE_AXIS=0,
                       W_SCALE_MUL=1 / 127, W_4BIT=0, Q_BLOCKSIZE=64, Q_NESTED=False,

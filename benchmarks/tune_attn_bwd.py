@@ -11,10 +11,12 @@ reduces dl = sum_rows dy*u (`python -m benchmarks.sass_loop --dense`, Triton 3.6
 device, 16x32x256 tiles, bf16 l: 597 loop instructions with the conditional dl block, 8
 barriers and 148 registers a thread, against 224, 2 and 64 for the feedforward's and 307, 2
 and 56 without dl; no spills). Variants timed:
-  auto      the shipped rule;
+  auto      the shipped rule (M <= 64: dl by programs of their own beside the dx GEMM's
+            tiles, dense.A_AUX_PROGRAMS_MAX_M);
+  dl loop   dl reduced inside the dx GEMM's K-loop (the rule before A_AUX_PROGRAMS_MAX_M);
   dl pass   dl by a pass of its own after the dx GEMM (ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = 0);
-  cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx;
-  bk128     auto with BLOCK_K 128 at M <= 16 (fewer bytes a step, fewer registers)."""
+  cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx.
+(stop 27 also timed BLOCK_K 128 at M <= 16: no better than the table's 256/512.)"""
 from __future__ import annotations
 
 import contextlib
@@ -29,28 +31,11 @@ from ia3_kernels import dense
 from .layers import SHAPES, build_layers, case_inputs, step_fn, time_graph
 
 
-def _block_k_128():
-    real = dense._matmul_config
-
-    def config(M, N, K, elem_size, n_sm, interpret, stores_preact=False, a_elem_size=None):
-        bm, bn, bk, _, warps, stages = real(M, N, K, elem_size, n_sm, interpret, stores_preact,
-                                            a_elem_size)
-        if M <= 16 and elem_size == 2:
-            bk, stages = 128, 4
-        return bm, bn, bk, dense.split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm,
-                                             interpret), warps, stages
-    stack = contextlib.ExitStack()
-    stack.enter_context(patch.object(dense, "_matmul_config", config))
-    # Launch plans keep the tiles of their signature: fresh ones, or the auto variant's stay.
-    stack.enter_context(patch.object(dense._MATMUL_PLANS, "plans", {}))
-    return stack
-
-
 VARIANTS = {
     "auto": contextlib.nullcontext,
+    "dl loop": lambda: patch.object(dense, "A_AUX_PROGRAMS_MAX_M", 0),
     "dl pass": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
     "cublas": lambda: ia3_kernels.dense_path("cublas"),
-    "bk128": _block_k_128,
 }
 
 

@@ -197,6 +197,28 @@ def finish_partial_rows(partial_ptr, final_ptr, counter_ptr, n_rows, row_len, co
 
 
 @triton.jit
+def _sum_rows_of_product(a_ptr, aux_ptr, out_ptr, block, M, K, stride_am, stride_ak, stride_xm,
+                         stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[k] = sum over rows m (in order) of a[m, k] * aux[m, k] for one BLOCK_K block of k,
+    in fp32, stored in out's dtype: the attention backward's dl, by programs launched beside
+    the dx GEMM's tiles at small M (REDUCE_A_AUX == 2)."""
+    offs_k = block * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    rk = offs_k.to(tl.int64)
+    total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & mask_k[None, :]
+        rm = offs_m.to(tl.int64)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=mask,
+                    other=0.0)
+        x = tl.load(aux_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask,
+                    other=0.0)
+        total += tl.sum(a.to(tl.float32) * x.to(tl.float32), axis=0)
+    tl.store(out_ptr + rk, total.to(out_ptr.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
 def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
@@ -206,7 +228,10 @@ def _ia3_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_a_auxm, stride_a_auxk,
     SCALE_A: tl.constexpr,  # multiply column k of the A tile by scale_a[k] before the dot
-    REDUCE_A_AUX: tl.constexpr,  # a_partial[pid_m, k] = sum over the tile's rows of A * a_aux
+    # 1: a_partial[pid_m, k] = sum over the tile's rows of A * a_aux, inside the K-loop;
+    # 2: final[k] = sum over all rows of A * a_aux, by programs of their own after the GEMM's
+    # tiles (grid dim 0 = tiles + cdiv(K, BLOCK_K); _sum_rows_of_product); 0: none.
+    REDUCE_A_AUX: tl.constexpr,
     HAS_BIAS: tl.constexpr,  # u = acc + bias[n]
     REDUCE_AUX: tl.constexpr,  # partial[pid_m, n] = sum over the tile's rows of u * aux
     # The partial rows of REDUCE_AUX / REDUCE_A_AUX summed into final[n] / final[k] by the
@@ -242,6 +267,13 @@ def _ia3_matmul_kernel(
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    if REDUCE_A_AUX == 2:
+        if pid >= num_pid_m * num_pid_n:
+            if pid_k == 0:
+                _sum_rows_of_product(a_ptr, a_aux_ptr, final_ptr, pid - num_pid_m * num_pid_n,
+                                     M, K, stride_am, stride_ak, stride_a_auxm, stride_a_auxk,
+                                     BLOCK_M, BLOCK_K)
+            return
     # Grouped ordering: GROUP_M row-blocks share the same B columns while they are in L2.
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
@@ -318,7 +350,7 @@ def _ia3_matmul_kernel(
         else:
             b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if REDUCE_A_AUX:
+        if REDUCE_A_AUX == 1:
             # The attention backward's dl = sum_rows dy*u rides on the dx GEMM's dy tiles, so
             # dl costs no launch and no second pass over dy. Each k block is reduced by one
             # column block of CTAs, dealt round-robin (split-K splits own disjoint k ranges):
@@ -575,6 +607,14 @@ SMALL_GEMM_FLOP = 1 << 34
 # (one launch), and by a pass of its own above it (see dense_backward_impl).
 # benchmarks.tune_attn_bwd times both sides of it.
 ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = SMALL_GEMM_FLOP
+# In-kernel dl at M <= 64 runs in programs of its own beside the dx GEMM's tiles, each summing
+# every row of a BLOCK_K block of dy*u (REDUCE_A_AUX == 2), instead of inside the K-loop (1).
+# The K-loop's version cost more than a pass of its own at M <= 16 (H100, CUDA graphs, attention
+# fwd+bwd: k/v_proj 23.5 us against 20.7 with the pass, T5 768->768 18.8 against 16.8,
+# tune-attn-gemv-e2e-stop27-h100.log): its conditional block took the loop from 307 to 597
+# SASS instructions a step and from 56 to 148 registers a thread (benchmarks.sass_loop).
+# Separate programs leave the GEMM's loop as it is and still take no launch of their own.
+A_AUX_PROGRAMS_MAX_M = 64
 
 
 # Hopper, large M: the persistent TMA GEMM (tma_gemm.py) with IA3 in its prologue/epilogue,
@@ -870,7 +910,10 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     partial_dtype = sum_dtype if num_pid_m == 1 else torch.float32
     sums = reduce_aux or a_aux is not None
     final = torch.empty_like(finish_like) if sums and finish_like is not None else None
-    finish = final is not None and num_pid_m > 1
+    # a*a_aux summed by programs of their own (REDUCE_A_AUX == 2) at small M, which then read
+    # all M rows each; the K-loop's reduction (1) costs the GEMM more there than the sums do.
+    aux_programs = a_aux is not None and final is not None and M <= A_AUX_PROGRAMS_MAX_M
+    finish = final is not None and num_pid_m > 1 and not aux_programs
     # One row block: the kernel writes its row straight into final, the sums' last home.
     row_is_final = final is not None and not finish
     partial = a_partial = None
@@ -878,7 +921,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         partial = (final if row_is_final
                    else torch.empty((num_pid_m, N), device=device, dtype=partial_dtype))
     if a_aux is not None:
-        a_partial = (final if row_is_final
+        a_partial = (final if row_is_final or aux_programs
                      else torch.empty((num_pid_m, K), device=device, dtype=partial_dtype))
     workspace = counters = None
     finish_base = tiles if split_k > 1 else 0
@@ -889,15 +932,18 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
             finish_base + ((num_pid_n if reduce_aux else cdiv(K, bk)) if finish else 0),
             device, traceable)
 
+    final_arg = final if finish or aux_programs else None
+    reduce_a_aux = 0 if a_aux is None else 2 if aux_programs else 1
+
     def arguments():
         return _matmul_launch_args(
             a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial,
-            workspace, counters, w_scale, q_ptrs, scale_index, final if finish else None, M, N,
-            K, finish_base, store_c, store_preact, reduce_aux, finish, split_k, w_scale_axis,
+            workspace, counters, w_scale, q_ptrs, scale_index, final_arg, M, N, K, finish_base,
+            store_c, store_preact, reduce_aux, reduce_a_aux, finish, split_k, w_scale_axis,
             quant4, w_4bit, q_blocksize, q_nested, q_blocksize2, aligned, bm, bn, bk, warps,
             stages)
 
-    grid = (tiles, split_k)
+    grid = (tiles + (cdiv(K, bk) if aux_programs else 0), split_k)
     if plan_key is None:  # traced, CPU, unaligned or plans off: the full launch
         args, kwargs = arguments()
         _KERNELS[traceable][0][grid](*args, **kwargs)
@@ -905,7 +951,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
         _MATMUL_PLANS.launch(
             plan_key, grid, (a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
                              a_partial, workspace, counters, w_scale, *q_ptrs, scale_index,
-                             final if finish else None),
+                             final_arg),
             arguments, extra=(bm, bn, bk, split_k, warps, stages, aligned))
     if final is not None:  # the sums come back final, shaped like finish_like
         if reduce_aux:
@@ -917,8 +963,8 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
 
 def _matmul_launch_args(a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
                         a_partial, workspace, counters, w_scale, q_ptrs, scale_index, final, M,
-                        N, K, finish_base, store_c, store_preact, reduce_aux, finish, split_k,
-                        w_scale_axis, quant4, w_4bit, q_blocksize, q_nested, q_blocksize2,
+                        N, K, finish_base, store_c, store_preact, reduce_aux, reduce_a_aux,
+                        finish, split_k, w_scale_axis, quant4, w_4bit, q_blocksize, q_nested, q_blocksize2,
                         aligned, bm, bn, bk, warps, stages):
     """_ia3_matmul_kernel's (args, kwargs) for _launch_matmul."""
     aux_strides = aux.stride() if aux is not None else (0, 0)
@@ -932,7 +978,7 @@ def _matmul_launch_args(a, b, b_strides, c, scale_a, scale_c, bias, aux, preact,
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
         aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
     ), dict(
-        SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
+        SCALE_A=scale_a is not None, REDUCE_A_AUX=reduce_a_aux, HAS_BIAS=bias is not None,
         REDUCE_AUX=reduce_aux, FINISH=finish, STORE_PREACT=store_preact,
         SCALE_C=scale_c is not None,
         SCALE_GATHER=scale_index is not None, STORE_C=store_c, SPLIT_K=split_k,
@@ -989,6 +1035,9 @@ def _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux
                                          tuple(t.dtype for t in q_tensors if t is not None)),
             # fp32 dots follow torch's allow_tf32 switch, which may change between calls
             _dot_precision(b.dtype if w_scale is None and quant4 is None else a.dtype),
+            # where a_aux's sums run (loop or programs of their own): a module setting that
+            # tests and benchmarks.tune_attn_bwd change between calls
+            a_aux is not None and a.shape[0] <= A_AUX_PROGRAMS_MAX_M,
             a.device.index)
 
 

@@ -309,13 +309,17 @@ def test_cublas_feedforward_forward_folds_l_into_the_smaller_operand(triton_back
         assert not scaled_w and forward_passes[0][0][0].shape == (M, 40)  # x*l
 
 
-@pytest.mark.parametrize("mode", ["ff", "attn"])
-def test_dl_partials_finished_in_kernel_across_row_blocks_and_splits(mode):
+@pytest.mark.parametrize("mode,dl_programs", [("ff", False), ("attn", False), ("attn", True)])
+def test_dl_partials_finished_in_kernel_across_row_blocks_and_splits(mode, dl_programs,
+                                                                     monkeypatch):
     """dl's per-row-block sums are finished by the launch that makes them (the last CTA of a
     column block, or of a k block for the attention's in-loop sums, adds the rows in a fixed
-    order), also where split-K CTAs share a tile; the counters it uses are left at zero."""
+    order), also where split-K CTAs share a tile; the counters it uses are left at zero. The
+    attention's dl also by programs of their own beside the GEMM's tiles (dl_programs: the
+    small-M rule, A_AUX_PROGRAMS_MAX_M), which only the split-0 programs may write."""
     from ia3_kernels import dense
     torch.manual_seed(0)
+    monkeypatch.setattr(dense, "A_AUX_PROGRAMS_MAX_M", 1 << 30 if dl_programs else 0)
     interpret = torch.device(DEVICE).type != "cuda"
     # Several row blocks and split-K at once: small output grids split K (interpreter: 16-row
     # blocks, 4 "SMs"; GPU: int8-sized tiles are not needed, 16-row blocks come at M <= 16 only,

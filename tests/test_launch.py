@@ -249,13 +249,16 @@ def test_plan_refuses_a_tensor_outside_its_slots(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["ff_bwd", "attn_fwd", "attn_bwd", "split_k"])
+@pytest.mark.parametrize("case", ["ff_bwd", "attn_fwd", "attn_bwd", "attn_bwd_small", "split_k"])
 def test_launch_plans_give_the_launches_they_replace(monkeypatch, case):
     """dense._launch_matmul replays a plan per call signature: bitwise what the full launch
     gives, for new tensors of the same signature, and a new signature gets its own plan."""
     torch.manual_seed(0)
     dt = torch.bfloat16
-    M, N, K = {"split_k": (3, 4096, 4096)}.get(case, (300, 200, 96))
+    # attn_bwd_small: dl by programs of their own beside the GEMM's tiles (M <= 64)
+    M, N, K = {"split_k": (3, 4096, 4096), "attn_bwd_small": (16, 200, 96)}.get(case,
+                                                                              (300, 200, 96))
+    case = "attn_bwd" if case == "attn_bwd_small" else case
     w = torch.randn(N, K, device="cuda", dtype=dt) / 8
 
     def call(a, aux, scale):
