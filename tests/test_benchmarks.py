@@ -39,7 +39,10 @@ def test_main_job_runs_on_cpu(tmp_path, module, stem):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU run is the benchmark itself, not a test")
 def test_pytest_benchmark_entry_point_runs(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "IA3_BACKEND")}
+    # Not an xdist worker's variables either: pytest-benchmark reads them as "xdist is on" and
+    # refuses --benchmark-only when the tests themselves run under pytest -n.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "IA3_BACKEND") and not k.startswith("PYTEST_XDIST")}
     report = tmp_path / "bench.json"
     out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q",
                           "-p", "no:cacheprovider", "-k", "dense", f"--benchmark-json={report}"],
