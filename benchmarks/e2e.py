@@ -123,11 +123,55 @@ def measure(step, model, batch, device, warmup: int, steps: int) -> tuple[float,
     return ms, peak
 
 
+def profile_steps(step, model, batch, steps: int = 2, top: int = 12) -> dict:
+    """Where a step's time goes (--profile): torch.profiler over `steps` steps after the timed
+    ones. gpu_busy_ms: the kernels' device time a step (one stream, so their sum is the time the
+    GPU was busy); wall_ms: the step's time under the profiler, which inflates the host's part;
+    the top kernels by device time and the top host ops by self CPU time, per step. A step whose
+    gpu_busy_ms is well under its unprofiled ms is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]
+                 + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step(model, batch)
+        sync()
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    events = prof.key_averages()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_ms": wall_ms,
+        "gpu_busy_ms": sum(device_us(e) for e in kernels) / steps / 1e3,
+        "top_kernels": [(e.key[:90], device_us(e) / steps / 1e3, e.count // steps)
+                        for e in kernels[:top]],
+        "top_host_ops": [(e.key[:90], e.self_cpu_time_total / steps / 1e3, e.count // steps)
+                         for e in host[:top]],
+    }
+
+
+def print_profile(label: str, prof: dict) -> None:
+    print(f"--- profile {label}: {prof['wall_ms']:.1f} ms a step under the profiler, "
+          f"GPU busy {prof['gpu_busy_ms']:.1f} ms")
+    for title, rows in (("kernels (device ms, calls a step)", prof["top_kernels"]),
+                        ("host ops (self CPU ms, calls a step)", prof["top_host_ops"])):
+        print(f"  {title}:")
+        for name, ms, count in rows:
+            print(f"    {ms:8.2f} {count:6d}  {name}")
+
+
 VARIANTS = ("floor", "floor compiled", "PEFT", "PEFT compiled", "ours", "ours compiled")
 
 
 def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool, warmup, steps,
-             tick=lambda label: None):
+             tick=lambda label: None, profile: bool = False):
     """Rows of one model and checkpointing setting: floor, PEFT, ours (and both compiled)."""
     base = models.build_base(spec.build, spec.quant, device, dtype)
     vocab = base.config.vocab_size
@@ -156,6 +200,10 @@ def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool
         try:
             ms, peak = measure(step, model, batch, device, warmup, steps)
             row.update(ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak)
+            if profile:
+                row["profile"] = profile_steps(step, model, batch)
+                print_profile(f"{spec.name} ckpt={checkpointing} {name} ({ms:.1f} ms a step "
+                              "unprofiled)", row["profile"])
         except Exception as exc:  # a compile failure, say: recorded, the other variants go on
             row.update(ms=float("nan"), tokens_per_s=float("nan"), peak_mib=float("nan"),
                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
@@ -237,6 +285,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing runs")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 8; quick 2)")
     p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing each variant, profile two steps (torch.profiler): GPU busy "
+                        "time a step, top kernels and host ops; kept in the JSON rows")
     p.add_argument("--no-autograd-threads", action="store_true",
                    help="every variant's backward on the calling thread "
                         "(torch.autograd.set_multithreading_enabled(False)), not autograd's "
@@ -288,7 +339,8 @@ def main(argv=None) -> int:
     with threads, layers.progress(total) as tick:
         for spec in specs:
             for ckpt in ckpts:
-                rows += run_spec(spec, device, dtype, ckpt, compiled(ckpt), warmup, steps, tick)
+                rows += run_spec(spec, device, dtype, ckpt, compiled(ckpt), warmup, steps, tick,
+                                 args.profile)
                 write()  # after every run: a run cut off keeps what it measured
     summary = write()
     print(markdown({}, kept + rows, "", summary))
