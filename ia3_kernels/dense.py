@@ -964,8 +964,8 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
 def _matmul_launch_args(a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
                         a_partial, workspace, counters, w_scale, q_ptrs, scale_index, final, M,
                         N, K, finish_base, store_c, store_preact, reduce_aux, reduce_a_aux,
-                        finish, split_k, w_scale_axis, quant4, w_4bit, q_blocksize, q_nested, q_blocksize2,
-                        aligned, bm, bn, bk, warps, stages):
+                        finish, split_k, w_scale_axis, quant4, w_4bit, q_blocksize, q_nested,
+                        q_blocksize2, aligned, bm, bn, bk, warps, stages):
     """_ia3_matmul_kernel's (args, kwargs) for _launch_matmul."""
     aux_strides = aux.stride() if aux is not None else (0, 0)
     a_aux_strides = a_aux.stride() if a_aux is not None else (0, 0)
