@@ -28,7 +28,7 @@ import torch
 import ia3_kernels
 from ia3_kernels import dense
 
-from .layers import SHAPES, build_layers, case_inputs, step_fn, time_graph
+from .layers import SHAPES, build_layers, case_inputs, require_cuda, step_fn, time_graph
 
 
 VARIANTS = {
@@ -40,9 +40,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    if not torch.cuda.is_available():
-        print("benchmarks.tune_attn_bwd times CUDA graphs: it needs a CUDA GPU")
-        return 0
+    require_cuda("tune_attn_bwd")
     device, dtype = torch.device("cuda"), torch.bfloat16
     shapes = [s for s in SHAPES if not s.conv1d]
     for shape in shapes:

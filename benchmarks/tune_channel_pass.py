@@ -34,9 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--ctas", default="4,8,16")
     p.add_argument("--warps", default="4,8")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available():
-        print("tune_channel_pass times GPU kernels; nothing to do on this machine.")
-        return 0
+    layers.require_cuda("tune_channel_pass")
     keys = [k.strip().lower() for k in args.layers.split(",") if k.strip()]
     ctas = [int(v) for v in args.ctas.split(",")]
     warps = [int(v) for v in args.warps.split(",")]
