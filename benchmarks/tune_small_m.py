@@ -15,8 +15,6 @@ import sys
 
 import torch
 
-from ia3_kernels import dense
-
 from .layers import (SHAPES, build_layers, case_inputs, forced_tiles, require_cuda, step_fn,
                      time_graph)
 

@@ -915,7 +915,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     aux_programs = a_aux is not None and final is not None and M <= A_AUX_PROGRAMS_MAX_M
     finish = final is not None and num_pid_m > 1 and not aux_programs
     # One row block: the kernel writes its row straight into final, the sums' last home.
-    row_is_final = final is not None and not finish
+    row_is_final = final is not None and num_pid_m == 1
     partial = a_partial = None
     if reduce_aux:
         partial = (final if row_is_final
