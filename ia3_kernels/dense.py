@@ -596,6 +596,13 @@ ATTN_BWD_CHUNKED_MIN_FLOP = 1 << 39
 #   4096->4096 (benchmarks/results/paths-small-attn-h100.md).
 ATTN_BWD_FUSED_MAX_M = 64
 ATTN_BWD_FUSED_MAX_N = 1024
+# - and from M = 17 to 64 where N > 1024, cuBLAS whatever its dy*l scratch (at most 128 x N
+#   bytes: 1.75 MiB on 4096->14336, freed as the GEMM ends): the fused dx GEMM reduces over N
+#   there with no split-K. H100, CUDA graphs, fwd+bwd at M = 64 (tune-attn-bwd-stop29-h100.log,
+#   tune-small-m64-stop29-h100.log; fused with the best tiles / cuBLAS / bare, us): 4096->14336
+#   145.9 / 114.8 / 100.0, 14336->4096 118.6 / 107.3 / 96.2, 4096->4096 47.9 / 47.0 / 36.2.
+ATTN_BWD_WIDE_CUBLAS_MIN_M = 17
+ATTN_BWD_WIDE_SCRATCH_BYTES = 8 << 20
 # The rules above come from GPU time alone (CUDA graphs). In eager mode every extra launch of
 # the cuBLAS route (pass, sums, chunks) costs 20-25 us of CPU on the H100 host, which is about
 # what a bf16 GEMM of 2**34 flop takes on the GPU. Below that size the single fused kernel
@@ -750,9 +757,12 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
         if dtype == torch.float32:
             return small_scratch or chunked
         if M <= ATTN_BWD_FUSED_MAX_M:
-            return N > ATTN_BWD_FUSED_MAX_N and (
-                small_scratch or M * N * dtype.itemsize <= _attn_bwd_fused_workspace(M, N, K, dtype,
-                                                                                     device))
+            if N <= ATTN_BWD_FUSED_MAX_N:
+                return False
+            if M >= ATTN_BWD_WIDE_CUBLAS_MIN_M:
+                return M * N * dtype.itemsize <= ATTN_BWD_WIDE_SCRATCH_BYTES
+            return small_scratch or M * N * dtype.itemsize <= _attn_bwd_fused_workspace(
+                M, N, K, dtype, device)
         return chunked  # beyond M = 64 a dy*l that fits the small scratch is a small GEMM's
     if dtype == torch.float32:
         # An fp32 tl.dot is either tf32 (3e-4 relative error, 10x PEFT's exact fp32 cuBLAS) or
@@ -823,6 +833,19 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
             bm, bn, bk, warps, stages = 16, 32, 512, 4, 3
         else:
             bm, bn, bk, warps, stages = 16, 32, 256, 4, 4
+    elif M <= 64 and elem_size == 2:
+        # 16-bit weights, 16 < M <= 64. One 64x64 tile row gave 64 CTAs on 4096 columns and no
+        # split-K (its fp32 workspace, 1 MiB at M = 64, passes SPLIT_K_WORKSPACE_BYTES): half
+        # the SMs idle while W streams. H100 sweep at M = 64, CUDA graphs
+        # (benchmarks/results/tune-small-m64-stop29-h100.log; us, 64x64x128 -> this row, bare):
+        # feedforward forward 4096->4096 52.3 -> 24.0 (22.2), 14336->4096 154.6 -> 63.6 (56.4),
+        # 768->768 13.5 -> 8.5 (8.3); attention forward 26.6 -> 23.7 (22.6). 32x32x256 was best
+        # or within 5% everywhere but the widest GEMMs (N >= 8192: 4096->14336), where 64x128x64
+        # already fills the GPU (ff forward 58.8 against 67.0, bare 56.2).
+        if N >= 8192:
+            bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+        else:
+            bm, bn, bk, warps, stages = 32, 32, 256, 4, 4
     elif M <= 64:
         bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
     elif M <= 256:

@@ -195,9 +195,11 @@ def test_cublas_attention_backward_scratch_never_exceeds_m_rows(triton_backend, 
 
 
 def test_small_m_attention_backward_takes_cublas_only_where_its_scratch_costs_no_more(monkeypatch):
-    """At M <= 64 and N > 1024 the cuBLAS route's dy*l scratch (M x N) is taken while it is
-    under 256 KiB or no larger than the fused kernel's split-K workspace, so the choice never
-    raises the step's peak: the rule as the H100 (132 SMs) sees it, no GPU needed."""
+    """At M <= 16 and N > 1024 the cuBLAS route's dy*l scratch (M x N) is taken while it is
+    under 256 KiB or no larger than the fused kernel's split-K workspace; from M = 17 to 64 and
+    N > 1024 it is taken up to ATTN_BWD_WIDE_SCRATCH_BYTES (the fused dx GEMM does not split
+    K there and lost on the H100); at N <= 1024 never: the rule as the H100 (132 SMs) sees it,
+    no GPU needed."""
     from ia3_kernels import dense
 
     monkeypatch.setattr(dense, "_sm_count", lambda device: 132)
@@ -206,16 +208,22 @@ def test_small_m_attention_backward_takes_cublas_only_where_its_scratch_costs_no
     assert dense._attn_bwd_fused_workspace(16, 14336, 4096, bf16, cuda) == 2 * 16 * 4096 * 4
     assert dense._use_cublas("attn_bwd", 16, 14336, 4096, bf16, cuda)  # 448 KiB <= 512 KiB
     assert dense._use_cublas("attn_bwd", 8, 14336, 4096, bf16, cuda)  # under 256 KiB
-    # M = 32: 64-row tiles, no split, no workspace: the fused kernel, as before.
+    # M = 32 and 64: no split in the fused kernel, cuBLAS on a <= 1.75 MiB scratch.
     assert dense._attn_bwd_fused_workspace(32, 14336, 4096, bf16, cuda) == 0
-    assert not dense._use_cublas("attn_bwd", 32, 14336, 4096, bf16, cuda)
-    assert not dense._use_cublas("attn_bwd", 64, 4096, 4096, bf16, cuda)
-    for M in range(1, 65):  # never a scratch above both bounds
+    assert dense._use_cublas("attn_bwd", 32, 14336, 4096, bf16, cuda)
+    assert dense._use_cublas("attn_bwd", 64, 4096, 4096, bf16, cuda)
+    assert not dense._use_cublas("attn_bwd", 64, 1024, 4096, bf16, cuda)
+    assert not dense._use_cublas("attn_bwd", 65, 4096, 4096, bf16, cuda)
+    for M in range(1, 65):  # never a scratch above the bounds
         for N, K in ((14336, 4096), (4096, 4096), (4096, 14336), (2304, 768), (1024, 4096)):
             if dense._use_cublas("attn_bwd", M, N, K, bf16, cuda):
                 assert N > 1024
-                assert M * N * 2 <= max(dense.SMALL_SCRATCH_BYTES,
-                                        dense._attn_bwd_fused_workspace(M, N, K, bf16, cuda))
+                bound = (dense.ATTN_BWD_WIDE_SCRATCH_BYTES if M >= dense.ATTN_BWD_WIDE_CUBLAS_MIN_M
+                         else max(dense.SMALL_SCRATCH_BYTES,
+                                  dense._attn_bwd_fused_workspace(M, N, K, bf16, cuda)))
+                assert M * N * 2 <= bound
+            else:
+                assert N <= 1024 or M <= 16
 
 
 @pytest.mark.parametrize("path", PATHS)

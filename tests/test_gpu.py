@@ -195,16 +195,16 @@ def test_dispatch_keeps_scratch_within_the_memory_budget():
         assert not dense._use_cublas(phase, 4096, 768, 768, bf16, cuda)
     assert dense._use_cublas("ff_bwd", 8192, 2048, 8192, bf16, cuda)
     assert dense._use_cublas("attn_fwd", 8192, 512, 2048, bf16, cuda)
-    # Attention backward: one fused launch at M <= 64 and N <= 1024 (dl reduced from the dx
-    # kernel's dy tiles); at M <= 64 and wider N, cuBLAS on a dy*l scratch of <= 256 KiB or
+    # Attention backward: one fused launch at M <= 64 and N <= 1024 (dl summed beside the dx
+    # kernel's tiles); at M <= 16 and wider N, cuBLAS on a dy*l scratch of <= 256 KiB or
     # no larger than the fused kernel's split-K workspace (4096->14336 at M = 16: 448 KiB
-    # against 512; at M = 32 the fused kernel does not split);
+    # against 512); at M = 17..64 and wider N, cuBLAS (the fused kernel does not split);
     # at M >= 4096 and >= 2**39 flop, cuBLAS over row chunks of dy*l (an eighth of M x N).
     assert not dense._use_cublas("attn_bwd", 16, 1024, 4096, bf16, cuda)
     assert dense._use_cublas("attn_bwd", 16, 4096, 4096, bf16, cuda)
-    assert not dense._use_cublas("attn_bwd", 64, 4096, 4096, bf16, cuda)  # 512 KiB of scratch
+    assert dense._use_cublas("attn_bwd", 64, 4096, 4096, bf16, cuda)  # 512 KiB of scratch
     assert dense._use_cublas("attn_bwd", 16, 14336, 4096, bf16, cuda)
-    assert not dense._use_cublas("attn_bwd", 32, 14336, 4096, bf16, cuda)
+    assert dense._use_cublas("attn_bwd", 32, 14336, 4096, bf16, cuda)
     assert not dense._use_cublas("attn_bwd", 128, 4096, 14336, bf16, cuda)
     assert not dense._use_cublas("attn_bwd", 1024, 4096, 4096, bf16, cuda)
     assert dense._use_cublas("attn_bwd", 8192, 4096, 14336, bf16, cuda)
