@@ -283,7 +283,7 @@ def test_tma_path(triton_backend, monkeypatch, M, K, N, fan_in_fan_out, has_bias
     partials from its epilogue, feedforward; by the pass, attention), against the reference;
     the launches are counted so the test fails if the dispatch stops reaching the kernel."""
     from conftest import count_calls
-    from ia3_kernels import dense, tma_gemm
+    from ia3_kernels import tma_gemm
     if not tma_gemm.available(torch.device(DEVICE)):
         pytest.skip("needs TMA (Hopper) or the interpreter, and triton >= 3.4")
     calls = count_calls(monkeypatch, tma_gemm, "launch_tma_gemm")

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st

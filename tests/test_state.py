@@ -13,7 +13,7 @@ from conftest import DEVICE
 from helpers import peft_and_fused, quantize_4bit, quantize_rows
 from ia3_kernels import fourbit, int8
 from test_dense_op import PATHS, make_case
-from test_models import batch, llama, train
+from test_models import llama, train
 from helpers import randomize_ia3
 
 
