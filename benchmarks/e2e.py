@@ -207,16 +207,20 @@ def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool
         try:
             ms, peak = measure(step, model, batch, device, warmup, steps)
             row.update(ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak)
-            if profile:
-                row["profile"] = profile_steps(step, model, batch)
-                print_profile(f"{spec.name} ckpt={checkpointing} {name} ({ms:.1f} ms a step "
-                              "unprofiled)", row["profile"])
         except Exception as exc:  # a compile failure, say: recorded, the other variants go on
             row.update(ms=float("nan"), tokens_per_s=float("nan"), peak_mib=float("nan"),
                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # Profiles only once every variant is timed: a profiler session can leave the process's
+    # launches slower (CUPTI callbacks), and the variants timed after one would pay for it.
+    for row in rows if profile else ():
+        if "error" not in row:
+            step, model = variants[row["variant"]]
+            row["profile"] = profile_steps(step, model, batch)
+            print_profile(f"{spec.name} ckpt={checkpointing} {row['variant']} ({row['ms']:.1f} ms "
+                          "a step unprofiled)", row["profile"])
     floors = {r["variant"]: r for r in rows if r["variant"].startswith("floor")}
     for r in rows:
         floor = floors["floor compiled" if r["variant"].endswith("compiled") and "floor compiled"
@@ -293,8 +297,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 8; quick 2)")
     p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
     p.add_argument("--profile", action="store_true",
-                   help="after timing each variant, profile two steps (torch.profiler): GPU busy "
-                        "time a step, top kernels and host ops; kept in the JSON rows")
+                   help="once a model's variants are timed, profile two steps of each "
+                        "(torch.profiler): GPU busy time a step, top kernels and host ops; kept in "
+                        "the JSON rows. Later models are timed after these profiles: quote "
+                        "timings from a run without --profile")
     p.add_argument("--no-autograd-threads", action="store_true",
                    help="every variant's backward on the calling thread "
                         "(torch.autograd.set_multithreading_enabled(False)), not autograd's "
