@@ -146,8 +146,8 @@ def require_cuda(tool: str) -> None:
 @contextlib.contextmanager
 def forced_tiles(choose):
     """Within the block, dense._matmul_config asks choose(M, N, K, elem_size, a_elem_size) for
-    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), or None to keep the table's row; split-K
-    follows dense.split_k_for. Launch plans are emptied on entry and restored on exit: a plan
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]), or None to keep the table's
+    row; without a sixth value split-K follows dense.split_k_for. Launch plans are emptied on entry and restored on exit: a plan
     keeps the tiles its signature first had, so without this every candidate of a sweep after
     the first would time the first one's tiles."""
     from unittest.mock import patch
@@ -159,9 +159,10 @@ def forced_tiles(choose):
         tiles = choose(M, N, K, elem_size, a_elem_size or elem_size)
         if tiles is None:
             return real(M, N, K, elem_size, n_sm, interpret, stores_preact, a_elem_size)
-        bm, bn, bk, warps, stages = tiles
-        return bm, bn, bk, dense.split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm,
-                                             interpret), warps, stages
+        bm, bn, bk, warps, stages = tiles[:5]
+        split = tiles[5] if len(tiles) > 5 else dense.split_k_for(M, N, K, bm, bn, bk, elem_size,
+                                                                  n_sm, interpret)
+        return bm, bn, bk, split, warps, stages
     with patch.object(dense, "_matmul_config", config), \
             patch.object(dense._MATMUL_PLANS, "plans", {}):
         yield

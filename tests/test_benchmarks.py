@@ -114,6 +114,9 @@ def test_forced_tiles_reaches_the_launcher_and_sets_plans_aside():
             assert forced[:3] == (32, 32, 256) and forced[4:] == (4, 3)
             assert forced[3] == dense.split_k_for(64, 4096, 4096, 32, 32, 256, 2, 132)
             assert dense._matmul_config(16, 4096, 4096, 2, 132, False, False, 2) == small
+        with forced_tiles(lambda M, N, K, e, ae: (64, 64, 128, 4, 4, 3) if M == 512 else None):
+            assert dense._matmul_config(512, 1024, 4096, 2, 132, False, False, 2) == (
+                64, 64, 128, 3, 4, 4)  # a sixth value is the split, kept as asked
         assert dense._matmul_config(64, 4096, 4096, 2, 132, False, False, 2) == table
         assert dense._MATMUL_PLANS.plans is sentinel
     finally:
