@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import logging
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -104,11 +105,9 @@ def make_ia3_step(model, lr=1e-3, autocast=False):
     return step
 
 
-def measure(step, model, batch, device, warmup: int, steps: int) -> tuple[float, float]:
-    """(mean ms per step after warm-up, peak MiB over what was allocated before)."""
+def measure_block(step, model, batch, device, steps: int) -> tuple[float, float]:
+    """(mean ms per step of `steps` steps, peak MiB over what was allocated before them)."""
     cuda = device.type == "cuda"
-    for _ in range(warmup):
-        step(model, batch)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,6 +120,42 @@ def measure(step, model, batch, device, warmup: int, steps: int) -> tuple[float,
     ms = (time.perf_counter() - start) / steps * 1e3
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else float("nan")
     return ms, peak
+
+
+def measure_interleaved(variants: dict, batch, device, warmup: int, steps: int, rounds: int,
+                        tick=lambda label: None) -> dict:
+    """{name: (median over rounds of the round's mean ms a step, peak MiB over all rounds) or the
+    exception it raised}. Each round times every variant for `steps` steps in turn: the H100
+    hosts' step times drifted by up to 30% within a run (T5-base floor 52.8 and 70.8 ms on the
+    same day), and variants timed in one block each took whatever drift fell on their block."""
+    results: dict = {}
+    for name, (step, model) in variants.items():
+        tick(name)
+        try:
+            for _ in range(warmup):
+                step(model, batch)
+        except Exception as exc:  # a compile failure, say: recorded, the other variants go on
+            results[name] = exc
+    live = [name for name in variants if name not in results]
+    times: dict = {name: [] for name in live}
+    peaks: dict = {name: [] for name in live}
+    for _ in range(rounds):
+        for name in list(live):
+            step, model = variants[name]
+            try:
+                ms, peak = measure_block(step, model, batch, device, steps)
+            except Exception as exc:  # noqa: BLE001 - as above
+                results[name] = exc
+                live.remove(name)
+                continue
+            times[name].append(ms)
+            peaks[name].append(peak)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for name in live:
+        results[name] = (statistics.median(times[name]),
+                         max(peaks[name]) if device.type == "cuda" else float("nan"))
+    return results
 
 
 def profile_steps(step, model, batch, steps: int = 2, top: int = 12) -> dict:
@@ -178,7 +213,7 @@ VARIANTS = ("floor", "floor compiled", "PEFT", "PEFT compiled", "ours", "ours co
 
 
 def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool, warmup, steps,
-             tick=lambda label: None, profile: bool = False):
+             tick=lambda label: None, profile: bool = False, rounds: int = 1):
     """Rows of one model and checkpointing setting: floor, PEFT, ours (and both compiled)."""
     base = models.build_base(spec.build, spec.quant, device, dtype)
     vocab = base.config.vocab_size
@@ -198,21 +233,22 @@ def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool
         variants["floor compiled"] = (lambda m, b: floor_step(m, b, autocast), torch.compile(base))
         for name, model in (("PEFT", stock), ("ours", fused)):
             variants[f"{name} compiled"] = (make_ia3_step(model, autocast=autocast), torch.compile(model))
+    ordered = {name: variants[name] for name in VARIANTS if name in variants}
+    measured = measure_interleaved(ordered, batch, device, warmup, steps, rounds,
+                                   tick=lambda name: tick(f"{spec.name} ckpt={checkpointing} {name}"))
     rows = []
-    for name in [v for v in VARIANTS if v in variants]:
-        step, model = variants[name]
-        tick(f"{spec.name} ckpt={checkpointing} {name}")
+    for name in ordered:
         row = {"model": spec.name, "variant": name, "grad_ckpt": checkpointing, "base": spec.quant or
                str(dtype).replace("torch.", ""), "autocast": autocast, "tokens": tokens}
-        try:
-            ms, peak = measure(step, model, batch, device, warmup, steps)
-            row.update(ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak)
-        except Exception as exc:  # a compile failure, say: recorded, the other variants go on
+        result = measured[name]
+        if isinstance(result, Exception):
             row.update(ms=float("nan"), tokens_per_s=float("nan"), peak_mib=float("nan"),
-                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                       error=f"{type(result).__name__}: "
+                             f"{str(result).splitlines()[0][:200] if str(result) else ''}")
+        else:
+            ms, peak = result
+            row.update(ms=ms, tokens_per_s=tokens / ms * 1e3, peak_mib=peak)
         rows.append(row)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     # Profiles only once every variant is timed: a profiler session can leave the process's
     # launches slower (CUPTI callbacks), and the variants timed after one would pay for it.
     for row in rows if profile else ():
@@ -294,13 +330,16 @@ def main(argv=None) -> int:
     p.add_argument("--compile-ckpt", action="store_true",
                    help="with --compile: compiled variants under gradient checkpointing too")
     p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing runs")
-    p.add_argument("--steps", type=int, default=0, help="timed steps (default 8; quick 2)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps a round (default 3 on a GPU, x 4 rounds; quick 2)")
     p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
     p.add_argument("--profile", action="store_true",
                    help="once a model's variants are timed, profile two steps of each "
                         "(torch.profiler): GPU busy time a step, top kernels and host ops; kept in "
                         "the JSON rows. Later models are timed after these profiles: quote "
                         "timings from a run without --profile")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="interleaved timing rounds, every variant once a round (default 4 on a "
+                        "GPU, 1 with --quick or on a CPU); a variant's time is the median round")
     p.add_argument("--no-autograd-threads", action="store_true",
                    help="every variant's backward on the calling thread "
                         "(torch.autograd.set_multithreading_enabled(False)), not autograd's "
@@ -312,10 +351,11 @@ def main(argv=None) -> int:
     if args.quick or not cuda:
         specs = QUICK + (QUICK_GPU_QUANT if cuda else [])
     specs = report.select_by_name(specs, args.models)
-    steps = args.steps or (2 if args.quick or not cuda else 8)
+    steps = args.steps or (2 if args.quick or not cuda else 3)
     warmup = 1 if args.quick or not cuda else 3
-    note = ("Mean of %d steps after %d warm-up steps; %s." % (
-        steps, warmup, "bf16 on the GPU (QIA3 runs: every variant under bf16 autocast, which "
+    rounds = args.rounds or (1 if args.quick or not cuda else 4)
+    note = ("Median over %d interleaved rounds (every variant in turn) of the mean of %d steps, "
+            "after %d warm-up steps; %s." % (rounds, steps, warmup, "bf16 on the GPU (QIA3 runs: every variant under bf16 autocast, which "
         "PEFT's bitsandbytes wrappers need); compiled: torch.compile(model), default mode" if cuda
         else "CPU-only machine: tiny configs on the reference path to check the pipeline (no "
         "bitsandbytes runs) — CPU numbers are not the point of this package"))
@@ -353,7 +393,7 @@ def main(argv=None) -> int:
         for spec in specs:
             for ckpt in ckpts:
                 rows += run_spec(spec, device, dtype, ckpt, compiled(ckpt), warmup, steps, tick,
-                                 args.profile)
+                                 args.profile, rounds)
                 write()  # after every run: a run cut off keeps what it measured
     summary = write()
     print(markdown({}, kept + rows, "", summary))
