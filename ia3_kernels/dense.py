@@ -841,7 +841,9 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         # feedforward forward 4096->4096 52.3 -> 24.0 (22.2), 14336->4096 154.6 -> 63.6 (56.4),
         # 768->768 13.5 -> 8.5 (8.3); attention forward 26.6 -> 23.7 (22.6). 32x32x256 was best
         # or within 5% everywhere but the widest GEMMs (N >= 8192: 4096->14336), where 64x128x64
-        # already fills the GPU (ff forward 58.8 against 67.0, bare 56.2).
+        # already fills the GPU (ff forward 58.8 against 67.0, bare 56.2). Shipped, feedforward
+        # fwd+bwd at M = 64: 4096->4096 71.3 -> 47.5 us, 14336->4096 203.6 -> 107.0 (bare 36.2,
+        # 97.3; tune-attn-bwd-after-tiles-stop29-h100.log).
         if N >= 8192:
             bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
         else:
