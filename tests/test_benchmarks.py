@@ -121,3 +121,17 @@ def test_forced_tiles_reaches_the_launcher_and_sets_plans_aside():
         assert dense._MATMUL_PLANS.plans is sentinel
     finally:
         dense._MATMUL_PLANS.plans = saved
+
+
+def test_host_profile_runs_on_a_tiny_model(capsys):
+    """benchmarks.host_profile: step times for floor, PEFT and ours with autograd's threads on
+    and off, then the cProfiles; on the CPU the reference path, which checks the pipeline."""
+    from benchmarks import host_profile
+
+    assert host_profile.main(["tiny T5"]) == 0
+    out = capsys.readouterr().out
+    for label in ("floor", "PEFT", "ours"):
+        for threads in (True, False):
+            assert f"{label:6s} autograd threads {threads}:" in out
+    assert "--- cProfile ours" in out and "--- cProfile PEFT" in out
+    assert host_profile.main(["no such model"]) == 1
