@@ -15,7 +15,11 @@ and 56 without dl; no spills). Variants timed:
             tiles, dense.A_AUX_PROGRAMS_MAX_M);
   dl loop   dl reduced inside the dx GEMM's K-loop (the rule before A_AUX_PROGRAMS_MAX_M);
   dl pass   dl by a pass of its own after the dx GEMM (ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = 0);
-  cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx.
+  cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx;
+  fused     dense_path("fused"): the fused kernel (dl by programs at M <= 64) also where the
+            rule takes cuBLAS (N > 1024), to see whether the programs moved that crossover.
+GPT-2's Conv1D shapes are timed too: their attention fwd+bwd at M <= 16 read 1.20-1.29x bare
+under graphs in stop 29's suite (N = 2304 and 3072 > 1024: the cuBLAS route).
 (stop 27 also timed BLOCK_K 128 at M <= 16: no better than the table's 256/512.)"""
 from __future__ import annotations
 
@@ -36,13 +40,14 @@ VARIANTS = {
     "dl loop": lambda: patch.object(dense, "A_AUX_PROGRAMS_MAX_M", 0),
     "dl pass": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
     "cublas": lambda: ia3_kernels.dense_path("cublas"),
+    "fused": lambda: ia3_kernels.dense_path("fused"),
 }
 
 
 def main(argv=None) -> int:
     require_cuda("tune_attn_bwd")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    shapes = [s for s in SHAPES if not s.conv1d]
+    shapes = list(SHAPES)
     for shape in shapes:
         for m in (1, 16, 64):
             bare, _, ours = build_layers(shape, "attn", device, dtype)
