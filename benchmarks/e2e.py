@@ -212,21 +212,27 @@ def print_profile(label: str, prof: dict) -> None:
 VARIANTS = ("floor", "floor compiled", "PEFT", "PEFT compiled", "ours", "ours compiled")
 
 
+def build_variants(spec: ModelSpec, device, dtype, checkpointing: bool = False):
+    """(batch, autocast, {"floor" | "PEFT" | "ours": (step, model)}) of one model: the base,
+    stock PEFT IA3 on a copy of it and fused IA3 on another (benchmarks.host_profile too)."""
+    base = models.build_base(spec.build, spec.quant, device, dtype)
+    batch = make_batch(spec, base.config.vocab_size, device)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    autocast = spec.autocast and device.type == "cuda"  # PEFT's bnb wrappers need it
+    stock = get_peft_model(copy.deepcopy(base), spec.ia3())
+    fused = ia3.fuse(get_peft_model(copy.deepcopy(base), spec.ia3()))
+    return batch, autocast, {"floor": (lambda m, b: floor_step(m, b, autocast), base),
+                             "PEFT": (make_ia3_step(stock, autocast=autocast), stock),
+                             "ours": (make_ia3_step(fused, autocast=autocast), fused)}
+
+
 def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool, warmup, steps,
              tick=lambda label: None, profile: bool = False, rounds: int = 1):
     """Rows of one model and checkpointing setting: floor, PEFT, ours (and both compiled)."""
-    base = models.build_base(spec.build, spec.quant, device, dtype)
-    vocab = base.config.vocab_size
-    batch = make_batch(spec, vocab, device)
+    batch, autocast, variants = build_variants(spec, device, dtype, checkpointing)
     tokens = batch["input_ids"].numel() + (batch["labels"].numel() if spec.seq2seq else 0)
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    autocast = spec.autocast and device.type == "cuda"
-    stock = get_peft_model(copy.deepcopy(base), spec.ia3())
-    fused = ia3.fuse(get_peft_model(copy.deepcopy(base), spec.ia3()))
-    variants = {"floor": (lambda m, b: floor_step(m, b, autocast), base),
-                "PEFT": (make_ia3_step(stock, autocast=autocast), stock),
-                "ours": (make_ia3_step(fused, autocast=autocast), fused)}
+    base, stock, fused = (variants[name][1] for name in ("floor", "PEFT", "ours"))
     if compile_:
         # Compiled variants are judged against the compiled floor: torch.compile also fuses the
         # rest of the model (norms, rotary embeddings, activations), which no adapter kernel can.
@@ -234,8 +240,9 @@ def run_spec(spec: ModelSpec, device, dtype, checkpointing: bool, compile_: bool
         for name, model in (("PEFT", stock), ("ours", fused)):
             variants[f"{name} compiled"] = (make_ia3_step(model, autocast=autocast), torch.compile(model))
     ordered = {name: variants[name] for name in VARIANTS if name in variants}
-    measured = measure_interleaved(ordered, batch, device, warmup, steps, rounds,
-                                   tick=lambda name: tick(f"{spec.name} ckpt={checkpointing} {name}"))
+    measured = measure_interleaved(
+        ordered, batch, device, warmup, steps, rounds,
+        tick=lambda name: tick(f"{spec.name} ckpt={checkpointing} {name}"))
     rows = []
     for name in ordered:
         row = {"model": spec.name, "variant": name, "grad_ckpt": checkpointing, "base": spec.quant or
@@ -330,7 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-ckpt", action="store_true",
                    help="with --compile: compiled variants under gradient checkpointing too")
     p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing runs")
-    p.add_argument("--steps", type=int, default=0, help="timed steps a round (default 3 on a GPU, x 4 rounds; quick 2)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps a round (default 3 on a GPU, x 4 rounds; quick 2)")
     p.add_argument("--merge", action="store_true", help="keep other models' rows of <stem>.json")
     p.add_argument("--profile", action="store_true",
                    help="once a model's variants are timed, profile two steps of each "
@@ -355,7 +363,8 @@ def main(argv=None) -> int:
     warmup = 1 if args.quick or not cuda else 3
     rounds = args.rounds or (1 if args.quick or not cuda else 4)
     note = ("Median over %d interleaved rounds (every variant in turn) of the mean of %d steps, "
-            "after %d warm-up steps; %s." % (rounds, steps, warmup, "bf16 on the GPU (QIA3 runs: every variant under bf16 autocast, which "
+            "after %d warm-up steps; %s." % (
+        rounds, steps, warmup, "bf16 on the GPU (QIA3 runs: every variant under bf16 autocast, which "
         "PEFT's bitsandbytes wrappers need); compiled: torch.compile(model), default mode" if cuda
         else "CPU-only machine: tiny configs on the reference path to check the pipeline (no "
         "bitsandbytes runs) — CPU numbers are not the point of this package"))

@@ -9,18 +9,14 @@ a 70.8 ms step), so adapters differ there by their host time per layer, not thei
 (benchmarks/results/t5-host-profile-stop29-h100.log)."""
 from __future__ import annotations
 
-import copy
 import cProfile
 import pstats
 import sys
 import time
 
 import torch
-from peft import get_peft_model
 
-import ia3
-
-from . import e2e, models
+from . import e2e
 
 
 def main(argv=None) -> int:
@@ -36,14 +32,7 @@ def main(argv=None) -> int:
     spec = matches[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    base = models.build_base(spec.build, spec.quant, device, torch.bfloat16)
-    batch = e2e.make_batch(spec, base.config.vocab_size, device)
-    stock = get_peft_model(copy.deepcopy(base), spec.ia3())
-    fused = ia3.fuse(get_peft_model(copy.deepcopy(base), spec.ia3()))
-    autocast = spec.autocast and device.type == "cuda"  # PEFT's bnb wrappers need it
-    variants = {"floor": (lambda m, b: e2e.floor_step(m, b, autocast), base),
-                "PEFT": (e2e.make_ia3_step(stock, autocast=autocast), stock),
-                "ours": (e2e.make_ia3_step(fused, autocast=autocast), fused)}
+    batch, _, variants = e2e.build_variants(spec, device, torch.bfloat16)
 
     def timed(step, model, steps=6):
         for _ in range(3):

@@ -147,9 +147,9 @@ def require_cuda(tool: str) -> None:
 def forced_tiles(choose):
     """Within the block, dense._matmul_config asks choose(M, N, K, elem_size, a_elem_size) for
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]), or None to keep the table's
-    row; without a sixth value split-K follows dense.split_k_for. Launch plans are emptied on entry and restored on exit: a plan
-    keeps the tiles its signature first had, so without this every candidate of a sweep after
-    the first would time the first one's tiles."""
+    row; without a sixth value split-K follows dense.split_k_for. Launch plans are emptied on
+    entry and restored on exit: a plan keeps the tiles its signature first had, so without this
+    every candidate of a sweep after the first would time the first one's tiles."""
     from unittest.mock import patch
 
     from ia3_kernels import dense
