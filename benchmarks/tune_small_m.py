@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     parser.add_argument("--modes", default="ff,attn")
     parser.add_argument("--rep-ms", type=int, default=30)
+    parser.add_argument("--no-candidates", action="store_true",
+                        help="time only the bare layer, the shipped dispatch and (M > 64) the "
+                             "forced routes: a check of the table's rows")
     args = parser.parse_args(argv)
     require_cuda("tune_small_m")
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
                                 us = time_graph(step_fn(ours, xin, phase, dy), rep_ms=args.rep_ms)
                             forced += f" {label} {us:.1f}"
                     results = []
-                    for cand in CANDIDATES if m <= 64 else MID_CANDIDATES:
+                    candidates = CANDIDATES if m <= 64 else MID_CANDIDATES
+                    for cand in [] if args.no_candidates else candidates:
                         try:
                             # At M > 64 the fused kernel forced, where the dispatch may not go.
                             path = dense.dense_path("fused" if m > 64 else "auto")
@@ -79,10 +83,11 @@ def main(argv=None) -> int:
                         results.append((us, cand))
                     results.sort(key=lambda r: (r[0] != r[0], r[0]))
                     best = "  ".join(f"{c}:{us:.1f}" for us, c in results[:4])
+                    best = (f" | best {best} ({results[0][0] / bare_us:.2f})" if results
+                            else "")
                     print(f"{shape.model} {shape.layer} {shape.k}->{shape.n} M={m} {mode} "
                           f"{phase}: bare {bare_us:.1f} current {current_us:.1f} "
-                          f"({current_us / bare_us:.2f}){forced} | best {best} "
-                          f"({results[0][0] / bare_us:.2f})", flush=True)
+                          f"({current_us / bare_us:.2f}){forced}{best}", flush=True)
     return 0
 
 

@@ -572,8 +572,13 @@ if _path_override["path"] not in _PATHS:
 # Where cuBLAS + a Triton pass replaces the fused Triton GEMM, per phase, from H100 timings of
 # both strategies under CUDA graphs (benchmarks/results/paths-*.json, README "Design"):
 # - feedforward forward: one pass folds l into the smaller operand (W*l if N <= M, else x*l,
-#   so the scratch never outgrows x), then cuBLAS; the fused kernel holds to M = 2048;
-FF_FWD_CUBLAS_MIN_M = 2048
+#   so the scratch never outgrows x), then cuBLAS, from M = 128 for GEMMs of 2**34 flop or
+#   more (SMALL_GEMM_FLOP below). H100, CUDA graphs, forward (tune-small-m-mid-stop30-h100.log;
+#   us, fused kernel with the table's tiles / with the best of 16 candidates / cuBLAS route /
+#   bare): 4096->1024 at M = 512 45.9 / 25.1 / 20.2 / 15.4, 4096->4096 at M = 512 52.3 / 45.6
+#   / 36.8 / 32.6, 4096->14336 at M = 256 90.2 / 90.2 / 62.4 / 59.4, 14336->4096 at M = 256
+#   106.4 / 82.3 / 75.2 / 67.2. (Until stop 30 this bound was M = 2048.)
+FF_FWD_CUBLAS_MIN_M = 128
 # - feedforward backward: cuBLAS's g = dy W scaled in place wins from M = 128 (4096x4096:
 #   37 us against 48 at M = 512);
 FF_BWD_CUBLAS_MIN_M = 128
@@ -745,8 +750,7 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
     if phase == "ff_fwd":
         # One pass (W*l where N <= M, x*l where N > M; _feedforward_forward_cublas) and one
         # GEMM. fp32 keeps its earlier bound (N <= 2M); 16-bit from FF_FWD_CUBLAS_MIN_M at any
-        # N since the x*l pass replaced W*l's column chunks (not yet timed on a GPU: the model
-        # of its cost is in _feedforward_forward_cublas).
+        # N, past SMALL_GEMM_FLOP (timings at FF_FWD_CUBLAS_MIN_M).
         if dtype == torch.float32:
             return N <= 2 * M
         return M >= FF_FWD_CUBLAS_MIN_M and not small_gemm
@@ -850,6 +854,25 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
             bm, bn, bk, warps, stages = 32, 32, 256, 4, 4
     elif M <= 64:
         bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+    elif M <= 512 and elem_size == 2 and not (
+            not stores_preact and M > 256 and cdiv(M, 128) * cdiv(N, 256) >= n_sm):
+        # 16-bit weights, 64 < M <= 512: the GEMMs the fused kernel keeps here are those under
+        # SMALL_GEMM_FLOP and the attention backward's dx. 64x128 tiles gave 64 CTAs or fewer
+        # on 4096 columns at M = 128 (16 on 1024), the 128x128 row 24 on T5's 768 at M = 512.
+        # H100 sweep, CUDA graphs, forward, us (tune-small-m-mid-stop30-h100.log; table before
+        # -> this row, bare): 4096->1024 at M = 128 feedforward 33.2 -> 16.1 (13.2), attention
+        # 28.4 -> 16.4 (13.1), at M = 256 33.2 -> 22.8 (14.2); 4096->4096 at M = 128 attention
+        # 36.5 -> 26.7 (23.1); 14336->4096 at M = 128 attention 94.6 -> 63.7 (55.6); at
+        # M = 512 the 64x128 tiles against 128x128: 4096->4096 feedforward 52.1 -> 45.6,
+        # attention 48.0 -> 41.5. Split-K was faster still where CTAs were few (4096->4096 at
+        # M = 128, feedforward: 30.2 with 4 splits), but its fp32 workspace (splits x M x N,
+        # 8 MiB there) would outgrow x and raise the training step's peak.
+        if N <= 1024 and M <= 256:
+            bm, bn, bk, warps, stages = 32, 32, 256, 4, 4
+        elif cdiv(M, 64) * cdiv(N, 128) * 2 <= n_sm:
+            bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+        else:
+            bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
     elif M <= 256:
         bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
     elif not stores_preact and cdiv(M, 128) * cdiv(N, 256) >= n_sm:

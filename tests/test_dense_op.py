@@ -362,3 +362,27 @@ def test_dl_partials_finished_in_kernel_across_row_blocks_and_splits(mode, dl_pr
     torch.testing.assert_close(dl.double(), want_dl, rtol=tol, atol=tol * 4 * M ** 0.5)
     for buf in dense._counter_buffers.values():
         assert int(buf.count_nonzero()) == 0
+
+
+def test_mid_m_tiles_fill_half_the_gpu_or_more():
+    """From M = 65 to 512 the table's 16-bit rows give the fused kernel at least 64 CTAs (the
+    H100 has 132 SMs) on the benchmark's shapes, where the rows before stop 30 gave 12 (T5
+    768->768 at M = 128) to 64; no split-K (its workspace would outgrow x). The rule as the
+    H100 sees it, no GPU needed; the timings are in dense._matmul_config's comment."""
+    from ia3_kernels import dense
+
+    shapes = ((1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (768, 768), (768, 3072),
+              (3072, 768), (2304, 768))
+    for M in (65, 128, 200, 256, 384, 512):
+        for N, K in shapes:
+            for stores_preact in (False, True):
+                bm, bn, bk, split_k, warps, stages = dense._matmul_config(
+                    M, N, K, 2, 132, False, stores_preact)
+                assert split_k == 1
+                assert -(-M // bm) * -(-N // bn) >= 64, (M, N, K, bm, bn)
+    # Narrow GEMMs (N <= 1024) up to M = 256 take 32x32x256 tiles: 4096->1024 at M = 128 read
+    # 16.1 us against 33.2 for the 64x128 row (bare 13.2).
+    assert dense._matmul_config(128, 1024, 4096, 2, 132, False)[:3] == (32, 32, 256)
+    # fp32 and int8 weights keep their rows.
+    assert dense._matmul_config(128, 1024, 4096, 4, 132, False)[:2] == (64, 128)
+    assert dense._matmul_config(128, 1024, 4096, 1, 132, False)[:2] == (64, 128)

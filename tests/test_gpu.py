@@ -183,11 +183,14 @@ def test_autocast_with_fp32_weights_matches_peft():
 
 def test_dispatch_keeps_scratch_within_the_memory_budget():
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
-    # Feedforward forward: cuBLAS from M = 2048 on W*l (N <= M) or x*l (N > M): a scratch no
-    # larger than x whatever N.
+    # Feedforward forward: cuBLAS from M = 128 past 2**34 flop, on W*l (N <= M) or x*l
+    # (N > M): a scratch no larger than x whatever N.
     assert dense._use_cublas("ff_fwd", 8192, 4096, 4096, bf16, cuda)
     assert dense._use_cublas("ff_fwd", 8192, 14336, 4096, bf16, cuda)  # x*l
     assert dense._use_cublas("ff_fwd", 2048, 14336, 4096, bf16, cuda)  # x*l
+    assert dense._use_cublas("ff_fwd", 256, 14336, 4096, bf16, cuda)  # x*l, 2**34.8 flop
+    assert not dense._use_cublas("ff_fwd", 128, 4096, 4096, bf16, cuda)  # 2**32 flop: fused
+    assert not dense._use_cublas("ff_fwd", 64, 14336, 4096, bf16, cuda)  # small M: fused
     assert not dense._use_cublas("ff_fwd", 16, 1024, 4096, bf16, cuda)
     # GEMMs under 2**34 flop stay on the single fused kernel (eager launches cost more than
     # cuBLAS saves): T5-base 768->768 at 4096 tokens, not Llama-3.2-1B's down_proj at 8192.
