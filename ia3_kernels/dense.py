@@ -575,9 +575,10 @@ if _path_override["path"] not in _PATHS:
 #   so the scratch never outgrows x), then cuBLAS, from M = 128 for GEMMs of 2**34 flop or
 #   more (SMALL_GEMM_FLOP below). H100, CUDA graphs, forward (tune-small-m-mid-stop30-h100.log;
 #   us, fused kernel with the table's tiles / with the best of 16 candidates / cuBLAS route /
-#   bare): 4096->1024 at M = 512 45.9 / 25.1 / 20.2 / 15.4, 4096->4096 at M = 512 52.3 / 45.6
-#   / 36.8 / 32.6, 4096->14336 at M = 256 90.2 / 90.2 / 62.4 / 59.4, 14336->4096 at M = 256
-#   106.4 / 82.3 / 75.2 / 67.2. (Until stop 30 this bound was M = 2048.)
+#   bare): 4096->4096 at M = 512 (2**34 flop) 52.3 / 45.6 / 36.8 / 32.6, 4096->14336 at
+#   M = 256 90.2 / 90.2 / 62.4 / 59.4, 14336->4096 at M = 256 106.4 / 82.3 / 75.2 / 67.2.
+#   Smaller GEMMs keep the fused kernel (eager launches): 4096->1024 at M = 512 (2**32 flop)
+#   45.9 / 25.1 / 20.2 / 15.4. (Until stop 30 this bound was M = 2048.)
 FF_FWD_CUBLAS_MIN_M = 128
 # - feedforward backward: cuBLAS's g = dy W scaled in place wins from M = 128 (4096x4096:
 #   37 us against 48 at M = 512);
