@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--m", default="32,64", help="comma-separated M values")
     parser.add_argument("--phase", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     parser.add_argument("--modes", default="ff,attn")
+    parser.add_argument("--layers", default="",
+                        help="comma-separated substrings of 'model layer' to keep, in this order")
     parser.add_argument("--rep-ms", type=int, default=30)
     parser.add_argument("--no-candidates", action="store_true",
                         help="time only the bare layer, the shipped dispatch and (M > 64) the "
@@ -52,6 +54,10 @@ def main(argv=None) -> int:
     require_cuda("tune_small_m")
     device, dtype = torch.device("cuda"), torch.bfloat16
     shapes = [s for s in SHAPES if not s.conv1d]
+    if args.layers:
+        picked = [s for key in args.layers.split(",") for s in shapes
+                  if key in f"{s.model} {s.layer}"]
+        shapes = [s for i, s in enumerate(picked) if s not in picked[:i]]
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
             for mode in args.modes.split(","):
