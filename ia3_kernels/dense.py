@@ -787,7 +787,8 @@ def _attn_bwd_fused_workspace(M: int, N: int, K: int, dtype: torch.dtype,
     at M = 16 against a 448 KiB scratch) and took 151.4 us against cuBLAS's 109.5 at M = 16
     (H100, CUDA graphs, benchmarks/results/paths-small-attn-h100.md)."""
     elem = dtype.itemsize
-    split_k = _matmul_config(M, K, N, elem, _sm_count(device), False, a_elem_size=elem)[3]
+    split_k = _matmul_config(M, K, N, elem, _sm_count(device), False, a_elem_size=elem,
+                             scales_a=True)[3]
     return split_k * M * K * 4 if split_k > 1 else 0
 
 
@@ -809,10 +810,12 @@ INT8_GEMV_TILE = (8, 1024, 4, 3)
 
 
 def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret: bool,
-                   stores_preact: bool = False, a_elem_size: Optional[int] = None):
+                   stores_preact: bool = False, a_elem_size: Optional[int] = None,
+                   scales_a: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by M bucket. elem_size: the
     weight's bytes per element (1 picks the int8 rows); a_elem_size: the activation's (x or dy),
-    when it differs."""
+    when it differs; scales_a: the A tile is scaled by l inside the K-loop (the feedforward
+    forward's x, the attention backward's dy), work that BLOCK_N columns share."""
     if elem_size == 1 and M == 1:
         # int8 weights at M = 1: the GEMV kernel (BLOCK_M = 1: FMAs, no tl.dot). At M = 4 and 8
         # it lost to tl.dot with M padded to 16 (H100: 63 and 113 us against ~39 on
@@ -860,17 +863,23 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         # 16-bit weights, 64 < M <= 512: the GEMMs the fused kernel keeps here are those under
         # SMALL_GEMM_FLOP and the attention backward's dx. 64x128 tiles gave 64 CTAs or fewer
         # on 4096 columns at M = 128 (16 on 1024), the 128x128 row 24 on T5's 768 at M = 512.
-        # H100 sweep, CUDA graphs, forward, us (tune-small-m-mid-stop30-h100.log; table before
-        # -> this row, bare): 4096->1024 at M = 128 feedforward 33.2 -> 16.1 (13.2), attention
-        # 28.4 -> 16.4 (13.1), at M = 256 33.2 -> 22.8 (14.2); 4096->4096 at M = 128 attention
-        # 36.5 -> 26.7 (23.1); 14336->4096 at M = 128 attention 94.6 -> 63.7 (55.6); at
-        # M = 512 the 64x128 tiles against 128x128: 4096->4096 feedforward 52.1 -> 45.6,
-        # attention 48.0 -> 41.5. Split-K was faster still where CTAs were few (4096->4096 at
-        # M = 128, feedforward: 30.2 with 4 splits), but its fp32 workspace (splits x M x N,
-        # 8 MiB there) would outgrow x and raise the training step's peak.
+        # H100, CUDA graphs, forward, us (sweep: tune-small-m-mid-stop30-h100.log; shipped
+        # rows checked in check-mid-m-stop30-h100.log; table before -> this row, bare):
+        # - N <= 1024 up to M = 256, 32x32x256: 4096->1024 feedforward 33.2 -> 16.2 (13.2) at
+        #   M = 128 and 33.2 -> 23.0 (14.3) at M = 256, attention 28.4 -> 16.4 (13.1);
+        # - where 64x128 tiles would not fill half the SMs, 64x64x128, but only where the A
+        #   tile is not scaled: attention forward 4096->4096 at M = 128 36.5 -> 27.1 (23.5),
+        #   14336->4096 94.6 -> 65.3 (56.8), 4096->1024 at M = 512 40.0 -> 19.3 (15.6). With x
+        #   scaled in the K-loop (feedforward) half as many columns share that work: 4096->4096
+        #   37.8 -> 52.7 and 14336->4096 105.9 -> 155.8 at M = 128, so those keep 64x128x64;
+        # - else 64x128x64, also from M = 257 in place of 128x128: 4096->4096 feedforward at
+        #   M = 512 52.1 -> 45.6, attention 48.0 -> 41.5.
+        # Split-K was faster still where CTAs were few (4096->4096 at M = 128, feedforward: 30.2
+        # with 4 splits), but its fp32 workspace (splits x M x N, 8 MiB there) would outgrow x
+        # and raise the training step's peak.
         if N <= 1024 and M <= 256:
             bm, bn, bk, warps, stages = 32, 32, 256, 4, 4
-        elif cdiv(M, 64) * cdiv(N, 128) * 2 <= n_sm:
+        elif not scales_a and cdiv(M, 64) * cdiv(N, 128) * 2 <= n_sm:
             bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
         else:
             bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
@@ -949,7 +958,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     if tiles is None:
         bm, bn, bk, split_k, warps, stages = _matmul_config(
             M, N, K, b.element_size(), _sm_count(device), config.triton_interpreted(),
-            store_preact, a.element_size())
+            store_preact, a.element_size(), scale_a is not None)
         aligned = False
     else:
         bm, bn, bk, split_k, warps, stages, aligned = tiles

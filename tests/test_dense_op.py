@@ -367,7 +367,8 @@ def test_dl_partials_finished_in_kernel_across_row_blocks_and_splits(mode, dl_pr
 def test_mid_m_tiles_fill_half_the_gpu_or_more():
     """From M = 65 to 512 the table's 16-bit rows give the fused kernel at least 64 CTAs (the
     H100 has 132 SMs) on the benchmark's shapes, where the rows before stop 30 gave 12 (T5
-    768->768 at M = 128) to 64; no split-K (its workspace would outgrow x). The rule as the
+    768->768 at M = 128) to 64, except GEMMs whose A tile is scaled in the K-loop, which keep
+    128-column tiles (and >= 32 CTAs); no split-K (its workspace would outgrow x). The rule as the
     H100 sees it, no GPU needed; the timings are in dense._matmul_config's comment."""
     from ia3_kernels import dense
 
@@ -375,14 +376,25 @@ def test_mid_m_tiles_fill_half_the_gpu_or_more():
               (3072, 768), (2304, 768))
     for M in (65, 128, 200, 256, 384, 512):
         for N, K in shapes:
-            for stores_preact in (False, True):
+            for stores_preact, scales_a in ((False, False), (True, False), (False, True)):
                 bm, bn, bk, split_k, warps, stages = dense._matmul_config(
-                    M, N, K, 2, 132, False, stores_preact)
+                    M, N, K, 2, 132, False, stores_preact, scales_a=scales_a)
                 assert split_k == 1
-                assert -(-M // bm) * -(-N // bn) >= 64, (M, N, K, bm, bn)
+                # A scaled A tile (feedforward x, attention dy) keeps 128 columns a tile (but
+                # where N <= 1024 up to M = 256): fewer CTAs (>= 32) can be the price there.
+                floor = 32 if scales_a else 64
+                assert -(-M // bm) * -(-N // bn) >= floor, (M, N, K, bm, bn, scales_a)
+                if scales_a and not (N <= 1024 and M <= 256):
+                    assert bn >= 128, (M, N, K, bn)
     # Narrow GEMMs (N <= 1024) up to M = 256 take 32x32x256 tiles: 4096->1024 at M = 128 read
-    # 16.1 us against 33.2 for the 64x128 row (bare 13.2).
+    # 16.2 us against 33.2 for the 64x128 row (bare 13.2).
     assert dense._matmul_config(128, 1024, 4096, 2, 132, False)[:3] == (32, 32, 256)
+    # 4096->4096 at M = 128: 64x64x128 for the attention forward (27.1 us against 36.5), but
+    # 64x128x64 for the feedforward forward, whose x tile is scaled in the K-loop (37.8 us
+    # against 52.7 with 64x64x128).
+    assert dense._matmul_config(128, 4096, 4096, 2, 132, False, True)[:3] == (64, 64, 128)
+    assert dense._matmul_config(128, 4096, 4096, 2, 132, False, scales_a=True)[:3] == (64, 128,
+                                                                                      64)
     # fp32 and int8 weights keep their rows.
     assert dense._matmul_config(128, 1024, 4096, 4, 132, False)[:2] == (64, 128)
     assert dense._matmul_config(128, 1024, 4096, 1, 132, False)[:2] == (64, 128)
