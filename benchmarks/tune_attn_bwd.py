@@ -1,4 +1,4 @@
-"""python -m benchmarks.tune_attn_bwd: the attention layer's forward+backward at small M under
+"""python -m benchmarks.tune_attn_bwd [--m 1,16,64] [--layers ...]: the attention layer's forward+backward at small M under
 CUDA graphs (GPU time), each way our op can take it, beside the bare layer and our feedforward
 layer on the same GEMMs. Prints one line per (shape, M).
 
@@ -15,6 +15,7 @@ and 56 without dl; no spills). Variants timed:
             tiles, dense.A_AUX_PROGRAMS_MAX_M);
   dl loop   dl reduced inside the dx GEMM's K-loop (the rule before A_AUX_PROGRAMS_MAX_M);
   dl pass   dl by a pass of its own after the dx GEMM (ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = 0);
+  dl programs  dl by programs of their own at every M (past M = 64 too: `--m 128,256,512`);
   cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx;
   fused     dense_path("fused"): the fused kernel (dl by programs at M <= 64) also where the
             rule takes cuBLAS (N > 1024), to see whether the programs moved that crossover.
@@ -38,6 +39,10 @@ from .layers import SHAPES, build_layers, case_inputs, require_cuda, step_fn, ti
 VARIANTS = {
     "auto": contextlib.nullcontext,
     "dl loop": lambda: patch.object(dense, "A_AUX_PROGRAMS_MAX_M", 0),
+    # dl by programs of their own at every M (the rule stops at A_AUX_PROGRAMS_MAX_M = 64):
+    # past M = 64 the fused backward reduces dl inside its K-loop, 1.5-3.0x bare fwd+bwd under
+    # graphs at M = 128..512 (check-mid-m-stop30-h100.log); the candidate fix, untimed.
+    "dl programs": lambda: patch.object(dense, "A_AUX_PROGRAMS_MAX_M", 1 << 30),
     "dl pass": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
     "cublas": lambda: ia3_kernels.dense_path("cublas"),
     "fused": lambda: ia3_kernels.dense_path("fused"),
@@ -45,11 +50,18 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_attn_bwd")
+    parser.add_argument("--m", default="1,16,64", help="comma-separated M values")
+    parser.add_argument("--layers", default="",
+                        help="comma-separated substrings of 'model layer' to keep")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     require_cuda("tune_attn_bwd")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    shapes = list(SHAPES)
+    shapes = [s for s in SHAPES if not args.layers
+              or any(key in f"{s.model} {s.layer}" for key in args.layers.split(","))]
     for shape in shapes:
-        for m in (1, 16, 64):
+        for m in (int(v) for v in args.m.split(",")):
             bare, _, ours = build_layers(shape, "attn", device, dtype)
             _, _, ours_ff = build_layers(shape, "ff", device, dtype)
             x, dy = case_inputs(shape, m, device, dtype)
