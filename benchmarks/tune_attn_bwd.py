@@ -1,6 +1,6 @@
-"""python -m benchmarks.tune_attn_bwd [--m 1,16,64] [--layers ...]: the attention layer's forward+backward at small M under
-CUDA graphs (GPU time), each way our op can take it, beside the bare layer and our feedforward
-layer on the same GEMMs. Prints one line per (shape, M).
+"""python -m benchmarks.tune_attn_bwd [--m 1,16,64] [--layers ...]: the attention layer's
+forward+backward at small M under CUDA graphs (GPU time), each way our op can take it, beside
+the bare layer and our feedforward layer on the same GEMMs. Prints one line per (shape, M).
 
 Why: under graphs our attention fwd+bwd at M <= 16 reads 1.31-1.59x the bare layer on k/v_proj
 and T5 (H100, suite-dense-stop26-partial-h100.md, and the same on 2026-11-25) and 1.54x on
