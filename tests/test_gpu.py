@@ -17,9 +17,11 @@ from helpers import randomize_ia3
 pytestmark = pytest.mark.gpu
 
 # Real shapes (Llama-3-8B k/v_proj and down_proj, T5 ff, GPT-2 c_attn) with M across the
-# regimes: split-K GEMV-like (1, 16), mid (200), cuBLAS + pass (>= CUBLAS_MIN_M).
-GPU_SHAPES = [(1, 4096, 1024), (16, 14336, 4096), (200, 768, 2304), (1100, 3072, 768),
-              (2048, 1000, 777)]
+# regimes: split-K GEMV-like (1, 16), mid (130, 200, 300: each of the M = 65..512 tile rows,
+# 32x32x256, 64x64x128 and 64x128x64, in the forward or the backward's dx GEMM), cuBLAS + pass
+# (>= CUBLAS_MIN_M).
+GPU_SHAPES = [(1, 4096, 1024), (16, 14336, 4096), (130, 4096, 1000), (200, 768, 2304),
+              (300, 1000, 777), (1100, 3072, 768), (2048, 1000, 777)]
 
 
 @pytest.mark.parametrize("path", ["auto", "fused", "cublas"])
