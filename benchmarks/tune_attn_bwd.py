@@ -40,7 +40,7 @@ VARIANTS = {
     "auto": contextlib.nullcontext,
     "dl loop": lambda: patch.object(dense, "A_AUX_PROGRAMS_MAX_M", 0),
     # dl by programs of their own at every M (the rule stops at A_AUX_PROGRAMS_MAX_M = 64):
-    # past M = 64 the fused backward reduces dl inside its K-loop, 1.5-3.0x bare fwd+bwd under
+    # past M = 64 the fused backward reduces dl inside its K-loop, 1.4-3.0x bare fwd+bwd under
     # graphs at M = 128..512 (check-mid-m-stop30-h100.log); the candidate fix, untimed.
     "dl programs": lambda: patch.object(dense, "A_AUX_PROGRAMS_MAX_M", 1 << 30),
     "dl pass": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
