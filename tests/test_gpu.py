@@ -192,7 +192,7 @@ def test_dispatch_keeps_scratch_within_the_memory_budget():
     assert dense._use_cublas("ff_fwd", 2048, 14336, 4096, bf16, cuda)  # x*l
     assert dense._use_cublas("ff_fwd", 256, 14336, 4096, bf16, cuda)  # x*l, 2**34.8 flop
     assert not dense._use_cublas("ff_fwd", 128, 4096, 4096, bf16, cuda)  # 2**32 flop: fused
-    assert not dense._use_cublas("ff_fwd", 64, 14336, 4096, bf16, cuda)  # small M: fused
+    assert not dense._use_cublas("ff_fwd", 64, 14336, 4096, bf16, cuda)  # M < 128 (and 2**32.8)
     assert not dense._use_cublas("ff_fwd", 16, 1024, 4096, bf16, cuda)
     # GEMMs under 2**34 flop stay on the single fused kernel (eager launches cost more than
     # cuBLAS saves): T5-base 768->768 at 4096 tokens, not Llama-3.2-1B's down_proj at 8192.
