@@ -871,7 +871,10 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         #   tile is not scaled: attention forward 4096->4096 at M = 128 36.5 -> 27.1 (23.5),
         #   14336->4096 94.6 -> 65.3 (56.8), 4096->1024 at M = 512 40.0 -> 19.3 (15.6). With x
         #   scaled in the K-loop (feedforward) half as many columns share that work: 4096->4096
-        #   37.8 -> 52.7 and 14336->4096 105.9 -> 155.8 at M = 128, so those keep 64x128x64;
+        #   37.8 -> 52.7 and 14336->4096 105.9 -> 155.8 at M = 128, so those keep 64x128x64
+        #   (sm_90 SASS, Triton 3.6, a K step of the same 524288 MACs: 504 loop instructions
+        #   at 64x64x128 against 317 at 64x128x64 with A scaled, 246 against 172 without;
+        #   benchmarks/results/sass-mid-m-attn-bwd-stop30.log);
         # - else 64x128x64, also from M = 257 in place of 128x128: 4096->4096 feedforward at
         #   M = 512 52.1 -> 45.6, attention 48.0 -> 41.5.
         # Split-K was faster still where CTAs were few (4096->4096 at M = 128, feedforward: 30.2
