@@ -45,6 +45,15 @@ SHAPES = [
 GRAPH_MAX_M = 16
 
 
+def pick_shapes(shapes: list, csv: str) -> list:
+    """The shapes whose 'model layer' contains one of the comma-separated keys, in the keys'
+    order (each shape once); all of them for an empty csv. The tuning tools' --layers."""
+    if not csv:
+        return list(shapes)
+    picked = [s for key in csv.split(",") for s in shapes if key in f"{s.model} {s.layer}"]
+    return [s for i, s in enumerate(picked) if s not in picked[:i]]
+
+
 class TimedRatios:
     """ours / bare and PEFT / bare of a result row with bare_us, peft_us and ours_us."""
 

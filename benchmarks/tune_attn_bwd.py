@@ -24,6 +24,7 @@ under graphs in stop 29's suite (N = 2304 and 3072 > 1024: the cuBLAS route).
 (stop 27 also timed BLOCK_K 128 at M <= 16: no better than the table's 256/512.)"""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from unittest.mock import patch
@@ -33,7 +34,8 @@ import torch
 import ia3_kernels
 from ia3_kernels import dense
 
-from .layers import SHAPES, build_layers, case_inputs, require_cuda, step_fn, time_graph
+from .layers import (SHAPES, build_layers, case_inputs, pick_shapes, require_cuda, step_fn,
+                     time_graph)
 
 
 VARIANTS = {
@@ -50,16 +52,14 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    import argparse
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_attn_bwd")
     parser.add_argument("--m", default="1,16,64", help="comma-separated M values")
     parser.add_argument("--layers", default="",
-                        help="comma-separated substrings of 'model layer' to keep")
+                        help="comma-separated substrings of 'model layer' to keep, in this order")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     require_cuda("tune_attn_bwd")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    shapes = [s for s in SHAPES if not args.layers
-              or any(key in f"{s.model} {s.layer}" for key in args.layers.split(","))]
+    shapes = pick_shapes(SHAPES, args.layers)
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
             bare, _, ours = build_layers(shape, "attn", device, dtype)

@@ -22,8 +22,8 @@ import torch
 
 from ia3_kernels import dense
 
-from .layers import (SHAPES, build_layers, case_inputs, forced_tiles, require_cuda, step_fn,
-                     time_graph)
+from .layers import (SHAPES, build_layers, case_inputs, forced_tiles, pick_shapes, require_cuda,
+                     step_fn, time_graph)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M below M re-reads W from L2.
 CANDIDATES = [(64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 32, 256, 4, 3),
@@ -53,11 +53,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     require_cuda("tune_small_m")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    shapes = [s for s in SHAPES if not s.conv1d]
-    if args.layers:
-        picked = [s for key in args.layers.split(",") for s in shapes
-                  if key in f"{s.model} {s.layer}"]
-        shapes = [s for i, s in enumerate(picked) if s not in picked[:i]]
+    shapes = pick_shapes([s for s in SHAPES if not s.conv1d], args.layers)
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
             for mode in args.modes.split(","):
