@@ -858,8 +858,15 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
             bm, bn, bk, warps, stages = 32, 32, 256, 4, 4
     elif M <= 64:
         bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
-    elif M <= 512 and elem_size == 2 and not (M > 256 and _wide_tiles_fill(M, N, n_sm,
-                                                                          stores_preact)):
+    elif M > 256 and not stores_preact and cdiv(M, 128) * cdiv(N, 256) >= n_sm:
+        # 128x256 tiles past M = 256 where they still fill the GPU. H100 sweep, fused strategy,
+        # CUDA graphs (benchmarks/results/tune-large-m-h100.log): the feedforward forward (x
+        # scaled in the K-loop) on 4096->4096 at M = 8192 takes 445 us against 703 with 128x128
+        # (bare 356), forward+backward 1033 against 1412; 4096->1024 at M = 8192 324 against
+        # 419. The attention forward, which stores u and y, and grids under one wave keep
+        # 128x128 (or the row below up to M = 512).
+        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
+    elif M <= 512 and elem_size == 2:
         # 16-bit weights, 64 < M <= 512: the GEMMs the fused kernel keeps here are those under
         # SMALL_GEMM_FLOP and the attention backward's dx. 64x128 tiles gave 64 CTAs or fewer
         # on 4096 columns at M = 128 (16 on 1024), the 128x128 row 24 on T5's 768 at M = 512.
@@ -888,13 +895,6 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
             bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
     elif M <= 256:
         bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
-    elif _wide_tiles_fill(M, N, n_sm, stores_preact):
-        # 128x256 tiles where they still fill the GPU. H100 sweep, fused strategy, CUDA graphs
-        # (benchmarks/results/tune-large-m-h100.log): the feedforward forward (x scaled in the
-        # K-loop) on 4096->4096 at M = 8192 takes 445 us against 703 with 128x128 (bare 356),
-        # forward+backward 1033 against 1412; 4096->1024 at M = 8192 324 against 419. The
-        # attention forward, which stores u and y, and grids under one wave keep 128x128.
-        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if 4 in (elem_size, a_elem_size) and bm > 1 and not interpret:
@@ -902,12 +902,6 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
         # int8's 64x64x128 4-stage tile with an fp32 dy asked for 263,680 bytes (GPU fuzz test).
         bk, stages = 32, min(stages, 3)
     return bm, bn, bk, split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret), warps, stages
-
-
-def _wide_tiles_fill(M: int, N: int, n_sm: int, stores_preact: bool) -> bool:
-    """Whether 128x256 tiles still give every SM a CTA (the large-M row below; not where the
-    epilogue also stores u)."""
-    return not stores_preact and cdiv(M, 128) * cdiv(N, 256) >= n_sm
 
 
 def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
