@@ -68,16 +68,16 @@ def _compile_sm90(kernel, signature: dict, consts: dict, divisible: tuple, num_w
 # _ia3_matmul_kernel (dense.py) as a backward launch specialises it: unit strides are
 # constexpr 1 in a real launch (dy, u, x and dx contiguous; W row-major as B[n, k]), which
 # matters (without it the attention backward's probe showed spills that a launch does not have).
-DENSE_POINTERS = {"counter_ptr": "*i32", "partial_ptr": "*fp32", "a_partial_ptr": "*fp32",
+DENSE_POINTERS = {"counter_ptr": "*i32", "partial_ptr": "*fp32",
                   "workspace_ptr": "*fp32", "final_ptr": "*fp32", "scale_a_ptr": "*fp32",
                   "scale_c_ptr": "*fp32"}
-DENSE_DEFAULTS = dict(SCALE_A=False, REDUCE_A_AUX=0, HAS_BIAS=False, REDUCE_AUX=False,
+DENSE_DEFAULTS = dict(SCALE_A=False, REDUCE_A_AUX=False, HAS_BIAS=False, REDUCE_AUX=False,
                       FINISH=False, STORE_PREACT=False, SCALE_C=False, SCALE_GATHER=False,
                       STORE_C=True, SPLIT_K=2, DOT_PRECISION="tf32", W_SCALE_AXIS=0,
                       W_SCALE_MUL=1 / 127, W_4BIT=0, Q_BLOCKSIZE=64, Q_NESTED=False,
                       Q_BLOCKSIZE2=256, Q_ALIGNED=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
-                      GROUP_M=8, stride_ak=1, stride_bn=1, stride_cn=1, stride_a_auxk=1,
-                      stride_auxn=1, rows_per_index=1)
+                      GROUP_M=8, AUX_BLOCK_M=16, AUX_BLOCK_K=256, stride_ak=1, stride_bn=1,
+                      stride_cn=1, stride_a_auxk=1, stride_auxn=1, rows_per_index=1)
 
 
 def compile_dense(overrides: dict):

@@ -201,7 +201,7 @@ def _sum_rows_of_product(a_ptr, aux_ptr, out_ptr, block, M, K, stride_am, stride
                          stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[k] = sum over rows m (in order) of a[m, k] * aux[m, k] for one BLOCK_K block of k,
     in fp32, stored in out's dtype: the attention backward's dl, by programs launched beside
-    the dx GEMM's tiles at small M (REDUCE_A_AUX == 2)."""
+    the dx GEMM's tiles (REDUCE_A_AUX)."""
     offs_k = block * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     rk = offs_k.to(tl.int64)
@@ -222,20 +222,20 @@ def _sum_rows_of_product(a_ptr, aux_ptr, out_ptr, block, M, K, stride_am, stride
 def _ia3_matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     scale_a_ptr, scale_c_ptr, bias_ptr, aux_ptr, preact_ptr, partial_ptr,
-    a_aux_ptr, a_partial_ptr, workspace_ptr, counter_ptr, w_scale_ptr,
+    a_aux_ptr, workspace_ptr, counter_ptr, w_scale_ptr,
     q_code_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, scale_index_ptr, final_ptr,
     M, N, K, rows_per_index, finish_base,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_a_auxm, stride_a_auxk,
     SCALE_A: tl.constexpr,  # multiply column k of the A tile by scale_a[k] before the dot
-    # 1: a_partial[pid_m, k] = sum over the tile's rows of A * a_aux, inside the K-loop;
-    # 2: final[k] = sum over all rows of A * a_aux, by programs of their own after the GEMM's
-    # tiles (grid dim 0 = tiles + cdiv(K, BLOCK_K); _sum_rows_of_product); 0: none.
+    # final[k] = sum over all rows of A * a_aux (A before SCALE_A), by programs of their own
+    # ahead of the GEMM's tiles: grid dim 0 = cdiv(K, AUX_BLOCK_K) + tiles, each program
+    # summing AUX_BLOCK_M x AUX_BLOCK_K blocks of its columns (_sum_rows_of_product).
     REDUCE_A_AUX: tl.constexpr,
     HAS_BIAS: tl.constexpr,  # u = acc + bias[n]
     REDUCE_AUX: tl.constexpr,  # partial[pid_m, n] = sum over the tile's rows of u * aux
-    # The partial rows of REDUCE_AUX / REDUCE_A_AUX summed into final[n] / final[k] by the
-    # last CTA to write one (finish_partial_rows; counters from counter_ptr + finish_base).
+    # REDUCE_AUX's partial rows summed into final[n] by the last CTA to write one
+    # (finish_partial_rows; counters from counter_ptr + finish_base).
     FINISH: tl.constexpr,
     STORE_PREACT: tl.constexpr,  # write u (M x N, contiguous) before the output scaling
     SCALE_C: tl.constexpr,  # c = u * scale_c[n]
@@ -261,19 +261,24 @@ def _ia3_matmul_kernel(
     Q_BLOCKSIZE: tl.constexpr, Q_NESTED: tl.constexpr, Q_BLOCKSIZE2: tl.constexpr,
     Q_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    AUX_BLOCK_M: tl.constexpr, AUX_BLOCK_K: tl.constexpr,
 ):
     """C[M, N] = epilogue(prologue(A)[M, K] @ B[K, N]) with fp32 accumulation."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    if REDUCE_A_AUX == 2:
-        if pid >= num_pid_m * num_pid_n:
+    if REDUCE_A_AUX:
+        # First in the grid, so that the row sums (up to 512 rows each) start in the first
+        # wave beside the GEMM's tiles rather than after the last of them.
+        aux_programs = tl.cdiv(K, AUX_BLOCK_K)
+        if pid < aux_programs:
             if pid_k == 0:
-                _sum_rows_of_product(a_ptr, a_aux_ptr, final_ptr, pid - num_pid_m * num_pid_n,
-                                     M, K, stride_am, stride_ak, stride_a_auxm, stride_a_auxk,
-                                     BLOCK_M, BLOCK_K)
+                _sum_rows_of_product(a_ptr, a_aux_ptr, final_ptr, pid, M, K, stride_am,
+                                     stride_ak, stride_a_auxm, stride_a_auxk, AUX_BLOCK_M,
+                                     AUX_BLOCK_K)
             return
+        pid -= aux_programs
     # Grouped ordering: GROUP_M row-blocks share the same B columns while they are in L2.
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
@@ -350,21 +355,6 @@ def _ia3_matmul_kernel(
         else:
             b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if REDUCE_A_AUX == 1:
-            # The attention backward's dl = sum_rows dy*u rides on the dx GEMM's dy tiles, so
-            # dl costs no launch and no second pass over dy. Each k block is reduced by one
-            # column block of CTAs, dealt round-robin (split-K splits own disjoint k ranges):
-            # leaving every block to pid_n == 0 made that column read all of u alone and
-            # doubled the backward at 4096->14336, M = 16 (H100, CUDA graphs).
-            if (k0 // BLOCK_K) % num_pid_n == pid_n:
-                a_aux = tl.load(a_aux_ptr + rm[:, None] * stride_a_auxm + rk[None, :] * stride_a_auxk,
-                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                a_part = tl.sum(a.to(tl.float32) * a_aux.to(tl.float32), axis=0)
-                tl.store(a_partial_ptr + pid_m * K + rk, a_part, mask=mask_k)
-                if FINISH:  # one CTA of each row block writes this k block: num_pid_m rows
-                    finish_partial_rows(a_partial_ptr, final_ptr,
-                                        counter_ptr + finish_base + k0 // BLOCK_K, num_pid_m, K,
-                                        rk, mask_k, BLOCK_K, 16)
         if SCALE_A:
             if SCALE_GATHER:
                 s = tl.load(scale_a_ptr + scale_row[:, None] * K + rk[None, :],
@@ -616,18 +606,33 @@ ATTN_BWD_WIDE_SCRATCH_BYTES = 8 << 20
 # 768->768 at M = 8192): T5-base training, 8 x 512 tokens, fused 1.41x the no-adapter floor
 # against 1.80x with cuBLAS + passes (benchmarks/results/e2e-t5-{fused,cublas}-h100.md).
 SMALL_GEMM_FLOP = 1 << 34
-# The fused attention backward reduces dl = sum_rows dy*u inside the dx GEMM below this size
-# (one launch), and by a pass of its own above it (see dense_backward_impl).
-# benchmarks.tune_attn_bwd times both sides of it.
+# Forwards captured in a CUDA graph (serving stacks replay them) have no host time to save, so
+# there the cuBLAS routes of the feedforward and attention forwards (one pass + one GEMM) start
+# at 2**30 flop, where GPU time alone favours them. H100, CUDA graphs, forward, us, fused /
+# cuBLAS route / bare (tune-small-m check, stop 31, benchmarks/results/check-mid-m-stop31a-h100.log):
+# feedforward 4096->4096 M = 128 37.7 / 25.5 / 23.1, 14336->4096 M = 128 104.8 / 60.0 / 55.8,
+# 4096->1024 M = 256 22.9 / 18.3 / 14.5 and M = 512 33.4 / 20.4 / 15.5, 3072->768 M = 512
+# 26.8 / 18.1 / 13.5; attention 4096->4096 M = 256 37.0 / 31.0 / 28.6, 4096->1024 M = 256
+# 21.8 / 16.9 / 14.6. Below 2**30 the fused kernel stays ahead or level: 768->768 at
+# M = 128..512 8.9-12.5 against 11.2-12.0, 3072->768 at M = 128 13.9 against 14.8.
+GRAPHED_FWD_CUBLAS_MIN_FLOP = 1 << 30
+# The fused attention backward's dl = sum_rows dy*u: up to ATTN_BWD_DL_IN_KERNEL_MAX_M rows
+# and below ATTN_BWD_DL_IN_KERNEL_MAX_FLOP, by programs of the dx GEMM's launch, each summing
+# every row of a block of columns (REDUCE_A_AUX; no launch of its own, the GEMM's K-loop
+# untouched); elsewhere by a pass of its own after the GEMM (see dense_backward_impl).
+# Until stop 31 dl was summed inside the K-loop past M = 64, which doubled the loop (317 -> 631
+# SASS instructions a step at 64x128x64, ~130 -> ~232 registers; sass-mid-m-attn-bwd-stop30.log)
+# and lost to both other ways wherever they were timed. H100, CUDA graphs, attention fwd+bwd,
+# us, K-loop / programs / pass / bare (tune-attn-bwd-mid-stop31-h100.log; the programs summed
+# the GEMM's BLOCK_M x BLOCK_K, now _a_aux_blocks): M = 128: 4096->4096 120.6 / 56.1 / 65.5 /
+# 37.5, 4096->1024 42.5 / 26.0 / 33.4 / 19.0, 14336->4096 183.8 / 109.0 / 118.2 / 97.2,
+# 4096->14336 442.9 / 150.7 / 167.6 / 104.7; M = 512: 4096->1024 46.3 / 39.5 / 42.4 / 24.6,
+# 3072->768 36.7 / 27.5 / 35.8 / 20.3; T5-base 768->768 at M = 8192: 103.5 against 85.3 by
+# the pass (stop 26). At M <= 16 (tune-attn-gemv-e2e-stop27-h100.log) the K-loop's version
+# also lost to a pass: k/v_proj 23.5 against 20.7, T5 768->768 18.8 against 16.8.
+# benchmarks.tune_attn_bwd times each way.
 ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = SMALL_GEMM_FLOP
-# In-kernel dl at M <= 64 runs in programs of its own beside the dx GEMM's tiles, each summing
-# every row of a BLOCK_K block of dy*u (REDUCE_A_AUX == 2), instead of inside the K-loop (1).
-# The K-loop's version cost more than a pass of its own at M <= 16 (H100, CUDA graphs, attention
-# fwd+bwd: k/v_proj 23.5 us against 20.7 with the pass, T5 768->768 18.8 against 16.8,
-# tune-attn-gemv-e2e-stop27-h100.log): its conditional block took the loop from 307 to 597
-# SASS instructions a step and from 56 to 148 registers a thread (benchmarks.sass_loop).
-# Separate programs leave the GEMM's loop as it is and still take no launch of their own.
-A_AUX_PROGRAMS_MAX_M = 64
+ATTN_BWD_DL_IN_KERNEL_MAX_M = 512
 
 
 # Hopper, large M: the persistent TMA GEMM (tma_gemm.py) with IA3 in its prologue/epilogue,
@@ -745,7 +750,10 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
         return forced == "cublas"
     if device.type != "cuda":
         return False
-    small_gemm = dtype != torch.float32 and 2 * M * N * K < SMALL_GEMM_FLOP
+    flop = 2 * M * N * K
+    small_gemm = dtype != torch.float32 and flop < SMALL_GEMM_FLOP
+    if phase in ("ff_fwd", "attn_fwd") and small_gemm and torch.cuda.is_current_stream_capturing():
+        small_gemm = flop < GRAPHED_FWD_CUBLAS_MIN_FLOP
     if phase == "ff_fwd_mixed":
         return True  # on CUDA: x*l by a pass, then a plain GEMM, which cuBLAS does best
     if phase == "ff_fwd":
@@ -938,15 +946,18 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     scale_index: a mixed-adapter batch (see mixed.py): scale_a / scale_c are (adapters, K or N)
     tables and each of the scale_index.numel() examples owns M / numel consecutive rows.
 
-    Returns (c, preact, partial, a_partial): partial (row blocks, N) sums of u*aux, and
-    a_partial (row blocks, K) sums of a*a_aux (a before scale_a), or None. Sums are fp32, or
-    `sum_dtype` where one row block makes them final (no cast launch afterwards).
-    finish_like: a tensor of N (reduce_aux) or K (a_aux) elements; the sums then come back
-    final, summed over row blocks in the kernel, shaped and typed like it (the caller's dl).
+    Returns (c, preact, partial, a_sums): partial (row blocks, N) sums of u*aux, and a_sums
+    the column sums of a*a_aux (a before scale_a), or None. partial is fp32, or `sum_dtype`
+    where one row block makes it final (no cast launch afterwards).
+    finish_like: a tensor of N (reduce_aux) or K (a_aux, where it is required) elements; the
+    sums then come back final, summed over row blocks in the kernel, shaped and typed like it
+    (the caller's dl).
     """
     M, K = a.shape
     N = out_shape[1]
     device = a.device
+    if a_aux is not None and (finish_like is None or reduce_aux):
+        raise ValueError("_launch_matmul: a_aux's sums need finish_like and no reduce_aux")
     c = torch.empty(out_shape, device=device, dtype=out_dtype) if store_c else None
     preact = torch.empty((M, N), device=device, dtype=out_dtype) if store_preact else None
     q_ptrs, (q_blocksize, q_nested, q_blocksize2) = _quant4_args(quant4)
@@ -969,77 +980,77 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
     num_pid_n = cdiv(N, bn)
     tiles = num_pid_m * num_pid_n
     partial_dtype = sum_dtype if num_pid_m == 1 else torch.float32
-    sums = reduce_aux or a_aux is not None
-    final = torch.empty_like(finish_like) if sums and finish_like is not None else None
-    # a*a_aux summed by programs of their own (REDUCE_A_AUX == 2) at small M, which then read
-    # all M rows each; the K-loop's reduction (1) costs the GEMM more there than the sums do.
-    aux_programs = a_aux is not None and final is not None and M <= A_AUX_PROGRAMS_MAX_M
-    finish = final is not None and num_pid_m > 1 and not aux_programs
-    # One row block: the kernel writes its row straight into final, the sums' last home.
-    row_is_final = final is not None and num_pid_m == 1
-    partial = a_partial = None
+    final = (torch.empty_like(finish_like)
+             if (reduce_aux or a_aux is not None) and finish_like is not None else None)
+    finish = reduce_aux and final is not None and num_pid_m > 1
+    partial = None
     if reduce_aux:
-        partial = (final if row_is_final
+        # One row block: the kernel writes its row straight into final, the sums' last home.
+        partial = (final if final is not None and num_pid_m == 1
                    else torch.empty((num_pid_m, N), device=device, dtype=partial_dtype))
-    if a_aux is not None:
-        a_partial = (final if row_is_final or aux_programs
-                     else torch.empty((num_pid_m, K), device=device, dtype=partial_dtype))
+    aux_block_m, aux_block_k = _a_aux_blocks(M, bm, bk)
     workspace = counters = None
     finish_base = tiles if split_k > 1 else 0
     if split_k > 1:
         workspace = torch.empty((split_k, M, N), device=device, dtype=torch.float32)
     if split_k > 1 or finish:
-        counters = _split_k_counters(
-            finish_base + ((num_pid_n if reduce_aux else cdiv(K, bk)) if finish else 0),
-            device, traceable)
+        counters = _split_k_counters(finish_base + (num_pid_n if finish else 0), device,
+                                     traceable)
 
-    final_arg = final if finish or aux_programs else None
-    reduce_a_aux = 0 if a_aux is None else 2 if aux_programs else 1
+    final_arg = final if finish or a_aux is not None else None
 
     def arguments():
         return _matmul_launch_args(
-            a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial,
+            a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
             workspace, counters, w_scale, q_ptrs, scale_index, final_arg, M, N, K, finish_base,
-            store_c, store_preact, reduce_aux, reduce_a_aux, finish, split_k, w_scale_axis,
+            store_c, store_preact, reduce_aux, finish, split_k, w_scale_axis,
             quant4, w_4bit, q_blocksize, q_nested, q_blocksize2, aligned, bm, bn, bk, warps,
-            stages)
+            stages, aux_block_m, aux_block_k)
 
-    grid = (tiles + (cdiv(K, bk) if aux_programs else 0), split_k)
+    grid = ((cdiv(K, aux_block_k) if a_aux is not None else 0) + tiles, split_k)
     if plan_key is None:  # traced, CPU, unaligned or plans off: the full launch
         args, kwargs = arguments()
         _KERNELS[traceable][0][grid](*args, **kwargs)
     else:
         _MATMUL_PLANS.launch(
             plan_key, grid, (a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
-                             a_partial, workspace, counters, w_scale, *q_ptrs, scale_index,
-                             final_arg),
+                             workspace, counters, w_scale, *q_ptrs, scale_index, final_arg),
             arguments, extra=(bm, bn, bk, split_k, warps, stages, aligned))
-    if final is not None:  # the sums come back final, shaped like finish_like
-        if reduce_aux:
-            partial = final
-        else:
-            a_partial = final
-    return c, preact, partial, a_partial
+    if reduce_aux and final is not None:  # the sums come back final, shaped like finish_like
+        partial = final
+    return c, preact, partial, final if a_aux is not None else None
+
+
+def _a_aux_blocks(M: int, bm: int, bk: int) -> tuple:
+    """(rows, columns) a dl program sums per step (REDUCE_A_AUX). Up to M = 64 the GEMM's own
+    BLOCK_M x BLOCK_K (timed there: tune-attn-gemv-e2e-stop27-h100.log). Past it 128 x 32, so
+    that columns spread over more programs with fewer serial steps each: with the GEMM's
+    32 x 256 on T5-base 768->768 at M = 256 three programs took 8 steps each and the attention
+    fwd+bwd 31.0 us against 21.2 with dl in the K-loop (H100, CUDA graphs,
+    tune-attn-bwd-mid-stop31-h100.log)."""
+    if M <= 64:
+        return bm, bk
+    return 128, 32
 
 
 def _matmul_launch_args(a, b, b_strides, c, scale_a, scale_c, bias, aux, preact, partial, a_aux,
-                        a_partial, workspace, counters, w_scale, q_ptrs, scale_index, final, M,
-                        N, K, finish_base, store_c, store_preact, reduce_aux, reduce_a_aux,
-                        finish, split_k, w_scale_axis, quant4, w_4bit, q_blocksize, q_nested,
-                        q_blocksize2, aligned, bm, bn, bk, warps, stages):
+                        workspace, counters, w_scale, q_ptrs, scale_index, final, M, N, K,
+                        finish_base, store_c, store_preact, reduce_aux, finish, split_k,
+                        w_scale_axis, quant4, w_4bit, q_blocksize, q_nested, q_blocksize2,
+                        aligned, bm, bn, bk, warps, stages, aux_block_m, aux_block_k):
     """_ia3_matmul_kernel's (args, kwargs) for _launch_matmul."""
     aux_strides = aux.stride() if aux is not None else (0, 0)
     a_aux_strides = a_aux.stride() if a_aux is not None else (0, 0)
     # Pointers a configuration does not use are None: the constexpr flags keep them untouched.
     return (
-        a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, a_partial, workspace,
+        a, b, c, scale_a, scale_c, bias, aux, preact, partial, a_aux, workspace,
         counters, w_scale, *q_ptrs, scale_index, final, M, N, K,
         M // scale_index.numel() if scale_index is not None else 1, finish_base,
         a.stride(0), a.stride(1), b_strides[0], b_strides[1],
         c.stride(0) if store_c else 0, c.stride(1) if store_c else 0,
         aux_strides[0], aux_strides[1], a_aux_strides[0], a_aux_strides[1],
     ), dict(
-        SCALE_A=scale_a is not None, REDUCE_A_AUX=reduce_a_aux, HAS_BIAS=bias is not None,
+        SCALE_A=scale_a is not None, REDUCE_A_AUX=a_aux is not None, HAS_BIAS=bias is not None,
         REDUCE_AUX=reduce_aux, FINISH=finish, STORE_PREACT=store_preact,
         SCALE_C=scale_c is not None,
         SCALE_GATHER=scale_index is not None, STORE_C=store_c, SPLIT_K=split_k,
@@ -1048,6 +1059,7 @@ def _matmul_launch_args(a, b, b_strides, c, scale_a, scale_c, bias, aux, preact,
         W_SCALE_MUL=INT8_SCALE_MUL, W_4BIT=w_4bit if quant4 is not None else 0,
         Q_BLOCKSIZE=q_blocksize, Q_NESTED=q_nested, Q_BLOCKSIZE2=q_blocksize2, Q_ALIGNED=aligned,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        AUX_BLOCK_M=aux_block_m, AUX_BLOCK_K=aux_block_k,
         num_warps=warps, num_stages=stages,
     )
 
@@ -1063,7 +1075,7 @@ _PLANS_ENABLED = True
 _MATMUL_PLANS = PlanCache(
     _KERNELS[False][0],
     ("a_ptr", "b_ptr", "c_ptr", "scale_a_ptr", "scale_c_ptr", "bias_ptr", "aux_ptr",
-     "preact_ptr", "partial_ptr", "a_aux_ptr", "a_partial_ptr", "workspace_ptr", "counter_ptr",
+     "preact_ptr", "partial_ptr", "a_aux_ptr", "workspace_ptr", "counter_ptr",
      "w_scale_ptr", "q_code_ptr", "q_code2_ptr", "q_absmax2_ptr", "q_offset_ptr",
      "scale_index_ptr", "final_ptr"),
     max_entries=4096)
@@ -1096,9 +1108,6 @@ def _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux
                                          tuple(t.dtype for t in q_tensors if t is not None)),
             # fp32 dots follow torch's allow_tf32 switch, which may change between calls
             _dot_precision(b.dtype if w_scale is None and quant4 is None else a.dtype),
-            # where a_aux's sums run (loop or programs of their own): a module setting that
-            # tests and benchmarks.tune_attn_bwd change between calls
-            a_aux is not None and a.shape[0] <= A_AUX_PROGRAMS_MAX_M,
             a.device.index)
 
 
@@ -1440,7 +1449,8 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             # same dy tiles in small GEMMs (one launch, where launches are the cost); a pass
             # of its own in large ones, where the in-loop reduction slows the GEMM more than
             # the pass costs (T5-base 768->768 at M = 8192: 103.5 us against 85.3, graphs).
-            in_kernel = need_dscale and 2 * M * N * K < ATTN_BWD_DL_IN_KERNEL_MAX_FLOP
+            in_kernel = (need_dscale and M <= ATTN_BWD_DL_IN_KERNEL_MAX_M
+                         and 2 * M * N * K < ATTN_BWD_DL_IN_KERNEL_MAX_FLOP)
             dx, _, _, partial = _launch_matmul(
                 dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                 scale_a=scale, a_aux=preact if in_kernel else None, sum_dtype=scale.dtype,

@@ -87,10 +87,26 @@ def run(op, x, b, s, dy, log):
     return y.detach(), dx, log[start:]
 
 
+def _numpy_matmul_rows_depend_on_batch() -> bool:
+    """The interpreter's tl.dot is numpy's matmul. Some OpenBLAS builds sum a product of few
+    rows in another order than the same rows inside a larger product (numpy 2.4.6's
+    OpenBLAS 0.3.31, Haswell kernels: a 1-row float32 product differs from row 0 of a 16-row
+    one), so there no kernel could give batch-split-invariant rows under the interpreter."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 128)).astype(np.float32)
+    b = rng.standard_normal((128, 64)).astype(np.float32)
+    whole = np.matmul(a, b)
+    return any(not np.array_equal(np.matmul(a[:rows], b), whole[:rows]) for rows in (1, 2, 4))
+
+
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 @pytest.mark.parametrize("kind", ["dense", "int8", "nf4"])
 def test_rows_are_bitwise_the_same_in_any_split_of_one_configuration(triton_backend, launches,
                                                                      kind, feedforward):
+    if not HAS_CUDA and _numpy_matmul_rows_depend_on_batch():
+        pytest.skip("numpy's BLAS here sums a row differently by batch size (the interpreter's "
+                    "tl.dot); the GPU run checks this")
     op = layer(kind, feedforward)
     g = torch.Generator().manual_seed(1)
     b = torch.randn(N, generator=g).to(DEVICE, DTYPE)
