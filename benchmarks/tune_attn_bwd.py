@@ -12,10 +12,9 @@ device, 16x32x256 tiles, bf16 l: 597 loop instructions with the conditional dl b
 barriers and 148 registers a thread, against 224, 2 and 64 for the feedforward's and 307, 2
 and 56 without dl; no spills). Variants timed:
   auto      the shipped rule (dl by programs of their own in the dx GEMM's launch up to
-            dense.ATTN_BWD_DL_IN_KERNEL_MAX_M rows and ATTN_BWD_DL_IN_KERNEL_MAX_FLOP, else
-            by a pass);
-  dl pass   dl by a pass of its own after the dx GEMM (ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = 0);
-  dl programs  dl by the launch's programs at every size (both bars lifted);
+            dense.ATTN_BWD_DL_IN_KERNEL_MAX_M rows, else by a pass);
+  dl pass   dl by a pass of its own after the dx GEMM (ATTN_BWD_DL_IN_KERNEL_MAX_M = 0);
+  dl programs  dl by the launch's programs at every M (the bar lifted);
   cublas    dense_path("cublas"): dy*l by a pass into an M x N scratch, cuBLAS's dx;
   fused     dense_path("fused"): the fused kernel (dl by programs at M <= 64) also where the
             rule takes cuBLAS (N > 1024), to see whether the programs moved that crossover.
@@ -40,17 +39,10 @@ from .layers import (SHAPES, build_layers, case_inputs, pick_shapes, require_cud
                      time_graph)
 
 
-@contextlib.contextmanager
-def _lifted_bars():
-    with patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_M", 1 << 30), \
-            patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 1 << 62):
-        yield
-
-
 VARIANTS = {
     "auto": contextlib.nullcontext,
-    "dl programs": _lifted_bars,
-    "dl pass": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
+    "dl programs": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_M", 1 << 30),
+    "dl pass": lambda: patch.object(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_M", 0),
     "cublas": lambda: ia3_kernels.dense_path("cublas"),
     "fused": lambda: ia3_kernels.dense_path("fused"),
 }

@@ -229,7 +229,7 @@ def _ia3_matmul_kernel(
     stride_a_auxm, stride_a_auxk,
     SCALE_A: tl.constexpr,  # multiply column k of the A tile by scale_a[k] before the dot
     # final[k] = sum over all rows of A * a_aux (A before SCALE_A), by programs of their own
-    # ahead of the GEMM's tiles: grid dim 0 = cdiv(K, AUX_BLOCK_K) + tiles, each program
+    # after the GEMM's tiles: grid dim 0 = tiles + cdiv(K, AUX_BLOCK_K), each program
     # summing AUX_BLOCK_M x AUX_BLOCK_K blocks of its columns (_sum_rows_of_product).
     REDUCE_A_AUX: tl.constexpr,
     HAS_BIAS: tl.constexpr,  # u = acc + bias[n]
@@ -269,16 +269,16 @@ def _ia3_matmul_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if REDUCE_A_AUX:
-        # First in the grid, so that the row sums (up to 512 rows each) start in the first
-        # wave beside the GEMM's tiles rather than after the last of them.
-        aux_programs = tl.cdiv(K, AUX_BLOCK_K)
-        if pid < aux_programs:
+        # After the GEMM's tiles: where those are few and long (4096->14336 at M = 128: 64
+        # tiles over N = 14336) they must start first. With the row sums first in the grid
+        # that fwd+bwd took 202.8 us against 150.7 with them last (H100, CUDA graphs,
+        # tune-attn-bwd-stop31b-h100.log, tune-attn-bwd-mid-stop31-h100.log).
+        if pid >= num_pid_m * num_pid_n:
             if pid_k == 0:
-                _sum_rows_of_product(a_ptr, a_aux_ptr, final_ptr, pid, M, K, stride_am,
-                                     stride_ak, stride_a_auxm, stride_a_auxk, AUX_BLOCK_M,
-                                     AUX_BLOCK_K)
+                _sum_rows_of_product(a_ptr, a_aux_ptr, final_ptr, pid - num_pid_m * num_pid_n,
+                                     M, K, stride_am, stride_ak, stride_a_auxm, stride_a_auxk,
+                                     AUX_BLOCK_M, AUX_BLOCK_K)
             return
-        pid -= aux_programs
     # Grouped ordering: GROUP_M row-blocks share the same B columns while they are in L2.
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
@@ -616,22 +616,24 @@ SMALL_GEMM_FLOP = 1 << 34
 # 21.8 / 16.9 / 14.6. Below 2**30 the fused kernel stays ahead or level: 768->768 at
 # M = 128..512 8.9-12.5 against 11.2-12.0, 3072->768 at M = 128 13.9 against 14.8.
 GRAPHED_FWD_CUBLAS_MIN_FLOP = 1 << 30
-# The fused attention backward's dl = sum_rows dy*u: up to ATTN_BWD_DL_IN_KERNEL_MAX_M rows
-# and below ATTN_BWD_DL_IN_KERNEL_MAX_FLOP, by programs of the dx GEMM's launch, each summing
-# every row of a block of columns (REDUCE_A_AUX; no launch of its own, the GEMM's K-loop
-# untouched); elsewhere by a pass of its own after the GEMM (see dense_backward_impl).
-# Until stop 31 dl was summed inside the K-loop past M = 64, which doubled the loop (317 -> 631
-# SASS instructions a step at 64x128x64, ~130 -> ~232 registers; sass-mid-m-attn-bwd-stop30.log)
-# and lost to both other ways wherever they were timed. H100, CUDA graphs, attention fwd+bwd,
-# us, K-loop / programs / pass / bare (tune-attn-bwd-mid-stop31-h100.log; the programs summed
-# the GEMM's BLOCK_M x BLOCK_K, now _a_aux_blocks): M = 128: 4096->4096 120.6 / 56.1 / 65.5 /
-# 37.5, 4096->1024 42.5 / 26.0 / 33.4 / 19.0, 14336->4096 183.8 / 109.0 / 118.2 / 97.2,
-# 4096->14336 442.9 / 150.7 / 167.6 / 104.7; M = 512: 4096->1024 46.3 / 39.5 / 42.4 / 24.6,
-# 3072->768 36.7 / 27.5 / 35.8 / 20.3; T5-base 768->768 at M = 8192: 103.5 against 85.3 by
-# the pass (stop 26). At M <= 16 (tune-attn-gemv-e2e-stop27-h100.log) the K-loop's version
-# also lost to a pass: k/v_proj 23.5 against 20.7, T5 768->768 18.8 against 16.8.
+# The fused attention backward's dl = sum_rows dy*u: up to ATTN_BWD_DL_IN_KERNEL_MAX_M rows by
+# programs of the dx GEMM's launch, each summing every row of a block of columns after the
+# GEMM's tiles (REDUCE_A_AUX: no launch of its own, the GEMM's K-loop untouched); past it by a
+# pass of its own after the GEMM (see dense_backward_impl), which reads the rows in parallel.
+# Until stop 31 dl was summed inside the K-loop past M = 64 and below 2**34 flop (a pass above),
+# which doubled the loop (317 -> 631 SASS instructions a step at 64x128x64, ~130 -> ~232
+# registers; sass-mid-m-attn-bwd-stop30.log) and lost to both other ways wherever timed.
+# H100, CUDA graphs, attention fwd+bwd, us, K-loop / programs / pass / bare:
+# - M = 128 (tune-attn-bwd-mid-stop31-h100.log, programs with the GEMM's BLOCK_M x BLOCK_K):
+#   4096->4096 120.6 / 56.1 / 65.5 / 37.5, 4096->1024 42.5 / 26.0 / 33.4 / 19.0, 14336->4096
+#   183.8 / 109.0 / 118.2 / 97.2, 4096->14336 442.9 / 150.7 / 167.6 / 104.7;
+# - programs of 128 x 32 blocks (_a_aux_blocks), now also past 2**34 flop, against the pass
+#   (tune-attn-bwd-stop31c-h100.log): 4096->4096 M = 512 86.6 against 94.7; 14336->4096
+#   M = 256 158.2 / 169.7, M = 512 217.6 / 241.3; 4096->14336 M = 512 262.4 / 276.3 but
+#   M = 256 206.8 / 181.3 (unexplained; the one loss); 768->768 M = 512 17.6 / 26.3;
+# - T5-base 768->768 at M = 8192: the pass 85.3 against 103.5 in the K-loop (stop 26); at
+#   M <= 16 too (tune-attn-gemv-e2e-stop27-h100.log): k/v_proj 20.7 against 23.5.
 # benchmarks.tune_attn_bwd times each way.
-ATTN_BWD_DL_IN_KERNEL_MAX_FLOP = SMALL_GEMM_FLOP
 ATTN_BWD_DL_IN_KERNEL_MAX_M = 512
 
 
@@ -1007,7 +1009,7 @@ def _launch_matmul(a, b_strides, b, out_shape, out_dtype, *, traceable, scale_a=
             quant4, w_4bit, q_blocksize, q_nested, q_blocksize2, aligned, bm, bn, bk, warps,
             stages, aux_block_m, aux_block_k)
 
-    grid = ((cdiv(K, aux_block_k) if a_aux is not None else 0) + tiles, split_k)
+    grid = (tiles + (cdiv(K, aux_block_k) if a_aux is not None else 0), split_k)
     if plan_key is None:  # traced, CPU, unaligned or plans off: the full launch
         args, kwargs = arguments()
         _KERNELS[traceable][0][grid](*args, **kwargs)
@@ -1445,12 +1447,9 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
                                                   traceable=traceable)
                 dscale = _reduce_partials(partial, scale)
         elif need_dx and not _use_cublas("attn_bwd", M, N, K, weight.dtype, dy.device):
-            # dx = (dy*l) W with dy scaled in registers. dl = sum_rows dy*u: reduced from the
-            # same dy tiles in small GEMMs (one launch, where launches are the cost); a pass
-            # of its own in large ones, where the in-loop reduction slows the GEMM more than
-            # the pass costs (T5-base 768->768 at M = 8192: 103.5 us against 85.3, graphs).
-            in_kernel = (need_dscale and M <= ATTN_BWD_DL_IN_KERNEL_MAX_M
-                         and 2 * M * N * K < ATTN_BWD_DL_IN_KERNEL_MAX_FLOP)
+            # dx = (dy*l) W with dy scaled in registers. dl = sum_rows dy*u: by the launch's
+            # own row-sum programs up to ATTN_BWD_DL_IN_KERNEL_MAX_M rows, else by a pass.
+            in_kernel = need_dscale and M <= ATTN_BWD_DL_IN_KERNEL_MAX_M
             dx, _, _, partial = _launch_matmul(
                 dy, _weight_as_nk(weight, fan_in_fan_out), weight, (M, K), weight.dtype,
                 scale_a=scale, a_aux=preact if in_kernel else None, sum_dtype=scale.dtype,

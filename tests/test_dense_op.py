@@ -286,24 +286,21 @@ def test_custom_op_autograd_matches_eager_function(triton_backend, feedforward, 
         torch.testing.assert_close(op_result, eager_result, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("bar,value", [("ATTN_BWD_DL_IN_KERNEL_MAX_FLOP", 0),
-                                       ("ATTN_BWD_DL_IN_KERNEL_MAX_M", 76),
-                                       ("ATTN_BWD_DL_IN_KERNEL_MAX_M", 77)])
+@pytest.mark.parametrize("max_m", [0, 76, 77])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_attention_dl_by_separate_pass_in_large_gemms(triton_backend, monkeypatch, dtype, bar,
-                                                      value):
-    """Large GEMMs (in flop or in rows) reduce the attention dl in a pass of its own instead of
-    inside the dx kernel's launch: with a bar below the case's size (M = 77) the pass over dy
-    and u is taken, and at the bar it is not (the pass is counted, so the test fails if the
-    route is not the one the bar says)."""
+def test_attention_dl_by_separate_pass_past_the_row_bar(triton_backend, monkeypatch, dtype, max_m):
+    """Past ATTN_BWD_DL_IN_KERNEL_MAX_M rows the attention dl is reduced by a pass of its own
+    instead of inside the dx kernel's launch: with the bar below the case's M = 77 the pass
+    over dy and u is taken, and at the bar it is not (the pass is counted, so the test fails if
+    the route is not the one the bar says)."""
     from conftest import count_calls
     from ia3_kernels import dense
 
-    monkeypatch.setattr(dense, bar, value)
+    monkeypatch.setattr(dense, "ATTN_BWD_DL_IN_KERNEL_MAX_M", max_m)
     passes = count_calls(monkeypatch, dense, "_launch_scale_reduce")
     check_against_reference(77, 96, 130, False, False, True, dtype, "fused")
     took_pass = any(kwargs.get("aux") is not None for _, kwargs in passes)
-    assert took_pass == (value < 77)
+    assert took_pass == (max_m < 77)
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
