@@ -271,8 +271,8 @@ def _ia3_matmul_kernel(
     if REDUCE_A_AUX:
         # After the GEMM's tiles: where those are few and long (4096->14336 at M = 128: 64
         # tiles over N = 14336) they must start first. With the row sums first in the grid
-        # that fwd+bwd took 202.8 us against 150.7 with them last (H100, CUDA graphs,
-        # tune-attn-bwd-stop31b-h100.log, tune-attn-bwd-mid-stop31-h100.log).
+        # that fwd+bwd took 202.8 us against 151.6 with them last (H100, CUDA graphs,
+        # tune-attn-bwd-stop31b-h100.log, tune-attn-bwd-stop31c-h100.log).
         if pid >= num_pid_m * num_pid_n:
             if pid_k == 0:
                 _sum_rows_of_product(a_ptr, a_aux_ptr, final_ptr, pid - num_pid_m * num_pid_n,
@@ -615,6 +615,9 @@ SMALL_GEMM_FLOP = 1 << 34
 # 26.8 / 18.1 / 13.5; attention 4096->4096 M = 256 37.0 / 31.0 / 28.6, 4096->1024 M = 256
 # 21.8 / 16.9 / 14.6. Below 2**30 the fused kernel stays ahead or level: 768->768 at
 # M = 128..512 8.9-12.5 against 11.2-12.0, 3072->768 at M = 128 13.9 against 14.8.
+# With the rule (check-mid-m-stop31b-h100.log, shipped dispatch captured / bare): those
+# feedforward rows 26.0 / 23.4, 61.2 / 56.6, 18.2 / 14.6, 20.1 / 15.3, 17.6 / 13.4.
+# Eager forwards keep SMALL_GEMM_FLOP: not re-timed against this rule on the GPU host.
 GRAPHED_FWD_CUBLAS_MIN_FLOP = 1 << 30
 # The fused attention backward's dl = sum_rows dy*u: up to ATTN_BWD_DL_IN_KERNEL_MAX_M rows by
 # programs of the dx GEMM's launch, each summing every row of a block of columns after the
