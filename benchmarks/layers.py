@@ -66,8 +66,12 @@ class TimedRatios:
         return self.peft_us / self.bare_us
 
 
-def build_layers(shape: Shape, mode: str, device, dtype, seed=0):
-    """(bare, PEFT layer, fused layer), the two IA3 layers wrapping the same frozen base."""
+def build_layers(shape: Shape, mode: str, device, dtype, seed=0, adapter_dtype=None):
+    """(bare, PEFT layer, fused layer), the two IA3 layers wrapping the same frozen base.
+    The IA3 vectors come in the base's dtype, as PEFT's layer makes them; adapter_dtype
+    (torch.float32) keeps them in fp32 instead, as `get_peft_model` does by default
+    (autocast_adapter_dtype=True upcasts 16-bit adapter weights), which changes both IA3
+    layers' arithmetic (PEFT: x*l in fp32; ours: the scaling in fp32, rounded once)."""
     torch.manual_seed(seed)
     if shape.conv1d:
         bare = Conv1D(shape.n, shape.k)
@@ -82,6 +86,8 @@ def build_layers(shape: Shape, mode: str, device, dtype, seed=0):
     for _ in range(2):
         layer = PeftLinear(bare, "default", config=config, is_feedforward=feedforward,
                            is_target_conv_1d_layer=shape.conv1d)
+        if adapter_dtype is not None:
+            layer.ia3_l["default"].data = layer.ia3_l["default"].data.to(adapter_dtype)
         param = layer.ia3_l["default"]
         with torch.no_grad():
             if vector is None:

@@ -53,14 +53,18 @@ def main(argv=None) -> int:
     parser.add_argument("--m", default="1,16,64", help="comma-separated M values")
     parser.add_argument("--layers", default="",
                         help="comma-separated substrings of 'model layer' to keep, in this order")
+    parser.add_argument("--adapter-dtype", choices=("model", "fp32"), default="model",
+                        help="the IA3 vectors' dtype: the model's (bf16) or fp32 "
+                             "(get_peft_model's default)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     require_cuda("tune_attn_bwd")
     device, dtype = torch.device("cuda"), torch.bfloat16
     shapes = pick_shapes(SHAPES, args.layers)
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
-            bare, _, ours = build_layers(shape, "attn", device, dtype)
-            _, _, ours_ff = build_layers(shape, "ff", device, dtype)
+            vectors = torch.float32 if args.adapter_dtype == "fp32" else None
+            bare, _, ours = build_layers(shape, "attn", device, dtype, adapter_dtype=vectors)
+            _, _, ours_ff = build_layers(shape, "ff", device, dtype, adapter_dtype=vectors)
             x, dy = case_inputs(shape, m, device, dtype)
             x = x.clone().requires_grad_(True)
             times = {"bare": time_graph(step_fn(bare, x, "fwd+bwd", dy)),

@@ -39,6 +39,9 @@ MID_CANDIDATES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4)
                   (64, 64, 64, 4, 4, 2)]
 
 
+_ADAPTER_DTYPES = {"model": None, "fp32": torch.float32}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_small_m")
     parser.add_argument("--m", default="32,64", help="comma-separated M values")
@@ -47,6 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="",
                         help="comma-separated substrings of 'model layer' to keep, in this order")
     parser.add_argument("--rep-ms", type=int, default=30)
+    parser.add_argument("--adapter-dtype", choices=("model", "fp32"), default="model",
+                        help="the IA3 vectors' dtype: the model's (bf16; PEFT's layer as built) "
+                             "or fp32 (get_peft_model's default, autocast_adapter_dtype=True)")
     parser.add_argument("--no-candidates", action="store_true",
                         help="time only the bare layer, the shipped dispatch and (M > 64) the "
                              "forced routes: a check of the table's rows")
@@ -57,7 +63,8 @@ def main(argv=None) -> int:
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
             for mode in args.modes.split(","):
-                bare, _, ours = build_layers(shape, mode, device, dtype)
+                bare, _, ours = build_layers(shape, mode, device, dtype,
+                                             adapter_dtype=_ADAPTER_DTYPES[args.adapter_dtype])
                 x, dy = case_inputs(shape, m, device, dtype)
                 for phase in args.phase.split(","):
                     xin = x.clone().requires_grad_(phase == "fwd+bwd")
