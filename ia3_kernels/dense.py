@@ -619,6 +619,15 @@ SMALL_GEMM_FLOP = 1 << 34
 # feedforward rows 26.0 / 23.4, 61.2 / 56.6, 18.2 / 14.6, 20.1 / 15.3, 17.6 / 13.4.
 # Eager forwards keep SMALL_GEMM_FLOP: not re-timed against this rule on the GPU host.
 GRAPHED_FWD_CUBLAS_MIN_FLOP = 1 << 30
+# Eager feedforward forwards too take the cuBLAS route below SMALL_GEMM_FLOP where the fused
+# kernel's K-loop is this long. Its extra GPU time over the route grows with K where 64 tiles
+# or fewer cover the output (the mid-M rows), ~3 ns per in-feature on the H100 (graphs,
+# check-mid-m-stop31a/b-h100.log, fused / cuBLAS route, us): 14336->4096 M = 128 104.8 / 61.2
+# (3.1 ns), 4096->4096 M = 128 37.7 / 26.0 (2.9), 4096->1024 M = 512 33.4 / 20.1 (3.2),
+# 3072->768 M = 512 26.8 / 17.6 (3.0). From K = 8192 that passes ~25 us, the host time of the
+# route's second launch; the eager suite read 104.7 us for 14336->4096 at M = 128 against
+# PEFT's 65.4 (suite-dense-mid-stop31.md). Not yet timed eager with this rule.
+FF_FWD_EAGER_CUBLAS_MIN_K = 8192
 # The fused attention backward's dl = sum_rows dy*u: up to ATTN_BWD_DL_IN_KERNEL_MAX_M rows by
 # programs of the dx GEMM's launch, each summing every row of a block of columns after the
 # GEMM's tiles (REDUCE_A_AUX: no launch of its own, the GEMM's K-loop untouched); past it by a
@@ -767,7 +776,7 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
         # N, past SMALL_GEMM_FLOP (timings at FF_FWD_CUBLAS_MIN_M).
         if dtype == torch.float32:
             return N <= 2 * M
-        return M >= FF_FWD_CUBLAS_MIN_M and not small_gemm
+        return M >= FF_FWD_CUBLAS_MIN_M and (not small_gemm or K >= FF_FWD_EAGER_CUBLAS_MIN_K)
     if phase == "attn_bwd":
         small_scratch = M * N * dtype.itemsize <= SMALL_SCRATCH_BYTES
         chunked = (M >= ATTN_BWD_CHUNKS * ATTN_BWD_MIN_CHUNK_ROWS

@@ -198,8 +198,9 @@ def test_cublas_attention_backward_scratch_never_exceeds_m_rows(triton_backend, 
 def test_forward_cublas_routes_start_lower_under_cuda_graph_capture(monkeypatch, capturing):
     """Forwards captured into a CUDA graph take the cuBLAS routes (one pass + one GEMM) from
     2**30 flop at M >= 128, where GPU time alone favours them; eager forwards keep the fused
-    kernel below 2**34 (host time: one launch instead of two). The backward's rules do not
-    change under capture. No GPU needed: the capture query is stood in for."""
+    kernel below 2**34 (host time: one launch instead of two) unless the feedforward's K-loop
+    is >= 8192 long. The backward's rules do not change under capture. No GPU needed: the
+    capture query is stood in for."""
     from ia3_kernels import dense
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
@@ -213,8 +214,13 @@ def test_forward_cublas_routes_start_lower_under_cuda_graph_capture(monkeypatch,
         assert not dense._use_cublas(phase, 512, 768, 768, bf16, cuda)
         # M < 128 stays fused either way
         assert not dense._use_cublas(phase, 64, 14336, 4096, bf16, cuda)
+        assert not dense._use_cublas(phase, 64, 4096, 14336, bf16, cuda)
         # past 2**34 cuBLAS either way
         assert dense._use_cublas(phase, 512, 14336, 4096, bf16, cuda)
+    # a K-loop of >= 8192 in-features: the feedforward forward's cuBLAS route in eager too
+    # (14336->4096 at M = 128, 2**33.8 flop); the attention forward scales in its epilogue
+    assert dense._use_cublas("ff_fwd", 128, 4096, 14336, bf16, cuda)
+    assert dense._use_cublas("attn_fwd", 128, 4096, 14336, bf16, cuda) == capturing
     assert not dense._use_cublas("ff_bwd", 128, 4096, 4096, bf16, cuda)
     assert not dense._use_cublas("attn_bwd", 128, 4096, 4096, bf16, cuda)
 
