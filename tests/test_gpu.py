@@ -123,6 +123,26 @@ def test_cuda_graph_capture(feedforward):
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_captured_forward_takes_the_cublas_route(monkeypatch, feedforward):
+    """A forward captured in a CUDA graph at M = 128 and 2**30 flop (GRAPHED_FWD_CUBLAS_MIN_FLOP)
+    runs the cuBLAS route (counted, so the test fails if capture does not reach it), while the
+    same call in eager runs the fused kernel; the replayed output matches the eager one within
+    bf16 rounding of two different reduction orders."""
+    from conftest import count_calls
+
+    x, w, b, s = make_case(128, 2048, 2048, feedforward, False, True, torch.bfloat16,
+                           device="cuda")
+    route = "_feedforward_forward_cublas" if feedforward else "_cublas_linear"
+    calls = count_calls(monkeypatch, dense, route)
+    eager = ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+    assert not calls  # 2**30 flop, K = 2048: the fused kernel in eager
+    graph, out = capture_cuda_graph(lambda: ia3_kernels.ia3_linear(x, w, b, s, feedforward))
+    assert calls  # the capture took the route (the side-stream warm-up ran eager)
+    graph.replay()
+    torch.testing.assert_close(out, eager, rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_fused_layer_training_step_graph_capture(feedforward):
     """A fused layer's forward+backward (dx and dl) captured in a CUDA graph after eager calls,
     the way the layer suite times it: on the H100 on 2026-12-05 the suite's first attention
