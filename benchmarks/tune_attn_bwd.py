@@ -48,17 +48,44 @@ VARIANTS = {
 }
 
 
+def _aux_blocks_variant(rows: int, cols: int):
+    """A variant whose dl programs sum rows x cols blocks past M = 64 (the row sums'
+    parallelism against their serial steps; 4096->14336 at M = 256 lost to the pass with
+    128 x 32, tune-attn-bwd-stop31c-h100.log)."""
+    real = dense._a_aux_blocks
+
+    def blocks(M, bm, bk):
+        return real(M, bm, bk) if M <= 64 else (rows, cols)
+
+    @contextlib.contextmanager
+    def variant():
+        # Launch plans keep the constexprs of their first launch, blocks included: off here
+        # (host time only; the timings are graph replays).
+        with patch.object(dense, "_a_aux_blocks", blocks), \
+                patch.object(dense, "_PLANS_ENABLED", False):
+            yield
+    return variant
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_attn_bwd")
     parser.add_argument("--m", default="1,16,64", help="comma-separated M values")
     parser.add_argument("--layers", default="",
                         help="comma-separated substrings of 'model layer' to keep, in this order")
+    parser.add_argument("--aux-blocks", default="",
+                        help="comma-separated RxC: also time the shipped rule with dl's programs "
+                             "summing R x C blocks past M = 64 (dense._a_aux_blocks; 128x32 "
+                             "shipped), e.g. 256x64,64x64")
     parser.add_argument("--adapter-dtype", choices=("model", "fp32"), default="model",
                         help="the IA3 vectors' dtype: the model's (bf16) or fp32 "
                              "(get_peft_model's default)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     require_cuda("tune_attn_bwd")
     device, dtype = torch.device("cuda"), torch.bfloat16
+    variants = dict(VARIANTS)
+    for blocks in filter(None, args.aux_blocks.split(",")):
+        rows, cols = (int(v) for v in blocks.lower().split("x"))
+        variants[f"dl blocks {rows}x{cols}"] = _aux_blocks_variant(rows, cols)
     shapes = pick_shapes(SHAPES, args.layers)
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
@@ -69,7 +96,7 @@ def main(argv=None) -> int:
             x = x.clone().requires_grad_(True)
             times = {"bare": time_graph(step_fn(bare, x, "fwd+bwd", dy)),
                      "ours ff": time_graph(step_fn(ours_ff, x, "fwd+bwd", dy))}
-            for name, variant in VARIANTS.items():
+            for name, variant in variants.items():
                 with variant():
                     try:
                         times[name] = time_graph(step_fn(ours, x, "fwd+bwd", dy))
