@@ -66,6 +66,16 @@ class TimedRatios:
         return self.peft_us / self.bare_us
 
 
+# --adapter-dtype of the tuning tools: build_layers' adapter_dtype by name.
+ADAPTER_DTYPES = {"model": None, "fp32": torch.float32}
+
+
+def add_adapter_dtype_option(parser) -> None:
+    parser.add_argument("--adapter-dtype", choices=tuple(ADAPTER_DTYPES), default="model",
+                        help="the IA3 vectors' dtype: the model's (bf16; PEFT's layer as built) "
+                             "or fp32 (get_peft_model's default, autocast_adapter_dtype=True)")
+
+
 def build_layers(shape: Shape, mode: str, device, dtype, seed=0, adapter_dtype=None):
     """(bare, PEFT layer, fused layer), the two IA3 layers wrapping the same frozen base.
     The IA3 vectors come in the base's dtype, as PEFT's layer makes them; adapter_dtype

@@ -35,8 +35,8 @@ import torch
 import ia3_kernels
 from ia3_kernels import dense
 
-from .layers import (SHAPES, build_layers, case_inputs, pick_shapes, require_cuda, step_fn,
-                     time_graph)
+from .layers import (ADAPTER_DTYPES, SHAPES, add_adapter_dtype_option, build_layers, case_inputs,
+                     pick_shapes, require_cuda, step_fn, time_graph)
 
 
 VARIANTS = {
@@ -76,12 +76,11 @@ def main(argv=None) -> int:
                         help="comma-separated RxC: also time the shipped rule with dl's programs "
                              "summing R x C blocks past M = 64 (dense._a_aux_blocks; 128x32 "
                              "shipped), e.g. 256x64,64x64")
-    parser.add_argument("--adapter-dtype", choices=("model", "fp32"), default="model",
-                        help="the IA3 vectors' dtype: the model's (bf16) or fp32 "
-                             "(get_peft_model's default)")
+    add_adapter_dtype_option(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     require_cuda("tune_attn_bwd")
     device, dtype = torch.device("cuda"), torch.bfloat16
+    vectors = ADAPTER_DTYPES[args.adapter_dtype]
     variants = dict(VARIANTS)
     for blocks in filter(None, args.aux_blocks.split(",")):
         rows, cols = (int(v) for v in blocks.lower().split("x"))
@@ -89,7 +88,6 @@ def main(argv=None) -> int:
     shapes = pick_shapes(SHAPES, args.layers)
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
-            vectors = torch.float32 if args.adapter_dtype == "fp32" else None
             bare, _, ours = build_layers(shape, "attn", device, dtype, adapter_dtype=vectors)
             _, _, ours_ff = build_layers(shape, "ff", device, dtype, adapter_dtype=vectors)
             x, dy = case_inputs(shape, m, device, dtype)

@@ -22,8 +22,8 @@ import torch
 
 from ia3_kernels import dense
 
-from .layers import (SHAPES, build_layers, case_inputs, forced_tiles, pick_shapes, require_cuda,
-                     step_fn, time_graph)
+from .layers import (ADAPTER_DTYPES, SHAPES, add_adapter_dtype_option, build_layers, case_inputs,
+                     forced_tiles, pick_shapes, require_cuda, step_fn, time_graph)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M below M re-reads W from L2.
 CANDIDATES = [(64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 32, 256, 4, 3),
@@ -39,9 +39,6 @@ MID_CANDIDATES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4)
                   (64, 64, 64, 4, 4, 2)]
 
 
-_ADAPTER_DTYPES = {"model": None, "fp32": torch.float32}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_small_m")
     parser.add_argument("--m", default="32,64", help="comma-separated M values")
@@ -50,21 +47,19 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="",
                         help="comma-separated substrings of 'model layer' to keep, in this order")
     parser.add_argument("--rep-ms", type=int, default=30)
-    parser.add_argument("--adapter-dtype", choices=("model", "fp32"), default="model",
-                        help="the IA3 vectors' dtype: the model's (bf16; PEFT's layer as built) "
-                             "or fp32 (get_peft_model's default, autocast_adapter_dtype=True)")
+    add_adapter_dtype_option(parser)
     parser.add_argument("--no-candidates", action="store_true",
                         help="time only the bare layer, the shipped dispatch and (M > 64) the "
                              "forced routes: a check of the table's rows")
     args = parser.parse_args(argv)
     require_cuda("tune_small_m")
     device, dtype = torch.device("cuda"), torch.bfloat16
+    vectors = ADAPTER_DTYPES[args.adapter_dtype]
     shapes = pick_shapes([s for s in SHAPES if not s.conv1d], args.layers)
     for shape in shapes:
         for m in (int(v) for v in args.m.split(",")):
             for mode in args.modes.split(","):
-                bare, _, ours = build_layers(shape, mode, device, dtype,
-                                             adapter_dtype=_ADAPTER_DTYPES[args.adapter_dtype])
+                bare, _, ours = build_layers(shape, mode, device, dtype, adapter_dtype=vectors)
                 x, dy = case_inputs(shape, m, device, dtype)
                 for phase in args.phase.split(","):
                     xin = x.clone().requires_grad_(phase == "fwd+bwd")

@@ -766,8 +766,10 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
         return False
     flop = 2 * M * N * K
     small_gemm = dtype != torch.float32 and flop < SMALL_GEMM_FLOP
-    if phase in ("ff_fwd", "attn_fwd") and small_gemm and torch.cuda.is_current_stream_capturing():
-        small_gemm = flop < GRAPHED_FWD_CUBLAS_MIN_FLOP
+    # (the capture query last: decode-sized GEMMs, under 2**30, never pay for it)
+    if (phase in ("ff_fwd", "attn_fwd") and small_gemm and flop >= GRAPHED_FWD_CUBLAS_MIN_FLOP
+            and torch.cuda.is_current_stream_capturing()):
+        small_gemm = False
     if phase == "ff_fwd_mixed":
         return True  # on CUDA: x*l by a pass, then a plain GEMM, which cuBLAS does best
     if phase == "ff_fwd":
