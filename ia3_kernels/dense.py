@@ -28,12 +28,14 @@ over blocks (none where one block is final): no atomics, bitwise reproducible.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from . import config, mixed, tma_gemm
@@ -764,6 +766,8 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
         return forced == "cublas"
     if device.type != "cuda":
         return False
+    if not _cublas_ready(device):
+        return False  # a capture on a thread that never ran cuBLAS: stay on Triton
     flop = 2 * M * N * K
     small_gemm = dtype != torch.float32 and flop < SMALL_GEMM_FLOP
     # (the capture query last: decode-sized GEMMs, under 2**30, never pay for it)
@@ -802,6 +806,32 @@ def _use_cublas(phase: str, M: int, N: int, K: int, dtype: torch.dtype,
     return M >= (FF_BWD_CUBLAS_MIN_M if phase == "ff_bwd" else ATTN_FWD_CUBLAS_MIN_M)
 
 
+# cuBLAS creates its handle (and cuBLASLt's) on a thread's first GEMM, which fails inside a
+# CUDA graph capture (CUBLAS_STATUS_NOT_INITIALIZED from cublasCreate, and the capture is
+# invalidated): a warm-up whose calls all stayed on Triton (GRAPHED_FWD_CUBLAS_MIN_FLOP routes
+# only captured forwards to cuBLAS; autograd runs backwards on a thread of its own) left none.
+# So each thread makes them on its first eager call here, and a capture on a thread that has
+# none keeps the Triton routes. ~0.1 us a call after the first.
+_blas_threads = threading.local()
+
+
+def _cublas_ready(device: torch.device) -> bool:
+    ready = getattr(_blas_threads, "devices", None)
+    if ready is None:
+        ready = _blas_threads.devices = set()
+    if device.index in ready:
+        return True
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    with torch.cuda.device(device):
+        torch.cuda.current_blas_handle()
+        a = torch.zeros((16, 16), device=device, dtype=torch.bfloat16)
+        torch.addmm(a[0], a, a)  # a 1-D bias: cuBLASLt's epilogue path, its handle too
+    if not is_fake(a):  # torch.compile's tracing ran no GEMM: the next real call does
+        ready.add(device.index)
+    return True
+
+
 def _attn_bwd_fused_workspace(M: int, N: int, K: int, dtype: torch.dtype,
                               device: torch.device) -> int:
     """Bytes of split-K workspace the fused attention backward (dx = (dy*l) W: M x K out,
@@ -824,6 +854,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 SPLIT_K_WORKSPACE_BYTES = 512 << 10
+# Quantized weights (int8 and 4-bit) at M = 2..64 may take 8 MiB and split to ~4 CTAs an SM:
+# the bare bnb layer's backward builds a 16-bit copy of the whole weight (32 MiB on 4096x4096,
+# 8 MiB on 4096x1024), so a larger workspace stays under its peak, and their dequantize-
+# matmuls are latency-bound at small M: ncu on the H100 (2026-12-06) found the NF4 backward at
+# M = 16 on 4096->4096 running 128 CTAs of 4 warps (2 splits: the 512 KiB cap) at 1 warp a
+# scheduler and 9% of DRAM bandwidth (benchmarks/results/ncu-quant-small-m-stop32-h100.log).
+# Forward+backward under CUDA graphs, us, this rule against the dense one
+# (tune-quant-split-stop32-h100.log): NF4 ff / attn at M = 64 on 4096->14336 169 / 227 against
+# 394 / 425, on 4096->4096 60 / 79 against 103 / 113; at M = 16 on 4096->14336 109 / 119
+# against 143 / 165; int8 at M = 16 on 4096->4096 28 / 36 against 32 / 44 (its forward, which
+# dense.py runs at M = 2..16: 12.9 against 11.7). M = 1 keeps the dense rule: its GEMV-shaped
+# backward lost with more splits on 3 of 4 NF4 shapes (4096->4096: 26.5 against 24.2).
+QUANT_SPLIT_K_WORKSPACE_BYTES = 8 << 20
+QUANT_SPLIT_K_CTAS_PER_SM = 4
 # LLM.int8 stores W ~= CB * SCB / 127 (a row's absmax maps to 127).
 INT8_SCALE_MUL = 1.0 / 127.0
 # int8 weights at M = 1 take the GEMV kernel with (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -929,16 +973,20 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
 
 
 def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
-    """How many ways to split the K-loop for a BLOCK_M x BLOCK_N x BLOCK_K tiling."""
+    """How many ways to split the K-loop for a BLOCK_M x BLOCK_N x BLOCK_K tiling. elem_size 1:
+    a quantized weight (int8, or 4-bit: its dequantize-matmuls pass 1)."""
+    quantized = elem_size == 1 and M > 1
+    ctas_per_sm = QUANT_SPLIT_K_CTAS_PER_SM if quantized else 2
+    workspace_cap = QUANT_SPLIT_K_WORKSPACE_BYTES if quantized else SPLIT_K_WORKSPACE_BYTES
     tiles = cdiv(M, bm) * cdiv(N, bn)
-    if tiles >= 2 * n_sm or M > 64 or (not interpret and N * K * elem_size < 2 << 20):
+    if tiles >= ctas_per_sm * n_sm or M > 64 or (not interpret and N * K * elem_size < 2 << 20):
         return 1
     # Too few output tiles to keep every SM streaming W: split K, at least 2 BLOCK_K a split.
     # Only at small M and for weights of 2 MB or more (below that the launch, not the
-    # bandwidth, is the cost), with the fp32 workspace (splits x M x N) capped at 512 KiB so
-    # the training step's peak stays the bare layer's.
-    return max(1, min(cdiv(2 * n_sm, tiles), K // (2 * bk), 16,
-                      SPLIT_K_WORKSPACE_BYTES // max(1, 4 * M * N)))
+    # bandwidth, is the cost), with the fp32 workspace (splits x M x N) capped so the training
+    # step's peak stays the bare layer's.
+    return max(1, min(cdiv(ctas_per_sm * n_sm, tiles), K // (2 * bk), 16,
+                      workspace_cap // max(1, 4 * M * N)))
 
 
 def _quant4_args(quant4):
@@ -1133,6 +1181,14 @@ def _plan_key(a, b, b_strides, out_shape, out_dtype, scale_a, scale_c, bias, aux
 # Traced calls (torch.compile) allocate zeros instead: a buffer shared across calls is state
 # that a functional graph must not have.
 _counter_buffers: dict = {}
+# Launches captured in a CUDA graph must not get a buffer allocated inside the capture: its
+# zeroing is a node of that graph, run only when that graph replays, so a second graph captured
+# on the same stream (a server capturing one graph per batch size) that replays first would
+# read uninitialised counters. Captures take this buffer, zeroed by an eager call before the
+# capture began (the usual warm-up), or, where there is none, a fresh zeroed one per launch.
+_capture_counters: dict = {}
+# Buffers a captured graph may still point at are never freed when a larger one replaces them.
+_retired_counters: list = []
 
 
 def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torch.Tensor:
@@ -1140,9 +1196,26 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
         return torch.zeros((tiles,), device=device, dtype=torch.int32)
     key = (device.index, current_stream_handle(device.index))
     buf = _counter_buffers.get(key)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros((max(tiles, 1024),), device=device, dtype=torch.int32)
-        _counter_buffers[key] = buf
+    if buf is not None and buf.numel() >= tiles:
+        return buf
+    # First call on this stream (or more tiles): only now is the capture query paid for.
+    if torch.cuda.is_current_stream_capturing():
+        spare = _capture_counters.get(device.index)
+        if spare is None or spare.numel() < tiles:
+            return torch.zeros((tiles,), device=device, dtype=torch.int32)
+        if buf is not None:
+            _retired_counters.append(buf)
+        _counter_buffers[key] = spare
+        return spare
+    size = max(tiles, 1024)
+    if buf is not None:
+        _retired_counters.append(buf)
+    buf = _counter_buffers[key] = torch.zeros((size,), device=device, dtype=torch.int32)
+    spare = _capture_counters.get(device.index)
+    if spare is None or spare.numel() < size:
+        if spare is not None:
+            _retired_counters.append(spare)
+        _capture_counters[device.index] = torch.zeros((size,), device=device, dtype=torch.int32)
     return buf
 
 

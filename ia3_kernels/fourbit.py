@@ -28,7 +28,8 @@ from torch.library import triton_op
 
 from . import config
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
-                    _launch_scale_reduce, _path_override, _sm_count, _Caller, split_k_for)
+                    _cublas_ready, _launch_scale_reduce, _path_override, _sm_count, _Caller,
+                    split_k_for)
 from .quantized import compute_dtype as _autocast_or
 from .small_m import SMALL_M_MAX_M
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
@@ -90,7 +91,8 @@ class FourBitWeight:
             return forced in ("cublas", "tma")
         min_m = FOURBIT_FWD_CUBLAS_MIN_M if phase == "fwd" else FOURBIT_BWD_CUBLAS_MIN_M
         return (device.type == "cuda" and M >= min_m
-                and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
+                and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP
+                and _cublas_ready(device))
 
     def use_small_m(self, M: int) -> bool:
         """small_m's forward: M <= 64 and quantization blocks that never straddle rows."""

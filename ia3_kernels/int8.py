@@ -29,7 +29,7 @@ import torch
 from torch.library import triton_op
 
 from .dense import (SMALL_GEMM_FLOP, _check_devices_and_dtypes, _check_scale_and_bias,
-                    _launch_scale_reduce, _path_override, _Caller)
+                    _cublas_ready, _launch_scale_reduce, _path_override, _Caller)
 from .quantized import compute_dtype as _compute_dtype
 from .quantized import (quantized_backward_impl, quantized_forward_impl, run_quantized,
                         use_kernels)
@@ -58,7 +58,8 @@ class Int8Weight:
         if forced != "auto":  # "tma": the dequantized scratch feeds tma_gemm where it may
             return forced in ("cublas", "tma")
         return (device.type == "cuda" and M >= INT8_CUBLAS_MIN_M
-                and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP)
+                and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP
+                and _cublas_ready(device))
 
     def use_small_m(self, M: int) -> bool:
         """small_m's forward at M = 1 (its GEMV kernel where small_m.use_gemv says so: CB rows

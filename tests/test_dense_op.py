@@ -204,6 +204,7 @@ def test_forward_cublas_routes_start_lower_under_cuda_graph_capture(monkeypatch,
     from ia3_kernels import dense
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(dense, "_cublas_ready", lambda device: True)  # a thread that ran cuBLAS
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     for phase in ("ff_fwd", "attn_fwd"):
         # 4096->4096 at M = 128: 2**32 flop
@@ -234,6 +235,7 @@ def test_small_m_attention_backward_takes_cublas_only_where_its_scratch_costs_no
     from ia3_kernels import dense
 
     monkeypatch.setattr(dense, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(dense, "_cublas_ready", lambda device: True)
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     # 4096->14336: the fused dx GEMM (16 x 4096 out, over 14336) splits K in two at M = 16.
     assert dense._attn_bwd_fused_workspace(16, 14336, 4096, bf16, cuda) == 2 * 16 * 4096 * 4

@@ -142,6 +142,69 @@ def test_captured_forward_takes_the_cublas_route(monkeypatch, feedforward):
     torch.testing.assert_close(out, eager, rtol=1.6e-2, atol=1.6e-2)
 
 
+def test_capture_on_a_thread_that_never_ran_cublas(monkeypatch):
+    """cuBLAS makes a thread's handle on its first GEMM, and cublasCreate inside a capture fails
+    (CUBLAS_STATUS_NOT_INITIALIZED) and invalidates it: on the H100 on 2026-12-06 the test above
+    did so in a fresh pytest worker, whose eager call had stayed on Triton, and the worker's
+    next tests failed with it. A capture on a new thread with no eager call keeps the Triton
+    routes and replays the eager result."""
+    import threading
+
+    from conftest import count_calls
+
+    x, w, b, s = make_case(128, 2048, 2048, False, False, True, torch.bfloat16, device="cuda")
+    eager = ia3_kernels.ia3_linear(x, w, b, s, False)  # main thread: compiles the kernels
+    routes = count_calls(monkeypatch, dense, "_cublas_linear")
+    result = {}
+
+    def capture():
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = ia3_kernels.ia3_linear(x, w, b, s, False)
+            graph.replay()
+            torch.cuda.synchronize()
+            result["out"] = out
+        except Exception as error:  # re-raised on the test's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    assert not routes  # no cuBLAS handle on that thread: the fused kernel was captured
+    torch.testing.assert_close(result["out"], eager, rtol=0, atol=0)
+
+
+def test_graphs_on_one_stream_replayed_out_of_order(monkeypatch):
+    """Split-K tile counters under capture come from a buffer zeroed before the capture, not
+    one allocated inside it (zeroed only when that graph replays): graph B, captured after A on
+    the same stream, replays first over memory that another graph of their shared pool left
+    dirty, as a server's graphs for several batch sizes can."""
+    from conftest import count_calls
+
+    monkeypatch.setattr(dense, "_counter_buffers", {})  # as in a fresh process
+    monkeypatch.setattr(dense, "_capture_counters", {})
+    x1, w, b, s = make_case(1, 4096, 1024, False, False, True, torch.bfloat16, device="cuda")
+    x2 = torch.randn_like(x1)
+    expected = ia3_kernels.ia3_linear(x2, w, b, s, False)  # eager: compiles, zeroes the buffers
+    counters = count_calls(monkeypatch, dense, "_split_k_counters")
+    pool = torch.cuda.graph_pool_handle()
+    dirty, first, second = (torch.cuda.CUDAGraph() for _ in range(3))
+    with torch.cuda.graph(dirty, pool=pool):
+        garbage = torch.full((1 << 16,), 7, device="cuda", dtype=torch.int32)
+        del garbage  # its 256 KiB go back to the pool, where the next captures allocate
+    with torch.cuda.graph(first, pool=pool):
+        ia3_kernels.ia3_linear(x1, w, b, s, False)
+    with torch.cuda.graph(second, pool=pool):
+        out = ia3_kernels.ia3_linear(x2, w, b, s, False)
+    assert counters  # the captures split K
+    dirty.replay()
+    second.replay()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_fused_layer_training_step_graph_capture(feedforward):
     """A fused layer's forward+backward (dx and dl) captured in a CUDA graph after eager calls,
