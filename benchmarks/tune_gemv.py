@@ -30,6 +30,58 @@ def gemv_call(fmt, w, x, scale, tiles):
                                        scale_a=scale, tiles=tiles, **kw)
 
 
+def _new_registers(before: set):
+    """Registers a thread of the GEMV kernel compiled since `before` (its cache's keys)."""
+    cache = small_m._GEMV_KERNELS[False]._compiled
+    fresh = [cache[k] for k in cache if k not in before]
+    return getattr(fresh[-1], "n_regs", "?") if fresh else "?"
+
+
+def occupancy_sweep(fmt, per_shape, run):
+    """ncu on the H100 (2026-12-06): the NF4 GEMV on 14336->4096 (128x128 tiles, 8 splits: 256
+    CTAs, 153 registers a thread) kept 1.8 warps a scheduler, issued on 48% of cycles and read
+    34% of DRAM's bandwidth: latency-bound, not issue- or memory-bound; int8's (32x256, 640
+    CTAs, 72 registers) kept 4.3 and read 73%. The split rule (2 CTAs an SM) was swept only at
+    2-8 splits of 64-128-row tiles, so this sweep varies the CTAs an SM (2-8) at every tile,
+    with and without register prefetch (which holds a second tile of words)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = ([(128, 128, 4), (64, 128, 4), (64, 256, 4), (32, 256, 4), (32, 128, 4)]
+             if fmt == "nf4" else [(32, 256, 4), (64, 256, 4), (32, 128, 4), (16, 256, 4)])
+    ctas = (2, 3, 4, 6, 8)
+    cache = small_m._GEMV_KERNELS[False]._compiled
+    for i, ps in enumerate(per_shape):
+        k, n = ps[0], ps[1]
+        shipped = small_m.gemv_tiles(n, k, fmt == "nf4", torch.device("cuda"))
+        keep = per_shape[:]
+        per_shape[:] = [ps]
+        auto = run(None)
+        rows = []
+        for (bn, bk, warps), pre in itertools.product(tiles, (0, 1)):
+            n_tiles = -(-n // bn)
+            seen = set()
+            for c in ctas:
+                split = max(1, min(64, round(c * sms / n_tiles), k // (2 * bk)))
+                if split in seen:
+                    continue
+                seen.add(split)
+                before = set(cache)
+                res = run((bn, bk, split, warps, 2, pre))
+                if res:
+                    rows.append((res[0][0], (bn, bk, split, warps, pre), n_tiles * split,
+                                 _new_registers(before)))
+        per_shape[:] = keep
+        rows.sort()
+        print(f"{fmt} {k}->{n} (roofline {ps[9]:.1f} us, shipped {shipped} "
+              f"{ps[8]:.1f} us before it; shipped now "
+              f"{auto[0][0] if auto else float('nan'):.1f} us): best of {len(rows)}", flush=True)
+        for us, t, grid, regs in rows[:12]:
+            print(f"  {us:6.1f} us {ps[9] / us:4.0%}  (bn, bk, split, warps, prefetch) {t}  "
+                  f"{grid} CTAs, {regs} registers", flush=True)
+        for us, t, grid, regs in rows:
+            if t[:2] == shipped[:2] and t[3] == shipped[3] and t[4] == shipped[5]:
+                print(f"  shipped tile {t}: {us:.1f} us, {grid} CTAs, {regs} registers")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--formats", default="nf4,int8")
@@ -37,6 +89,9 @@ def main(argv=None) -> int:
                         help="the decodes at one tile only (a short device run)")
     parser.add_argument("--decode", type=int, default=None,
                         help="skip stage 1: sweep tiles with this code lookup (0, 1, 2, 3)")
+    parser.add_argument("--occupancy", action="store_true",
+                        help="only CTAs an SM: tiles x prefetch x split counts giving 2-8 CTAs "
+                             "an SM (registers printed), and at M = 16 small_m's tiled kernel")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="only the prefetch modes at each shape's shipped tiles: none, "
                              "registers (1), the K-loop pipelined 2-4 stages deep")
@@ -99,6 +154,11 @@ def main(argv=None) -> int:
                               for (us, err), ps in zip(res, per_shape))
             print(f"{fmt} {tag} {tiles}: {cells}", flush=True)
 
+        if args.occupancy:
+            occupancy_sweep(fmt, per_shape, run)
+            per_shape.clear()
+            torch.cuda.empty_cache()
+            continue
         if args.pipeline_only:
             # PREFETCH >= 2: cp.async stages through shared memory (small_m's kernel note). The
             # int8 GEMV reads 69% of the roofline with ~4.3 SASS instructions a weight, so

@@ -283,6 +283,38 @@ def _int8_code(biased_byte):
 
 
 @triton.jit
+def _gemv_tile_loads(row_ptr, x_ptr, scale_a_ptr, w_scale_ptr, absmax2_ptr, rn, mask_n, word,
+                     blocks, k0, k_end, K, stride_xk, EPW: tl.constexpr, SUB: tl.constexpr,
+                     Q_BLOCKSIZE: tl.constexpr, Q_NESTED: tl.constexpr,
+                     Q_BLOCKSIZE2: tl.constexpr, W_4BIT: tl.constexpr, SCALE_A: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+    """The GEMV tile at k0's global loads, as stored (all masked past k_end): the weight words,
+    x and l of its elements, and for 4-bit the absmax of its (row, sub-block)s: bnb's uint8
+    code and second-level absmax where nested (the code's table lookup, a load that depends
+    on it, is left to the caller), else the fp32 absmax. Unused outputs are placeholders."""
+    w_words = tl.load(row_ptr + (k0 // EPW + word)[None, :, :],
+                      mask=_word_mask(mask_n, k0, word, k_end, EPW, EVEN_K), other=0)
+    k_elem = (k0 + word * EPW).to(tl.int64)[:, :, None] + tl.arange(0, EPW)[None, None, :]
+    x_mask = k_elem < k_end
+    x_raw = tl.load(x_ptr + k_elem * stride_xk, mask=x_mask, other=0.0)
+    l_raw = x_raw
+    if SCALE_A:
+        l_raw = tl.load(scale_a_ptr + k_elem, mask=x_mask, other=0.0)
+    q_raw = tl.zeros((1,), dtype=tl.int32)
+    a2_raw = tl.zeros((1,), dtype=tl.float32)
+    if W_4BIT:
+        blk = (rn[:, None] * K + k0 + blocks[None, :] * SUB) // Q_BLOCKSIZE
+        # a prefetch past the end reads nothing (a tensor test: the interpreter wants one)
+        in_range = mask_n[:, None] & ((blocks * 0 + k0) < k_end)[None, :]
+        if Q_NESTED:
+            q_raw = tl.load(w_scale_ptr + blk, mask=in_range, other=0).to(tl.int32)
+            a2_raw = tl.load(absmax2_ptr + blk // Q_BLOCKSIZE2, mask=in_range, other=0.0)
+        else:
+            q_raw = tl.load(w_scale_ptr + blk, mask=in_range, other=0.0).to(tl.float32)
+    return w_words, x_raw, l_raw, q_raw, a2_raw
+
+
+@triton.jit
 def _quant_gemv_kernel(
     x_ptr, w_ptr, c_ptr, scale_a_ptr, scale_c_ptr, bias_ptr, preact_ptr, workspace_ptr,
     counter_ptr, w_scale_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, scale_index_ptr,
@@ -353,31 +385,38 @@ def _quant_gemv_kernel(
 
     REGISTER_PREFETCH: tl.constexpr = PREFETCH == 1
     LOOP_STAGES: tl.constexpr = PREFETCH if PREFETCH >= 2 else 1
+    if W_4BIT and Q_NESTED:
+        absmax_offset = tl.load(offset_ptr)
     if REGISTER_PREFETCH:
-        w_next = tl.load(row_ptr + (k_start // EPW + word)[None, :, :],
-                         mask=_word_mask(mask_n, k_start, word, k_end, EPW, EVEN_K), other=0)
+        w_next, x_next, l_next, q_next, a2_next = _gemv_tile_loads(
+            row_ptr, x_ptr, scale_a_ptr, w_scale_ptr, absmax2_ptr, rn, mask_n, word, blocks,
+            k_start, k_end, K, stride_xk, EPW, SUB, Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2, W_4BIT,
+            SCALE_A, EVEN_K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
         if REGISTER_PREFETCH:
-            # The next tile's loads go out before this tile's ALU work (Triton pipelines
-            # loads that feed no tl.dot only under PREFETCH >= 2's loop annotation).
-            w_words = w_next
-            k_next = k0 + BLOCK_K
-            w_next = tl.load(row_ptr + (k_next // EPW + word)[None, :, :],
-                             mask=_word_mask(mask_n, k_next, word, k_end, EPW, EVEN_K), other=0)
+            # The next tile's loads (weights, x, l and the absmax codes) go out before this
+            # tile's ALU work. ncu on the H100 (2026-12-06, 14336->4096, 128x128): with only
+            # the weights prefetched, 26% of the warps' stall samples waited on this tile's
+            # absmax byte and x / l loads (long scoreboard), at 1.8 warps a scheduler.
+            w_words, x_raw, l_raw, q_raw, a2_raw = w_next, x_next, l_next, q_next, a2_next
+            w_next, x_next, l_next, q_next, a2_next = _gemv_tile_loads(
+                row_ptr, x_ptr, scale_a_ptr, w_scale_ptr, absmax2_ptr, rn, mask_n, word,
+                blocks, k0 + BLOCK_K, k_end, K, stride_xk, EPW, SUB, Q_BLOCKSIZE, Q_NESTED,
+                Q_BLOCKSIZE2, W_4BIT, SCALE_A, EVEN_K)
         else:
-            w_words = tl.load(row_ptr + (k0 // EPW + word)[None, :, :],
-                              mask=_word_mask(mask_n, k0, word, k_end, EPW, EVEN_K), other=0)
+            w_words, x_raw, l_raw, q_raw, a2_raw = _gemv_tile_loads(
+                row_ptr, x_ptr, scale_a_ptr, w_scale_ptr, absmax2_ptr, rn, mask_n, word,
+                blocks, k0, k_end, K, stride_xk, EPW, SUB, Q_BLOCKSIZE, Q_NESTED, Q_BLOCKSIZE2,
+                W_4BIT, SCALE_A, EVEN_K)
         # x (times l) for the tile's elements, one vector load a word (16 bytes of bf16 for a
         # 4-bit word), split into one (NB, WPB) tensor per element slot of a word. Each thread
         # converts only the x of its own words, reused across its rows. Not rounded to x's
         # dtype after the scaling (PEFT rounds x*l): fp32 is closer to the float64 product.
         # Loading x per element slot and rounding x*l took 10.2 SASS instructions a weight
         # (decode 0; 5.04 now, benchmarks/sass_loop.py).
-        k_elem = (k0 + word * EPW).to(tl.int64)[:, :, None] + tl.arange(0, EPW)[None, None, :]
-        x_mask = k_elem < k_end
-        xs = tl.load(x_ptr + k_elem * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
+        xs = x_raw.to(tl.float32)
         if SCALE_A:
-            xs = xs * tl.load(scale_a_ptr + k_elem, mask=x_mask, other=0.0).to(tl.float32)
+            xs = xs * l_raw.to(tl.float32)
         if W_4BIT:
             part = tl.zeros((BLOCK_N, NB, WPB), dtype=tl.float32)  # one absmax a sub-block
             # (NB, WPB, 8) -> slots (0, 2, 4, 6) and (1, 3, 5, 7) -> (0, 4) (2, 6) (1, 5) (3, 7)
@@ -469,9 +508,11 @@ def _quant_gemv_kernel(
             acc += c2 * x2[None, :, :]
             acc += c3 * x3[None, :, :]
         if W_4BIT:
-            absmax = _absmax_of_blocks(
-                (rn[:, None] * K + k0 + blocks[None, :] * SUB) // Q_BLOCKSIZE, mask_n[:, None],
-                w_scale_ptr, code2_ptr, absmax2_ptr, offset_ptr, Q_NESTED, Q_BLOCKSIZE2)
+            if Q_NESTED:  # bnb's double quantization, as dense._absmax_of_blocks
+                absmax = tl.load(code2_ptr + q_raw) * a2_raw + absmax_offset
+            else:
+                absmax = q_raw.to(tl.float32)
+            absmax = tl.where(mask_n[:, None], absmax, 0.0)
             acc += part * absmax[:, :, None]
     # One (BLOCK_N, 1) column: small_m's epilogue with M = 1.
     _small_m_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[:, None], rn, mask_n,
@@ -656,11 +697,14 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.b
         # H100 sweeps. Decode (tune-gemv-h100.log, 64x256): byte permutes (decode 2) with
         # prefetch were best on 3 of 4 shapes (14336->4096: 30.5 us; shared-memory gathers,
         # decode 0: 32.9, decode 1: 43.0, bank conflicts); 512-deep tiles spill (1.2-19x).
-        # Tiles (tune-gemv-tiles-h100.log, decode 2 + prefetch, 4 warps): 32x256 where the
-        # output is wide (4096->14336: 27.3 us against 31.9 at 64x256), 128x128 elsewhere
-        # (14336->4096 28.2 against 29.2; 4096->4096 10.5 against 10.7; 4096->1024 5.5 / 5.7).
-        bn, bk = (32, 256) if N >= 2 * K else (128, 128)
-        split, warps, lut, prefetch = 0, 4, 2, 1
+        # Tiles: 64x128 at 4 warps, split to ~4 CTAs an SM with the register prefetch (122
+        # registers: 4 CTAs fit) and ~8 without it (70), which the wide outputs take
+        # (tune-gemv-occupancy-stop32-h100.log, the CTAs-an-SM sweep after ncu found the
+        # kernel latency-bound; us against the earlier table's 128x128 / 32x256 tiles at 2 CTAs
+        # an SM): 4096->14336 25.7 against 28.4 (split 4, no prefetch); 14336->4096 27.3
+        # against 27.8; 4096->4096 10.1 against 10.4; 4096->1024 5.3 against 5.6.
+        bn, bk, split, warps, lut = 64, 128, 0, 4, 2
+        prefetch = 0 if N >= 2 * K else 1
     else:
         # Same sweep: 32x256 with byte permutes, no prefetch (14336->4096 28.4 us, 4096->14336
         # 27.6; integer-op decode 28.5 / 29.8; 64-wide and 512-deep tiles 0-8% slower).
@@ -671,11 +715,13 @@ def gemv_tiles(N: int, K: int, four_bit: bool, device, tiles=None, dtype=torch.b
         if lut in (2, 3) and dtype != torch.bfloat16:
             lut, prefetch = 0, 0  # fp16 codes: exact enough for bf16 only (the kernel's LUT note)
     if split == 0:
-        # 4-bit: 2 CTAs an SM in power-of-two splits (4 splits of 64-wide tiles: 10.7 us on
-        # 4096->4096 and 29.3 on 14336->4096 against 12.2 and 30.5 at 8-9); int8's 32-wide
-        # tiles did best at 4 an SM (14336->4096: 28.4 us with 5 splits, 29.0 with 4).
+        # 4-bit: power-of-two splits (whole, equal BLOCK_K runs), as many CTAs an SM as the
+        # registers let stay resident (above); int8's 32-wide tiles did best at 4 an SM
+        # (14336->4096: 28.4 us with 5 splits, 29.0 with 4; 27.4 with 6 in the occupancy
+        # sweep, within its noise of 5).
         split = _splits_to_fill(1, N, K, bn, bk, device, interpret, below_tiles_per_sm=4,
-                                ctas_per_sm=2 if four_bit else 4, power_of_two=four_bit)
+                                ctas_per_sm=(8 if prefetch == 0 else 4) if four_bit else 4,
+                                power_of_two=four_bit)
     return bn, bk, split, warps, lut, prefetch
 
 
