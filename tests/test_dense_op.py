@@ -226,6 +226,26 @@ def test_forward_cublas_routes_start_lower_under_cuda_graph_capture(monkeypatch,
     assert not dense._use_cublas("attn_bwd", 128, 4096, 4096, bf16, cuda)
 
 
+def test_quantized_weights_split_k_further_at_small_m():
+    """Quantized weights (elem_size 1) at M = 2..64 split to ~4 CTAs an SM with up to 8 MiB of
+    workspace; dense weights and M = 1 keep ~2 CTAs an SM and 512 KiB (H100: 132 SMs)."""
+    from ia3_kernels import dense
+
+    # The NF4 dx GEMM at M = 16 on 4096->4096: 64 tiles of 64 columns over K = 4096 (BLOCK 128).
+    assert dense.split_k_for(16, 4096, 4096, 16, 64, 128, 1, 132) == 9  # cdiv(4 * 132, 64)
+    assert dense.split_k_for(16, 4096, 4096, 16, 64, 128, 2, 132) == 2  # 512 KiB / 256 KiB
+    # M = 1 keeps the dense rule (the GEMV-shaped backward lost with more splits)
+    assert dense.split_k_for(1, 4096, 4096, 1, 64, 128, 1, 132) == 5  # cdiv(2 * 132, 64)
+    # 14336 columns at M = 16: 224 tiles, under 4 an SM: 3 splits (the dense rule: none,
+    # its 512 KiB cap is under one split's 896 KiB)
+    assert dense.split_k_for(16, 14336, 4096, 16, 64, 128, 1, 132) == 3
+    assert dense.split_k_for(16, 14336, 4096, 16, 64, 128, 2, 132) == 1
+    # the 8 MiB cap: 64 x 14336 x 4 B = 3.5 MiB a split
+    assert dense.split_k_for(64, 14336, 4096, 64, 64, 64, 1, 132) == 2
+    # past M = 64 never
+    assert dense.split_k_for(65, 4096, 4096, 64, 64, 64, 1, 132) == 1
+
+
 def test_small_m_attention_backward_takes_cublas_only_where_its_scratch_costs_no_more(monkeypatch):
     """At M <= 16 and N > 1024 the cuBLAS route's dy*l scratch (M x N) is taken while it is
     under 256 KiB or no larger than the fused kernel's split-K workspace; from M = 17 to 64 and
