@@ -8,7 +8,10 @@ attention, forward and forward+backward (dx and dl) at M = 1, 16, 64, as CUDA-gr
 over rotated weights (each replay walks >= 150 MB of them: L2-cold), beside the bare bnb NF4
 layer's forward+backward (dx) under the same graphs (LLM.int8's layer cannot be captured).
 At M <= 64 the 4-bit forward is small_m.py's (its own splits): there only the backward's dx
-GEMM changes; int8 forwards at M = 2..16 are dense.py's and change too."""
+GEMM changes; int8 forwards at M = 2..16 are dense.py's and change too. The shipped rule keeps
+the dense one at M = 1 (split_k_for), so its M = 1 rows now time the same splits twice; the
+H100 log (tune-quant-split-stop32-h100.log) was taken before that, with the quantized rule at
+M = 1 as well."""
 from __future__ import annotations
 
 import argparse
