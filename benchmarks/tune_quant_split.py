@@ -1,6 +1,6 @@
 """python -m benchmarks.tune_quant_split: split-K of the quantized dequantize-matmuls at small M.
 
-dense.split_k_for gives int8 and 4-bit weights (elem_size 1) their own split rule:
+dense.split_k_for gives 4-bit and int8 weights (elem_size 1) their own split rule:
 QUANT_SPLIT_K_WORKSPACE_BYTES of fp32 workspace and ~QUANT_SPLIT_K_CTAS_PER_SM CTAs an SM,
 where dense weights keep 512 KiB and 2 (the bare layer's peak memory). This times the fused ops
 under both rules on the Llama-3-8B shapes: NF4 (double quantization) and int8, feedforward and
@@ -8,10 +8,10 @@ attention, forward and forward+backward (dx and dl) at M = 1, 16, 64, as CUDA-gr
 over rotated weights (each replay walks >= 150 MB of them: L2-cold), beside the bare bnb NF4
 layer's forward+backward (dx) under the same graphs (LLM.int8's layer cannot be captured).
 At M <= 64 the 4-bit forward is small_m.py's (its own splits): there only the backward's dx
-GEMM changes; int8 forwards at M = 2..16 are dense.py's and change too. The shipped rule keeps
-the dense one at M = 1 (split_k_for), so its M = 1 rows now time the same splits twice; the
-H100 log (tune-quant-split-stop32-h100.log) was taken before that, with the quantized rule at
-M = 1 as well."""
+GEMM changes. The shipped rule keeps the dense one at M = 1 for both formats and for int8 up to
+M = 16 (split_k_for: int8 forwards at M = 2..16 run dense.py's kernel and lost with more
+splits), so those rows now time the same splits twice; the H100 log
+(tune-quant-split-stop32-h100.log) was taken before that, with the quantized rule at every M."""
 from __future__ import annotations
 
 import argparse

@@ -854,17 +854,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 SPLIT_K_WORKSPACE_BYTES = 512 << 10
-# Quantized weights (int8 and 4-bit) at M = 2..64 may take 8 MiB and split to ~4 CTAs an SM:
-# the bare bnb layer's backward builds a 16-bit copy of the whole weight (32 MiB on 4096x4096,
-# 8 MiB on 4096x1024), so a larger workspace stays under its peak, and their dequantize-
-# matmuls are latency-bound at small M: ncu on the H100 (2026-12-06) found the NF4 backward at
+# Quantized weights (4-bit at M = 2..64, int8 at 17..64) may take 8 MiB and split to ~4 CTAs
+# an SM: the bare bnb layer's backward builds a 16-bit copy of the whole weight (32 MiB on
+# 4096x4096, 8 MiB on 4096x1024), so a larger workspace stays under its peak, and their
+# dequantize-matmuls are latency-bound at small M: ncu on the H100 (2026-12-06) found the NF4 backward at
 # M = 16 on 4096->4096 running 128 CTAs of 4 warps (2 splits: the 512 KiB cap) at 1 warp a
 # scheduler and 9% of DRAM bandwidth (benchmarks/results/ncu-quant-small-m-stop32-h100.log).
 # Forward+backward under CUDA graphs, us, this rule against the dense one
 # (tune-quant-split-stop32-h100.log): NF4 ff / attn at M = 64 on 4096->14336 169 / 227 against
 # 394 / 425, on 4096->4096 60 / 79 against 103 / 113; at M = 16 on 4096->14336 109 / 119
-# against 143 / 165; int8 at M = 16 on 4096->4096 28 / 36 against 32 / 44 (its forward, which
-# dense.py runs at M = 2..16: 12.9 against 11.7). M = 1 keeps the dense rule: its GEMV-shaped
+# against 143 / 165; int8 on 4096->4096 at M = 64 44 / 58 against 53 / 76, at M = 16 28 / 36
+# against 32 / 44 but its forward, which dense.py runs at M = 2..16 (decode batches), 12.9
+# against 11.7: int8 keeps the dense rule to M = 16. M = 1 keeps it for both: the GEMV-shaped
 # backward lost with more splits on 3 of 4 NF4 shapes (4096->4096: 26.5 against 24.2).
 QUANT_SPLIT_K_WORKSPACE_BYTES = 8 << 20
 QUANT_SPLIT_K_CTAS_PER_SM = 4
@@ -972,10 +973,13 @@ def _matmul_config(M: int, N: int, K: int, elem_size: int, n_sm: int, interpret:
     return bm, bn, bk, split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret), warps, stages
 
 
-def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False) -> int:
+def split_k_for(M, N, K, bm, bn, bk, elem_size, n_sm, interpret=False,
+                four_bit=False) -> int:
     """How many ways to split the K-loop for a BLOCK_M x BLOCK_N x BLOCK_K tiling. elem_size 1:
-    a quantized weight (int8, or 4-bit: its dequantize-matmuls pass 1)."""
-    quantized = elem_size == 1 and M > 1
+    a quantized weight (int8, or 4-bit: fourbit.py passes 1 and four_bit)."""
+    # int8 forwards at M = 2..16 run this kernel (4-bit ones small_m.py's), which the wider
+    # split made slower (above), so int8 takes the quantized rule from M = 17 only.
+    quantized = elem_size == 1 and (M > 16 or (four_bit and M > 1))
     ctas_per_sm = QUANT_SPLIT_K_CTAS_PER_SM if quantized else 2
     workspace_cap = QUANT_SPLIT_K_WORKSPACE_BYTES if quantized else SPLIT_K_WORKSPACE_BYTES
     tiles = cdiv(M, bm) * cdiv(N, bn)

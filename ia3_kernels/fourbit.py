@@ -155,7 +155,7 @@ def _tiles(M: int, N: int, K: int, forward: bool, blocksize: int, aligned: bool,
         stages = 1
     if dtype == torch.float32 and not interpret:
         stages = min(stages, 2)  # fp32 operand tiles are twice the bytes
-    split_k = split_k_for(M, N, K, bm, bn, bk, 1, n_sm, interpret)
+    split_k = split_k_for(M, N, K, bm, bn, bk, 1, n_sm, interpret, four_bit=True)
     return bm, bn, bk, split_k, warps, stages, aligned
 
 

@@ -227,23 +227,29 @@ def test_forward_cublas_routes_start_lower_under_cuda_graph_capture(monkeypatch,
 
 
 def test_quantized_weights_split_k_further_at_small_m():
-    """Quantized weights (elem_size 1) at M = 2..64 split to ~4 CTAs an SM with up to 8 MiB of
-    workspace; dense weights and M = 1 keep ~2 CTAs an SM and 512 KiB (H100: 132 SMs)."""
+    """Quantized weights (elem_size 1; 4-bit from M = 2, int8 from M = 17) split to ~4 CTAs an
+    SM with up to 8 MiB of workspace; dense weights, M = 1 and int8 up to M = 16 keep ~2 CTAs
+    an SM and 512 KiB (H100: 132 SMs)."""
     from ia3_kernels import dense
 
+    def split(M, N, K, bm, bn, bk, elem_size, four_bit=False):
+        return dense.split_k_for(M, N, K, bm, bn, bk, elem_size, 132, four_bit=four_bit)
+
     # The NF4 dx GEMM at M = 16 on 4096->4096: 64 tiles of 64 columns over K = 4096 (BLOCK 128).
-    assert dense.split_k_for(16, 4096, 4096, 16, 64, 128, 1, 132) == 9  # cdiv(4 * 132, 64)
-    assert dense.split_k_for(16, 4096, 4096, 16, 64, 128, 2, 132) == 2  # 512 KiB / 256 KiB
+    assert split(16, 4096, 4096, 16, 64, 128, 1, four_bit=True) == 9  # cdiv(4 * 132, 64)
+    assert split(16, 4096, 4096, 16, 64, 128, 2) == 2  # dense: 512 KiB / 256 KiB a split
+    assert split(16, 4096, 4096, 16, 64, 128, 1) == 2  # int8 to M = 16: its forward lost
+    assert split(17, 4096, 4096, 32, 64, 128, 1) == 9  # int8 from M = 17
     # M = 1 keeps the dense rule (the GEMV-shaped backward lost with more splits)
-    assert dense.split_k_for(1, 4096, 4096, 1, 64, 128, 1, 132) == 5  # cdiv(2 * 132, 64)
+    assert split(1, 4096, 4096, 1, 64, 128, 1, four_bit=True) == 5  # cdiv(2 * 132, 64)
     # 14336 columns at M = 16: 224 tiles, under 4 an SM: 3 splits (the dense rule: none,
     # its 512 KiB cap is under one split's 896 KiB)
-    assert dense.split_k_for(16, 14336, 4096, 16, 64, 128, 1, 132) == 3
-    assert dense.split_k_for(16, 14336, 4096, 16, 64, 128, 2, 132) == 1
+    assert split(16, 14336, 4096, 16, 64, 128, 1, four_bit=True) == 3
+    assert split(16, 14336, 4096, 16, 64, 128, 2) == 1
     # the 8 MiB cap: 64 x 14336 x 4 B = 3.5 MiB a split
-    assert dense.split_k_for(64, 14336, 4096, 64, 64, 64, 1, 132) == 2
+    assert split(64, 14336, 4096, 64, 64, 64, 1) == 2
     # past M = 64 never
-    assert dense.split_k_for(65, 4096, 4096, 64, 64, 64, 1, 132) == 1
+    assert split(65, 4096, 4096, 64, 64, 64, 1, four_bit=True) == 1
 
 
 def test_small_m_attention_backward_takes_cublas_only_where_its_scratch_costs_no_more(monkeypatch):
