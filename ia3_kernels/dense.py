@@ -1190,6 +1190,8 @@ _counter_buffers: dict = {}
 # on the same stream (a server capturing one graph per batch size) that replays first would
 # read uninitialised counters. Captures take this buffer, zeroed by an eager call before the
 # capture began (the usual warm-up), or, where there is none, a fresh zeroed one per launch.
+# Graphs share it (one per device), as graphs captured on one stream (torch.cuda.graph's own)
+# shared theirs before: graphs that contain split-K launches must not replay concurrently.
 _capture_counters: dict = {}
 # Buffers a captured graph may still point at are never freed when a larger one replaces them.
 _retired_counters: list = []
