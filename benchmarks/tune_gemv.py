@@ -39,7 +39,7 @@ def _new_registers(before: set):
 
 def occupancy_sweep(fmt, per_shape, run):
     """ncu on the H100 (2026-12-06): the NF4 GEMV on 14336->4096 (128x128 tiles, 8 splits: 256
-    CTAs, 153 registers a thread) kept 1.8 warps a scheduler, issued on 48% of cycles and read
+    CTAs, 153 registers a thread) kept 1.8 warps a scheduler, issued on 42% of cycles and read
     34% of DRAM's bandwidth: latency-bound, not issue- or memory-bound; int8's (32x256, 640
     CTAs, 72 registers) kept 4.3 and read 73%. The split rule (2 CTAs an SM) was swept only at
     2-8 splits of 64-128-row tiles, so this sweep varies the CTAs an SM (2-8) at every tile,
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                         help="skip stage 1: sweep tiles with this code lookup (0, 1, 2, 3)")
     parser.add_argument("--occupancy", action="store_true",
                         help="only CTAs an SM: tiles x prefetch x split counts giving 2-8 CTAs "
-                             "an SM (registers printed), and at M = 16 small_m's tiled kernel")
+                             "an SM (registers printed)")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="only the prefetch modes at each shape's shipped tiles: none, "
                              "registers (1), the K-loop pipelined 2-4 stages deep")
