@@ -97,7 +97,6 @@ def main(argv=None) -> int:
                              "registers (1), the K-loop pipelined 2-4 stages deep")
     args = parser.parse_args(argv)
     require_cuda("tune_gemv")
-    import ia3_kernels
     from ia3_kernels import fourbit
     bw = measure_copy_tb_per_s() * 1e12
     print(f"device {torch.cuda.get_device_name()} copy {bw / 1e12:.2f} TB/s, torch "
