@@ -824,9 +824,15 @@ def _cublas_ready(device: torch.device) -> bool:
     if torch.cuda.is_current_stream_capturing():
         return False
     with torch.cuda.device(device):
-        torch.cuda.current_blas_handle()
+        torch.cuda.current_blas_handle()  # the handle whose creation failed inside a capture
         a = torch.zeros((16, 16), device=device, dtype=torch.bfloat16)
-        torch.addmm(a[0], a, a)  # a 1-D bias: cuBLASLt's epilogue path, its handle too
+        try:
+            torch.addmm(a[0], a, a)  # a 1-D bias: cuBLASLt's epilogue path, its handle too
+        except RuntimeError:
+            # torch.use_deterministic_algorithms(True) without CUBLAS_WORKSPACE_CONFIG refuses
+            # every cuBLAS GEMM (ours on the cuBLAS routes too, as any nn.Linear's): the
+            # fused routes, which need no cuBLAS, must keep working there.
+            pass
     if not is_fake(a):  # torch.compile's tracing ran no GEMM: the next real call does
         ready.add(device.index)
     return True

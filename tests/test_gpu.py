@@ -177,6 +177,37 @@ def test_capture_on_a_thread_that_never_ran_cublas(monkeypatch):
     torch.testing.assert_close(result["out"], eager, rtol=0, atol=0)
 
 
+def test_deterministic_mode_without_cublas_workspace_config(monkeypatch):
+    """torch.use_deterministic_algorithms(True) without CUBLAS_WORKSPACE_CONFIG refuses every
+    cuBLAS GEMM. The warm-up GEMM that makes a thread's cuBLAS handles (dense._cublas_ready)
+    must not turn that into an error for the fused routes, which need no cuBLAS: a new thread
+    (whose first call runs the warm-up) computes the eager result."""
+    import threading
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    x, w, b, s = make_case(1, 4096, 1024, False, False, True, torch.bfloat16, device="cuda")
+    expected = ia3_kernels.ia3_linear(x, w, b, s, False)
+    result = {}
+
+    def call():
+        try:
+            result["out"] = ia3_kernels.ia3_linear(x, w, b, s, False)
+        except Exception as error:  # re-raised on the test's thread
+            result["error"] = error
+
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+    finally:
+        torch.use_deterministic_algorithms(was_enabled)
+    if "error" in result:
+        raise result["error"]
+    torch.testing.assert_close(result["out"], expected, rtol=0, atol=0)
+
+
 def test_graphs_on_one_stream_replayed_out_of_order(monkeypatch):
     """Split-K tile counters under capture come from a buffer zeroed before the capture, not
     one allocated inside it (zeroed only when that graph replays): graph B, captured after A on
