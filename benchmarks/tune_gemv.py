@@ -49,7 +49,7 @@ def occupancy_sweep(fmt, per_shape, run):
              if fmt == "nf4" else [(32, 256, 4), (64, 256, 4), (32, 128, 4), (16, 256, 4)])
     ctas = (2, 3, 4, 6, 8)
     cache = small_m._GEMV_KERNELS[False]._compiled
-    for i, ps in enumerate(per_shape):
+    for ps in list(per_shape):
         k, n = ps[0], ps[1]
         shipped = small_m.gemv_tiles(n, k, fmt == "nf4", torch.device("cuda"))
         keep = per_shape[:]

@@ -20,16 +20,18 @@ import sys
 import torch
 
 from benchmarks.layers import require_cuda
+from ia3_kernels import dense
 from benchmarks.tune_quant_small_m import SHAPES, build, time_rotated, weights_of
+
+
+# (workspace cap, CTAs an SM) of each rule
+RULES = {"quant": (dense.QUANT_SPLIT_K_WORKSPACE_BYTES, dense.QUANT_SPLIT_K_CTAS_PER_SM),
+         "dense": (dense.SPLIT_K_WORKSPACE_BYTES, 2)}
 
 
 def _set_rule(rule: str):
     """'quant': the shipped quantized rule; 'dense': the dense rule it replaced."""
-    from ia3_kernels import dense
-    if not hasattr(_set_rule, "shipped"):
-        _set_rule.shipped = (dense.QUANT_SPLIT_K_WORKSPACE_BYTES, dense.QUANT_SPLIT_K_CTAS_PER_SM)
-    cap, ctas = (_set_rule.shipped if rule == "quant" else (dense.SPLIT_K_WORKSPACE_BYTES, 2))
-    dense.QUANT_SPLIT_K_WORKSPACE_BYTES, dense.QUANT_SPLIT_K_CTAS_PER_SM = cap, ctas
+    dense.QUANT_SPLIT_K_WORKSPACE_BYTES, dense.QUANT_SPLIT_K_CTAS_PER_SM = RULES[rule]
     dense._MATMUL_PLANS.plans.clear()  # plans keep the tiles of their first launch
 
 

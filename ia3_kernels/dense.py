@@ -611,7 +611,8 @@ SMALL_GEMM_FLOP = 1 << 34
 # Forwards captured in a CUDA graph (serving stacks replay them) have no host time to save, so
 # there the cuBLAS routes of the feedforward and attention forwards (one pass + one GEMM) start
 # at 2**30 flop, where GPU time alone favours them. H100, CUDA graphs, forward, us, fused /
-# cuBLAS route / bare (tune-small-m check, stop 31, benchmarks/results/check-mid-m-stop31a-h100.log):
+# cuBLAS route / bare (tune-small-m check, stop 31,
+# benchmarks/results/check-mid-m-stop31a-h100.log):
 # feedforward 4096->4096 M = 128 37.7 / 25.5 / 23.1, 14336->4096 M = 128 104.8 / 60.0 / 55.8,
 # 4096->1024 M = 256 22.9 / 18.3 / 14.5 and M = 512 33.4 / 20.4 / 15.5, 3072->768 M = 512
 # 26.8 / 18.1 / 13.5; attention 4096->4096 M = 256 37.0 / 31.0 / 28.6, 4096->1024 M = 256
@@ -863,9 +864,10 @@ SPLIT_K_WORKSPACE_BYTES = 512 << 10
 # Quantized weights (4-bit at M = 2..64, int8 at 17..64) may take 8 MiB and split to ~4 CTAs
 # an SM: the bare bnb layer's backward builds a 16-bit copy of the whole weight (32 MiB on
 # 4096x4096, 8 MiB on 4096x1024), so a larger workspace stays under its peak, and their
-# dequantize-matmuls are latency-bound at small M: ncu on the H100 (2026-12-06) found the NF4 backward at
-# M = 16 on 4096->4096 running 128 CTAs of 4 warps (2 splits: the 512 KiB cap) at 1 warp a
-# scheduler and 9% of DRAM bandwidth (benchmarks/results/ncu-quant-small-m-stop32-h100.log).
+# dequantize-matmuls are latency-bound at small M: ncu on the H100 (2026-12-06) found the NF4
+# backward at M = 16 on 4096->4096 running 128 CTAs of 4 warps (2 splits: the 512 KiB cap) at
+# 1 warp a scheduler and 9% of DRAM bandwidth
+# (benchmarks/results/ncu-quant-small-m-stop32-h100.log).
 # Forward+backward under CUDA graphs, us, this rule against the dense one
 # (tune-quant-split-stop32-h100.log): NF4 ff / attn at M = 64 on 4096->14336 169 / 227 against
 # 394 / 425, on 4096->4096 60 / 79 against 103 / 113; at M = 16 on 4096->14336 109 / 119
@@ -1211,23 +1213,25 @@ def _split_k_counters(tiles: int, device: torch.device, traceable: bool) -> torc
     if buf is not None and buf.numel() >= tiles:
         return buf
     # First call on this stream (or more tiles): only now is the capture query paid for.
+    spare = _capture_counters.get(device.index)
     if torch.cuda.is_current_stream_capturing():
-        spare = _capture_counters.get(device.index)
         if spare is None or spare.numel() < tiles:
             return torch.zeros((tiles,), device=device, dtype=torch.int32)
-        if buf is not None:
-            _retired_counters.append(buf)
-        _counter_buffers[key] = spare
-        return spare
+        return _replace_counters(_counter_buffers, key, spare)
     size = max(tiles, 1024)
-    if buf is not None:
-        _retired_counters.append(buf)
-    buf = _counter_buffers[key] = torch.zeros((size,), device=device, dtype=torch.int32)
-    spare = _capture_counters.get(device.index)
     if spare is None or spare.numel() < size:
-        if spare is not None:
-            _retired_counters.append(spare)
-        _capture_counters[device.index] = torch.zeros((size,), device=device, dtype=torch.int32)
+        _replace_counters(_capture_counters, device.index,
+                          torch.zeros((size,), device=device, dtype=torch.int32))
+    return _replace_counters(_counter_buffers, key,
+                             torch.zeros((size,), device=device, dtype=torch.int32))
+
+
+def _replace_counters(store: dict, key, buf: torch.Tensor) -> torch.Tensor:
+    """store[key] = buf, the buffer it replaces kept alive (_retired_counters)."""
+    old = store.get(key)
+    if old is not None:
+        _retired_counters.append(old)
+    store[key] = buf
     return buf
 
 
