@@ -4,7 +4,8 @@ cProfiles of ours (forward, and forward+backward with autograd's device threads 
 profiler sees the backward). Eager timings of small layers measure exactly this.
 `--conv`: the same for the convolution layers; `--paths`: ours with each dense strategy forced;
 `--eager`: where large eager forward+backward calls spend their time (host, device, syncs);
-`--threads`: what autograd's device thread costs them."""
+`--threads`: what autograd's device thread costs them; `--quant`: the bitsandbytes layers (int8,
+NF4) and which launch path our quantized kernels took."""
 from __future__ import annotations
 
 import cProfile
@@ -607,6 +608,40 @@ def ab_host(rounds: int = 5) -> None:
         torch.cuda.empty_cache()
 
 
+def quant_overhead() -> None:
+    """`--quant`: host us per eager call of bare bnb, bare bf16, PEFT and ours on int8 and NF4
+    bases (T5-base 768->768, feedforward, M = 1 and 16: GPU times of 8-14 us), whether our
+    small-M kernels launched through FastKernel's direct path or fell back to Triton's own
+    run() (~25-45 us a call), and a cProfile of our no-grad forward. Why: in the 2026-12-06
+    layer benchmark our NF4 eager forward at M <= 16 took ~40 us against 10.5-13 us as a CUDA
+    graph, where int8's same-path forward took 11-19 us (nf4-h100-stop33.md), and a CPU
+    profile with the kernels stubbed out found only ~25% more Python on the NF4 path."""
+    from ia3_kernels import small_m
+
+    from . import quant
+
+    shape = Shape("T5-base", "q/k/v/o", 768, 768)
+    kernels = {"gemv": small_m._GEMV_KERNELS[False], "small_m": small_m._KERNELS[False]}
+    for fmt in ("int8", "nf4"):
+        bnb_layer, bf16, peft_layer, ours = quant.build_layers(shape, "ff", fmt)
+        for m in (1, 16):
+            x = torch.randn(m, shape.k, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(m, shape.n, device="cuda", dtype=torch.bfloat16)
+            host_table(f"{fmt} M={m:<2}", {"bnb": bnb_layer, "bf16": bf16, "peft": peft_layer,
+                                          "ours": ours}, x, dy, with_threads=False)
+            for name, kernel in kernels.items():
+                state = ("not a FastKernel" if not hasattr(kernel, "_usable") else
+                         f"direct path usable {kernel._usable}, keys {len(kernel._compiled)}, "
+                         f"launched directly {len(kernel._launched)}")
+                print(f"{fmt} M={m} {name} kernel: {state}")
+        with torch.no_grad():
+            x = torch.randn(1, shape.k, device="cuda", dtype=torch.bfloat16)
+            prof = cProfile.Profile()
+            prof.runcall(lambda: [ours(x) for _ in range(1000)])
+        print(f"--- cProfile, ours, {fmt} M=1 no-grad forward x 1000")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(20)
+
+
 def _conv_default() -> None:
     conv_breakdown()
     conv_overhead()
@@ -622,6 +657,7 @@ MODES = {
     "--conv-big": conv_big,
     "--conv-ablation": lambda: conv_ablation(big="big" in sys.argv[1:]),
     "--conv": _conv_default,
+    "--quant": quant_overhead,
 }
 
 

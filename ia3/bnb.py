@@ -46,6 +46,22 @@ def _unfusable_reason(base: nn.Module, bnb_class: type) -> Optional[str]:
     return None
 
 
+def _cast_bias_as_bnb_does(base: nn.Module, dtype: torch.dtype) -> None:
+    """bnb's Linear8bitLt and Linear4bit forwards cast their bias in place to the dtype they
+    compute in (`bias.data = bias.data.to(...)`, once); PEFT's wrappers inherit that through
+    the base's forward, which the fused op bypasses. Doing the same leaves the module as bnb's
+    forward leaves it and spares a cast of a copy on every call (a launch and an allocation:
+    an fp32 bias, as a bnb layer built from nn.Linear keeps, cost one per call). Not while
+    tracing (torch.compile cannot mutate .data inside a graph; the op casts a traced copy) or
+    capturing a CUDA graph (the new storage would come from the graph's private pool)."""
+    bias = base.bias
+    if bias is None or bias.dtype == dtype or torch.compiler.is_compiling():
+        return
+    if bias.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bias.data = bias.data.to(dtype)
+
+
 class _FusedBnbForward(MixedBatchForward):
     """The forward both bnb wrappers share: PEFT's own forward where it does something else
     (adapters disabled, extra arguments), the bare base without an active adapter, PEFT's math
@@ -118,6 +134,7 @@ if HAS_BNB_8BIT:
             if reason is not None:
                 config.fallback(reason)
                 return None
+            _cast_bias_as_bnb_does(base, x.dtype)  # Linear8bitLt.forward: to x's dtype
             return ia3_linear_int8(x, cb, scb, base.bias, scaling, self.is_feedforward,
                                    adapter_index=adapter_index, describe=self._describe)
 
@@ -155,6 +172,8 @@ if HAS_BNB_4BIT:
             if not base.compute_type_is_set:  # what bnb's own first forward does
                 base.set_compute_type(x)
                 base.compute_type_is_set = True
+            # Linear4bit.forward: x to compute_dtype (when set), then the bias to x's dtype.
+            _cast_bias_as_bnb_does(base, base.compute_dtype or x.dtype)
             weight = base.weight
             return ia3_linear_4bit(x, FourBitWeight.from_bnb(weight.data, weight.quant_state),
                                    base.bias, scaling, self.is_feedforward,

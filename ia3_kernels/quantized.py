@@ -253,7 +253,7 @@ def run_quantized(x, dtype, bias: Optional[torch.Tensor], scale, feedforward: bo
     if x2d.dtype != dtype:
         x2d = x2d.to(dtype)  # autocast or a compute_dtype: the kernels read x in it
     if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)  # bnb casts its bias in place; we cast a copy
+        bias = bias.to(dtype)  # a copy; ia3/bnb.py casts in place first, as bnb does
     grad_mode = torch.is_grad_enabled()
     save_preact = (not feedforward) and scale.requires_grad and grad_mode
     if torch.compiler.is_compiling():

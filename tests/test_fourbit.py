@@ -352,3 +352,28 @@ def test_tma_route_against_reference(triton_backend, monkeypatch, feedforward):
     check_against_reference(x, w, b, scale, feedforward, dtype, "tma")
     assert len(calls) == 1
     assert (calls[0][1].get("aux") is not None) == feedforward  # ff: dx + dl; attn: forward
+
+
+def test_bias_cast_in_place_as_bnb_forward_does(triton_backend):
+    """bnb's Linear4bit.forward casts x to its compute_dtype and an fp32 bias to that dtype in
+    place (once); ours does the same instead of casting a copy on every call."""
+    torch.manual_seed(0)
+    base = to_4bit(TinyNet(), compute_dtype=torch.float16)
+    stock = randomize_ia3(get_peft_model(base, IA3Config(target_modules=["q", "ff"],
+                                                         feedforward_modules=["ff"])), 0)
+    fused = ia3.fuse(copy.deepcopy(stock))
+    for name in ("q", "ff"):
+        ours = getattr(fused.base_model.model, name)
+        theirs = getattr(stock.base_model.model, name)
+        bare = copy.deepcopy(ours.get_base_layer())
+        assert bare.bias.dtype == torch.float32
+        x = torch.randn(3, ours.in_features, device=DEVICE, dtype=torch.float16)
+        y_f, y_s = ours(x), theirs(x)
+        bare(x)  # bnb's own forward
+        bias = ours.get_base_layer().bias
+        assert bias.dtype == bare.bias.dtype == torch.float16
+        torch.testing.assert_close(bias, bare.bias)
+        assert y_f.dtype == torch.float16
+        torch.testing.assert_close(y_f.float(), y_s.float(), rtol=2e-3, atol=2e-3)
+        ours(x)
+        assert ours.get_base_layer().bias is bias

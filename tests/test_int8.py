@@ -275,3 +275,23 @@ def test_tma_route_against_reference(triton_backend, monkeypatch, feedforward):
     check_against_reference(x, cb, scb, b, scale, feedforward, dtype, "tma")
     assert len(calls) == 1
     assert (calls[0][1].get("aux") is not None) == feedforward
+
+
+def test_bias_cast_in_place_as_bnb_forward_does(triton_backend):
+    """bnb's Linear8bitLt.forward casts an fp32 bias to x's dtype in place (once); ours does the
+    same instead of casting a copy on every call, and still computes what PEFT's wrapper does
+    (which feeds bnb float32 inputs, so its bias stays float32)."""
+    stock, fused = int8_models()
+    ours, theirs = fused.base_model.model.q, stock.base_model.model.q
+    bare = copy.deepcopy(ours.get_base_layer())
+    assert bare.bias.dtype == torch.float32
+    x = torch.randn(3, 24, device=DEVICE, dtype=torch.float16)
+    y_f, y_s = ours(x), theirs(x)
+    bare(x)  # bnb's own forward
+    bias = ours.get_base_layer().bias
+    assert bias.dtype == bare.bias.dtype == torch.float16
+    torch.testing.assert_close(bias, bare.bias)
+    assert y_f.dtype == torch.float16
+    torch.testing.assert_close(y_f.float(), y_s.float(), rtol=2e-3, atol=2e-3)
+    ours(x)
+    assert ours.get_base_layer().bias is bias  # cast once, not again on later calls
