@@ -131,3 +131,20 @@ def train_llama_on_cuda(model, backend, autocast, steps=3):
         return losses
     finally:
         ia3_kernels.set_backend("auto")
+
+
+def check_bias_cast_like_bnb(ours, theirs, x):
+    """An ia3 bnb layer `ours` whose base keeps an fp32 bias, beside PEFT's `theirs` on a copy of
+    the same base: after one call on x the base's bias has x's dtype, as after bnb's own forward
+    (which casts it in place once), ours computes what PEFT does, and a later call casts nothing."""
+    bare = copy.deepcopy(ours.get_base_layer())
+    assert bare.bias.dtype == torch.float32
+    y_f, y_s = ours(x), theirs(x)
+    bare(x)  # bnb's own forward
+    bias = ours.get_base_layer().bias
+    assert bias.dtype == bare.bias.dtype == x.dtype
+    torch.testing.assert_close(bias, bare.bias)
+    assert y_f.dtype == x.dtype
+    torch.testing.assert_close(y_f.float(), y_s.float(), rtol=2e-3, atol=2e-3)
+    ours(x)
+    assert ours.get_base_layer().bias is bias

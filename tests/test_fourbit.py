@@ -13,7 +13,7 @@ from torch import nn
 import ia3
 import ia3_kernels
 from conftest import DEVICE, assert_within_peft_bar, count_calls
-from helpers import ia3_grads, quantize_4bit, randomize_ia3, to_4bit
+from helpers import check_bias_cast_like_bnb, ia3_grads, quantize_4bit, randomize_ia3, to_4bit
 from ia3_kernels import fourbit
 from ia3_kernels.fourbit import FourBitWeight
 
@@ -364,16 +364,5 @@ def test_bias_cast_in_place_as_bnb_forward_does(triton_backend):
     fused = ia3.fuse(copy.deepcopy(stock))
     for name in ("q", "ff"):
         ours = getattr(fused.base_model.model, name)
-        theirs = getattr(stock.base_model.model, name)
-        bare = copy.deepcopy(ours.get_base_layer())
-        assert bare.bias.dtype == torch.float32
         x = torch.randn(3, ours.in_features, device=DEVICE, dtype=torch.float16)
-        y_f, y_s = ours(x), theirs(x)
-        bare(x)  # bnb's own forward
-        bias = ours.get_base_layer().bias
-        assert bias.dtype == bare.bias.dtype == torch.float16
-        torch.testing.assert_close(bias, bare.bias)
-        assert y_f.dtype == torch.float16
-        torch.testing.assert_close(y_f.float(), y_s.float(), rtol=2e-3, atol=2e-3)
-        ours(x)
-        assert ours.get_base_layer().bias is bias
+        check_bias_cast_like_bnb(ours, getattr(stock.base_model.model, name), x)

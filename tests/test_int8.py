@@ -12,7 +12,8 @@ from torch import nn
 import ia3
 import ia3_kernels
 from conftest import DEVICE, assert_within_peft_bar, count_calls
-from helpers import ia3_grads, quantize_rows, randomize_ia3, to_int8
+from helpers import (check_bias_cast_like_bnb, ia3_grads, quantize_rows, randomize_ia3,
+                     to_int8)
 from ia3_kernels import int8
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -282,16 +283,5 @@ def test_bias_cast_in_place_as_bnb_forward_does(triton_backend):
     same instead of casting a copy on every call, and still computes what PEFT's wrapper does
     (which feeds bnb float32 inputs, so its bias stays float32)."""
     stock, fused = int8_models()
-    ours, theirs = fused.base_model.model.q, stock.base_model.model.q
-    bare = copy.deepcopy(ours.get_base_layer())
-    assert bare.bias.dtype == torch.float32
     x = torch.randn(3, 24, device=DEVICE, dtype=torch.float16)
-    y_f, y_s = ours(x), theirs(x)
-    bare(x)  # bnb's own forward
-    bias = ours.get_base_layer().bias
-    assert bias.dtype == bare.bias.dtype == torch.float16
-    torch.testing.assert_close(bias, bare.bias)
-    assert y_f.dtype == torch.float16
-    torch.testing.assert_close(y_f.float(), y_s.float(), rtol=2e-3, atol=2e-3)
-    ours(x)
-    assert ours.get_base_layer().bias is bias  # cast once, not again on later calls
+    check_bias_cast_like_bnb(fused.base_model.model.q, stock.base_model.model.q, x)
