@@ -132,8 +132,8 @@ def bench_case(shape, m: int, mode: str, copy_tb_per_s: float, fmt: str = "int8"
     bnb_layer, bf16, peft_layer, ours = build_layers(shape, mode, fmt)
     x, dy = layers.case_inputs(shape, m, torch.device("cuda"), torch.bfloat16)
     rows = []
-    # bnb's LLM.int8 forward (bare or under PEFT) synchronises with the host (its outlier columns
-    # are found with a data-dependent shape), so its capture always fails; it is not attempted.
+    # bnb's LLM.int8 forward (bare or under PEFT) synchronises with the host, so its capture
+    # always fails (cudaErrorStreamCaptureInvalidated); it is not attempted.
     # Attempting it did worse than waste time: on 2026-12-06 every eager timing after the first
     # failed capture of a process ran 2-20x slower (bnb M = 1 forward 163 -> 703 us, ours 22 ->
     # 510 us), while the graphs of our layer stayed at 17 us.
