@@ -613,9 +613,11 @@ def quant_overhead() -> None:
     bases (T5-base 768->768, feedforward, M = 1 and 16: GPU times of 8-14 us), whether our
     small-M kernels launched through FastKernel's direct path or fell back to Triton's own
     run() (~25-45 us a call), and a cProfile of our no-grad forward. Why: in the 2026-12-06
-    layer benchmark our NF4 eager forward at M <= 16 took ~40 us against 10.5-13 us as a CUDA
-    graph, where int8's same-path forward took 11-19 us (nf4-h100-stop33.md), and a CPU
-    profile with the kernels stubbed out found only ~25% more Python on the NF4 path."""
+    layer benchmark our NF4 eager forward at M <= 16 read ~30 us above its CUDA-graph time,
+    where int8's same-path forward read within a few us of its own (nf4-h100-stop33.md); as
+    do_bench's L2 flush hides ~80 us of host time a call, NF4's host time is at least ~25 us
+    more than int8's. With the kernels stubbed out on a CPU both Python paths cost the same
+    (79 and 84 us a no-grad call on the development CPU): the excess is GPU-side."""
     from ia3_kernels import small_m
 
     from . import quant
