@@ -49,7 +49,7 @@ class FourBitWeight:
     """A bitsandbytes 4-bit weight as the kernels read it (tensors as stored, no copies)."""
 
     __slots__ = ("packed", "absmax", "code", "blocksize", "out_features", "in_features",
-                 "nested", "absmax2", "code2", "offset", "blocksize2")
+                 "nested", "absmax2", "code2", "offset", "blocksize2", "checked", "_words")
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                  blocksize: int, out_features: int, in_features: int,
@@ -61,6 +61,14 @@ class FourBitWeight:
         self.nested = absmax2 is not None
         self.absmax2, self.code2, self.offset = absmax2, code2, offset
         self.blocksize2 = int(blocksize2)
+        self.checked = False  # prepare_weight's: validated, in the kernels' layout
+        self._words = None
+
+    def words(self) -> torch.Tensor:
+        """The packed bytes as int32 words (the M = 1 GEMV's loads), kept after the first call."""
+        if self._words is None:
+            self._words = self.packed.reshape(-1).view(torch.int32)
+        return self._words
 
     @classmethod
     def from_bnb(cls, data: torch.Tensor, quant_state) -> "FourBitWeight":
@@ -322,8 +330,22 @@ class _FourBitLinearFunction(torch.autograd.Function):
 
 def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None,
                   adapter_index=None):
-    """Clear errors before anything launches."""
+    """Clear errors before anything launches (a prepare_weight'd weight was checked then)."""
     where = _Caller(describe, "ia3_linear_4bit")
+    N, K = w.out_features, w.in_features
+    if not w.checked:
+        _check_weight(w, where)
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{where}: x's last dimension must be in_features={K} (4-bit weight "
+                         f"({N}, {K})), got x of shape {tuple(x.shape)}")
+    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index, x)
+    # A prepared weight's tables share its bytes' device (prepare_weight checked it).
+    _check_devices_and_dtypes(where, x, None, bias, scale, {"weight": w.packed} if w.checked else {
+        "weight": w.packed, "absmax": w.absmax, "code": w.code, "absmax2": w.absmax2,
+        "code2": w.code2, "offset": w.offset})
+
+
+def _check_weight(w: FourBitWeight, where) -> None:
     N, K = w.out_features, w.in_features
     if w.blocksize not in BLOCKSIZES:
         raise ValueError(f"{where}: 4-bit blocksize must be one of {BLOCKSIZES}, got {w.blocksize}")
@@ -347,17 +369,34 @@ def _check_inputs(x, w: FourBitWeight, bias, scale, feedforward, describe=None,
     elif not w.absmax.is_floating_point():
         raise ValueError(f"{where}: absmax must be floating point without double quantization, "
                          f"got {w.absmax.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"{where}: x's last dimension must be in_features={K} (4-bit weight "
-                         f"({N}, {K})), got x of shape {tuple(x.shape)}")
-    _check_scale_and_bias(where, scale, bias, K, N, feedforward, adapter_index, x)
-    _check_devices_and_dtypes(where, x, None, bias, scale, {
-        "weight": w.packed, "absmax": w.absmax, "code": w.code, "absmax2": w.absmax2,
-        "code2": w.code2, "offset": w.offset})
+
+
+def prepare_weight(w: FourBitWeight, describe=None) -> Optional[FourBitWeight]:
+    """`w` checked and in the kernels' layout, marked so that ia3_linear_4bit skips both on
+    every later call (ia3.Linear4bit keeps one per layer: the checks, the layout and the GEMV's
+    word view cost ~25 us of Python a call on the development CPU). None where that layout
+    needs a copy of a table or of the bytes (a copy kept between calls would go stale if bnb's
+    own tensors change in place) or the tables sit on other devices than the bytes: such
+    weights take the per-call path."""
+    _check_weight(w, _Caller(describe, "ia3_linear_4bit"))
+    kernel = _as_kernel_weight(w)
+    tables = (kernel.absmax, kernel.code, kernel.absmax2, kernel.code2, kernel.offset)
+    if (kernel.packed.data_ptr() != w.packed.data_ptr() or kernel.absmax is not w.absmax
+            or kernel.code is not w.code or kernel.absmax2 is not w.absmax2
+            or kernel.code2 is not w.code2 or kernel.offset is not w.offset
+            or any(t is not None and t.device != kernel.packed.device for t in tables)):
+        return None
+    prepared = FourBitWeight(kernel.packed, kernel.absmax, kernel.code, kernel.blocksize,
+                             kernel.out_features, kernel.in_features, kernel.absmax2,
+                             kernel.code2, kernel.offset, kernel.blocksize2)
+    prepared.checked = True
+    return prepared
 
 
 def _as_kernel_weight(w: FourBitWeight) -> FourBitWeight:
     """Flat contiguous bytes and fp32 tables (no copy when bnb's are already so)."""
+    if w.checked:
+        return w
     packed = w.packed.reshape(-1)
     if not packed.is_contiguous():
         packed = packed.contiguous()

@@ -737,7 +737,7 @@ def launch_gemv(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=Non
     c, preact, workspace, counters, q_ptrs, q_const = _launch_buffers(
         1, N, n_tiles, split, out_dtype, store_preact, quant4, device, traceable)
     if four_bit:
-        words = w.reshape(-1).view(torch.int32)
+        words = quant4.words() if quant4.packed is w else w.reshape(-1).view(torch.int32)
         stride_words = K // 8
     else:
         words = w.view(torch.int32)

@@ -366,3 +366,45 @@ def test_bias_cast_in_place_as_bnb_forward_does(triton_backend):
         ours = getattr(fused.base_model.model, name)
         x = torch.randn(3, ours.in_features, device=DEVICE, dtype=torch.float16)
         check_bias_cast_like_bnb(ours, getattr(stock.base_model.model, name), x)
+
+
+def test_prepared_weight_is_kept_per_layer_until_bnbs_tensors_change(triton_backend, monkeypatch):
+    """ia3.Linear4bit checks and lays out its base's weight once (fourbit.prepare_weight) and
+    reuses it while bnb's bytes and quant_state are the same; a re-quantized weight, a swapped
+    quant_state or a copy of the layer gets its own, and every call matches PEFT."""
+    import ia3.bnb as ia3_bnb
+
+    prepared = count_calls(monkeypatch, ia3_bnb, "prepare_weight")
+    stock, fused = fourbit_models()
+    ours, theirs = fused.base_model.model.q, stock.base_model.model.q
+    x = torch.randn(3, 64, device=DEVICE)
+    for _ in range(3):
+        assert_close_to_peft(ours(x), theirs(x), "kept")
+    assert len(prepared) == 1
+    # bnb re-quantizes: new bytes and a new quant_state (what .to(device) or a merge does).
+    torch.manual_seed(5)
+    fresh = to_4bit(nn.Sequential(nn.Linear(64, 128)))[0]
+    ours.get_base_layer().weight = fresh.weight
+    theirs.get_base_layer().weight = copy.deepcopy(fresh.weight)
+    assert_close_to_peft(ours(x), theirs(x), "re-quantized")
+    assert len(prepared) == 2
+    copied = copy.deepcopy(ours)
+    assert_close_to_peft(copied(x), theirs(x), "copy")
+    assert len(prepared) == 3
+
+
+def test_prepared_weight_is_not_kept_from_inference_mode(triton_backend, monkeypatch):
+    """Views made under torch.inference_mode can be inference tensors (the M = 1 GEMV's int32
+    word view is), which autograd refuses to save and in-place ops refuse to touch: a call
+    there keeps nothing, and the training step after it prepares its own weights and trains."""
+    import ia3.bnb as ia3_bnb
+
+    prepared = count_calls(monkeypatch, ia3_bnb, "prepare_weight")
+    stock, fused = fourbit_models()
+    x = torch.randn(1, 64, device=DEVICE)
+    with torch.inference_mode():
+        fused(x)
+    assert len(prepared) == 0
+    fused(x).square().sum().backward()
+    assert len(prepared) == 3  # q, k, ff
+    assert all(g.abs().sum() > 0 for g in ia3_grads(fused).values())
