@@ -616,8 +616,9 @@ def quant_overhead() -> None:
     layer benchmark our NF4 eager forward at M <= 16 read ~30 us above its CUDA-graph time,
     where int8's same-path forward read within a few us of its own (nf4-h100-stop33.md); as
     do_bench's L2 flush hides ~80 us of host time a call, NF4's host time is at least ~25 us
-    more than int8's. With the kernels stubbed out on a CPU both Python paths cost the same
-    (79 and 84 us a no-grad call on the development CPU): the excess is GPU-side."""
+    more than int8's. With the kernels stubbed out on the development CPU NF4's Python cost ~30
+    us more (77-87 against 50-53 us a no-grad call): its per-call weight checks and layout,
+    which ia3.Linear4bit now keeps per layer (ia3/bnb.py). This shows what remains."""
     from ia3_kernels import small_m
 
     from . import quant
