@@ -53,10 +53,13 @@ def _cast_bias_as_bnb_does(base: nn.Module, dtype: torch.dtype) -> None:
     the base's forward, which the fused op bypasses. Doing the same leaves the module as bnb's
     forward leaves it and spares a cast of a copy on every call (a launch and an allocation:
     an fp32 bias, as a bnb layer built from nn.Linear keeps, cost one per call). Not while
-    tracing (torch.compile cannot mutate .data inside a graph; the op casts a traced copy) or
-    capturing a CUDA graph (the new storage would come from the graph's private pool)."""
+    tracing (torch.compile cannot mutate .data inside a graph; the op casts a traced copy),
+    capturing a CUDA graph (the new storage would come from the graph's private pool), or for
+    a bias that trains (an optimizer's state for it keeps the dtype it was built with; PEFT's
+    wrappers feed bnb float32 inputs, so under them such a bias stays float32)."""
     bias = base.bias
-    if bias is None or bias.dtype == dtype or torch.compiler.is_compiling():
+    if (bias is None or bias.dtype == dtype or bias.requires_grad
+            or torch.compiler.is_compiling()):
         return
     if bias.is_cuda and torch.cuda.is_current_stream_capturing():
         return

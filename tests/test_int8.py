@@ -285,3 +285,17 @@ def test_bias_cast_in_place_as_bnb_forward_does(triton_backend):
     stock, fused = int8_models()
     x = torch.randn(3, 24, device=DEVICE, dtype=torch.float16)
     check_bias_cast_like_bnb(fused.base_model.model.q, stock.base_model.model.q, x)
+
+
+def test_trainable_bias_keeps_its_dtype(triton_backend):
+    """A bias that trains is never cast in place (its optimizer state keeps its dtype): the op
+    casts a copy, and the bias gets a float32 gradient."""
+    stock, fused = int8_models()
+    layer = fused.base_model.model.q
+    bias = layer.get_base_layer().bias
+    bias.requires_grad_(True)
+    x = torch.randn(3, 24, device=DEVICE, dtype=torch.float16)
+    layer(x).float().square().sum().backward()
+    assert bias.dtype == torch.float32 and bias.grad is not None
+    assert bias.grad.dtype == torch.float32
+
