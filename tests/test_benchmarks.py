@@ -135,3 +135,23 @@ def test_host_profile_runs_on_a_tiny_model(capsys):
             assert f"{label:6s} autograd threads {threads}:" in out
     assert "--- cProfile ours" in out and "--- cProfile PEFT" in out
     assert host_profile.main(["no such model"]) == 1
+
+
+def test_python_host_times_each_layer_and_restores_the_kernels(capsys):
+    """benchmarks.python_host: int8, NF4 and dense rows with both timings, and every kernel it
+    stubbed put back (the rest of the test session launches them)."""
+    from benchmarks import python_host
+    from ia3_kernels import config, dense, small_m
+
+    if not config.triton_interpreted():
+        pytest.skip("measures the interpreter's code paths (TRITON_INTERPRET=1)")
+    before = (dense._KERNELS[False], dense._MATMUL_PLANS.kernel, small_m._KERNELS[False],
+              small_m._GEMV_KERNELS[False])
+    backend = config.get_backend()
+    assert python_host.main(["--calls", "3"]) == 0
+    assert config.get_backend() == backend
+    assert (dense._KERNELS[False], dense._MATMUL_PLANS.kernel, small_m._KERNELS[False],
+            small_m._GEMV_KERNELS[False]) == before
+    out = capsys.readouterr().out
+    for layer in ("int8", "nf4", "dense"):
+        assert f"  {layer:<6} no grad" in out
