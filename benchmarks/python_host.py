@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import sys
 import timeit
 
 import torch
 from torch import nn
+
+from . import models
 
 K = N = 768  # T5-base q/k/v/o: layers whose eager calls are host-bound on every GPU host
 
@@ -52,8 +53,8 @@ def kernels_stubbed():
 
 
 def build_layer(kind: str) -> nn.Module:
-    """Our fused layer on a CPU base: int8 (CB/SCB quantized per row as bnb stores them), NF4
-    (bnb's own CPU quantization, double quantization) or dense; feedforward."""
+    """Our fused layer on a CPU base quantized by bitsandbytes as benchmarks.models does (int8
+    LLM.int8, NF4 with double quantization) or dense; feedforward."""
     from peft import IA3Config
     from peft.tuners.ia3 import bnb as peft_bnb
     from peft.tuners.ia3 import layer as peft_layer
@@ -63,22 +64,13 @@ def build_layer(kind: str) -> nn.Module:
     torch.manual_seed(0)
     linear = nn.Linear(K, N)
     if kind == "dense":
-        base, cls = copy.deepcopy(linear), peft_layer.Linear
+        base, cls = linear, peft_layer.Linear
+    elif kind == "nf4":
+        base = models.to_4bit(nn.Sequential(linear), "cpu", compute_dtype=torch.float32)[0]
+        cls = peft_bnb.Linear4bit
     else:
-        import bitsandbytes as bnb
-        if kind == "nf4":
-            base = bnb.nn.Linear4bit(K, N, compute_dtype=torch.float32, quant_type="nf4",
-                                     compress_statistics=True)
-            base.load_state_dict(linear.state_dict())
-            base.weight = base.weight._quantize("cpu")
-            cls = peft_bnb.Linear4bit
-        else:
-            base = bnb.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=6.0)
-            base.load_state_dict(linear.state_dict())
-            scb = linear.weight.detach().abs().amax(1)
-            base.weight.data = torch.round(linear.weight.detach() / scb[:, None] * 127).to(torch.int8)
-            base.weight.SCB = scb
-            cls = peft_bnb.Linear8bitLt
+        base = models.to_int8(nn.Sequential(linear), "cpu")[0]
+        cls = peft_bnb.Linear8bitLt
     config = IA3Config(target_modules=["x"], feedforward_modules=["x"])
     layer = cls(base, "default", config=config, is_feedforward=True)
     return ia3.fuse(nn.Sequential(layer))[0]

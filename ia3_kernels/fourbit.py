@@ -380,10 +380,9 @@ def prepare_weight(w: FourBitWeight, describe=None) -> Optional[FourBitWeight]:
     weights take the per-call path."""
     _check_weight(w, _Caller(describe, "ia3_linear_4bit"))
     kernel = _as_kernel_weight(w)
-    tables = (kernel.absmax, kernel.code, kernel.absmax2, kernel.code2, kernel.offset)
-    if (kernel.packed.data_ptr() != w.packed.data_ptr() or kernel.absmax is not w.absmax
-            or kernel.code is not w.code or kernel.absmax2 is not w.absmax2
-            or kernel.code2 is not w.code2 or kernel.offset is not w.offset
+    tables = kernel.tensors()[1:]
+    if (kernel.packed.data_ptr() != w.packed.data_ptr()
+            or any(a is not b for a, b in zip(tables, w.tensors()[1:]))
             or any(t is not None and t.device != kernel.packed.device for t in tables)):
         return None
     prepared = FourBitWeight(kernel.packed, kernel.absmax, kernel.code, kernel.blocksize,
