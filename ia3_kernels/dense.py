@@ -556,7 +556,7 @@ _KERNELS = {
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-_PATHS = ("auto", "fused", "cublas", "tma")
+_PATHS = ("auto", "fused", "cublas", "tma", "aten")
 _path_override = {"path": os.environ.get("IA3_DENSE_PATH", "auto")}
 if _path_override["path"] not in _PATHS:
     raise ValueError(f"IA3_DENSE_PATH must be one of {_PATHS}, got {_path_override['path']!r}")
@@ -683,6 +683,73 @@ TMA_MAX_DIM = 4096
 TMA_BWD_MIN_FLOP = 1 << 38
 
 
+# Under torch.compile (the custom ops' bodies, traced: traceable=True) the GEMMs from
+# COMPILED_ATEN_MIN_FLOP and COMPILED_ATEN_MIN_M up run as aten ops: cuBLAS's GEMM, with IA3's
+# elementwise work (x*l, u*l, dy*l, g*l) and dl's row sums written in PyTorch, which Inductor
+# fuses into the kernels around them (the norm that makes x, the reduction that makes dl) as it
+# does for PEFT's compiled layers. Our own passes are opaque to it: one more read and write of
+# an activation each. And compiled code launches without an autograd.Function or Python
+# checks per call, so the fused Triton GEMM's reason to stay in small GEMMs eagerly
+# (SMALL_GEMM_FLOP, host time) goes: GPU time alone decides, and under CUDA graphs the cuBLAS
+# routes win from 2**30 flop and M = 128 (GRAPHED_FWD_CUBLAS_MIN_FLOP). Before this rule, the
+# compiled T-Few T5-base step (768-wide layers, all under SMALL_GEMM_FLOP) read 1.183x PEFT
+# compiled's and Llama-3.2-1B 1.001x (benchmarks/results/e2e-h100.md, 2026-11-25).
+# Decode-sized calls (M < 128) keep the fused kernels, which beat cuBLAS + a pass there.
+COMPILED_ATEN_MIN_FLOP = 1 << 30
+COMPILED_ATEN_MIN_M = 128
+
+
+def _use_aten(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, traceable: bool,
+              scale_index) -> bool:
+    """The aten route (_aten_forward, _aten_backward): compiled 16-bit GEMMs past the bounds
+    above on CUDA, or forced by dense_path("aten") (tests, A/B timings). Mixed-adapter batches
+    keep their own routes."""
+    if scale_index is not None:
+        return False
+    forced = _path_override["path"]
+    if forced != "auto":
+        return forced == "aten"
+    return (traceable and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and M >= COMPILED_ATEN_MIN_M and 2 * M * N * K >= COMPILED_ATEN_MIN_FLOP)
+
+
+def _aten_forward(x, weight, bias, scale, feedforward: bool, fan_in_fan_out: bool,
+                  save_preact: bool):
+    """(y, u or None) in aten ops, the arithmetic of the cuBLAS route: feedforward x*l in fp32
+    rounded once to the weight dtype (PEFT's x*l, then autocast's cast), attention u*l in fp32
+    rounded once."""
+    w_kn = weight if fan_in_fan_out else weight.t()
+    l = scale.reshape(-1).float()
+    if feedforward:
+        return _cublas_linear((x.float() * l).to(weight.dtype), w_kn, bias), None
+    u = _cublas_linear(x.to(weight.dtype), w_kn, bias)
+    return (u.float() * l).to(u.dtype), (u if save_preact else None)
+
+
+def _aten_backward(dy, x, weight, scale, preact, feedforward: bool, fan_in_fan_out: bool,
+                   need_dx: bool, need_dscale: bool):
+    """(dx or None, dscale or None) in aten ops, dy in the weight dtype: feedforward
+    g = dy W, dx = g*l, dl = sum_rows g*x; attention dx = (dy*l) W, dl = sum_rows dy*u. Sums in
+    fp32; Inductor's reductions use no atomics, so dl is reproducible as on the other routes."""
+    w_nk = weight.t() if fan_in_fan_out else weight
+    l = scale.reshape(-1).float()
+    dx = dscale = None
+    if feedforward:
+        g = torch.matmul(dy, w_nk).float()
+        if need_dx:
+            dx = (g * l).to(weight.dtype)
+        if need_dscale:
+            dscale = (g * x.float()).sum(0)
+    else:
+        if need_dx:
+            dx = torch.matmul((dy.float() * l).to(weight.dtype), w_nk)
+        if need_dscale:
+            dscale = (dy.float() * preact.float()).sum(0)
+    if dscale is not None:
+        dscale = dscale.to(scale.dtype).view(scale.shape)
+    return dx, dscale
+
+
 def _use_tma(phase: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
              traceable: bool) -> bool:
     """phase: "attn_fwd", "ff_bwd", "attn_bwd" or "ff_fwd" (forced only); N = out_features,
@@ -752,8 +819,9 @@ def _tma_feedforward_grads(dy, w, w_kn: bool, K: int, x, scale, need_dx: bool,
 
 
 def dense_path(path: str):
-    """Force the "fused", "cublas" or "tma" strategy (tests and benchmarks; "tma" where the
-    operands and the device allow it, else "fused"); "auto" chooses by M."""
+    """Force the "fused", "cublas", "tma" or "aten" strategy (tests and benchmarks; "tma" where
+    the operands and the device allow it, else "fused"; "aten": the route of compiled GEMMs,
+    _use_aten, also eagerly); "auto" chooses by M."""
     return config.path_override(_path_override, path, _PATHS)
 
 
@@ -1450,6 +1518,8 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
     if M == 0:
         empty = x.new_empty((0, N), dtype=out_dtype)
         return empty, (x.new_empty((0, N), dtype=out_dtype) if save_preact else None)
+    if _use_aten(M, N, K, weight.dtype, x.device, traceable, scale_index):
+        return _aten_forward(x, weight, bias, scale, feedforward, fan_in_fan_out, save_preact)
     if feedforward:
         if scale_index is not None and _use_cublas("ff_fwd_mixed", M, N, K, weight.dtype,
                                                    x.device):
@@ -1516,8 +1586,13 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
         return _dense_backward_mixed(dy, x, weight, scale, preact, scale_index, feedforward,
                                      fan_in_fan_out, need_dx, need_dscale, need_dbias,
                                      need_dweight, x_dtype, traceable)
+    aten = (need_dx or need_dscale) and _use_aten(M, N, K, weight.dtype, dy.device, traceable,
+                                                  None)
+    if aten:
+        dx, dscale = _aten_backward(dy, x, weight, scale, preact, feedforward, fan_in_fan_out,
+                                    need_dx, need_dscale)
     if feedforward:
-        if need_dx or need_dscale:
+        if (need_dx or need_dscale) and not aten:
             # g = dy W: B[n, k] = W[n, k], stored (N, K) rows unless fan_in_fan_out.
             done = _tma_feedforward_grads(dy, weight, not fan_in_fan_out, K, x, scale, need_dx,
                                           need_dscale, traceable)
@@ -1541,7 +1616,9 @@ def dense_backward_impl(dy, x, weight, bias, scale, preact, feedforward: bool, f
             xs = (x.to(scale.dtype) * scale.reshape(-1)).to(weight.dtype)
             dweight = dy.t().mm(xs)  # (N, K)
     else:
-        if (need_dx and _use_tma("attn_bwd", M, N, K, weight.dtype, dy.device, traceable)
+        if aten:
+            pass  # dx and dl came from _aten_backward above
+        elif (need_dx and _use_tma("attn_bwd", M, N, K, weight.dtype, dy.device, traceable)
                 and tma_gemm.eligible(dy, weight, K)):
             dx, _, _ = tma_gemm.launch_tma_gemm(dy, weight, not fan_in_fan_out, K, scale_a=scale,
                                                 tiles=_tma_tiles(K, False))

@@ -8,7 +8,8 @@ from conftest import DEVICE, KERNEL_DTYPES, assert_within_peft_bar
 
 # (M, K, N): K and N off every block size, M = 1, a split-K case (few output tiles, long K).
 SHAPES = [(1, 33, 17), (37, 100, 70), (5, 300, 40), (70, 48, 130)]
-PATHS = ["fused", "cublas"]
+# "aten": the route compiled GEMMs take (cuBLAS with IA3's elementwise work in torch ops).
+PATHS = ["fused", "cublas", "aten"]
 
 
 def make_case(M, K, N, feedforward, fan_in_fan_out, has_bias, dtype, device=DEVICE, seed=0):
@@ -461,3 +462,50 @@ def test_mid_m_tiles_fill_half_the_gpu_or_more():
     # fp32 and int8 weights keep their rows.
     assert dense._matmul_config(128, 1024, 4096, 4, 132, False)[:2] == (64, 128)
     assert dense._matmul_config(128, 1024, 4096, 1, 132, False)[:2] == (64, 128)
+
+
+def test_aten_route_only_for_compiled_16bit_gemms_past_its_bounds():
+    """dense._use_aten: the route of compiled GEMMs from 2**30 flop and M = 128 on CUDA in
+    16-bit; eager calls, decode sizes, fp32, CPU tensors and mixed-adapter batches keep theirs."""
+    from ia3_kernels import dense
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    big = (2048, 768, 768)  # M, N, K: T5-base's k/v at 2048 tokens, 2.4e9 flop
+    assert dense._use_aten(*big, torch.bfloat16, cuda, True, None)
+    assert dense._use_aten(*big, torch.float16, cuda, True, None)
+    assert not dense._use_aten(*big, torch.bfloat16, cuda, False, None)  # eager
+    assert not dense._use_aten(64, 14336, 4096, torch.bfloat16, cuda, True, None)  # M < 128
+    assert not dense._use_aten(256, 1024, 1024, torch.bfloat16, cuda, True, None)  # < 2**30
+    assert not dense._use_aten(*big, torch.float32, cuda, True, None)
+    assert not dense._use_aten(*big, torch.bfloat16, cpu, True, None)
+    assert not dense._use_aten(*big, torch.bfloat16, cuda, True, torch.zeros(2, dtype=torch.long))
+    with ia3_kernels.dense_path("fused"):
+        assert not dense._use_aten(*big, torch.bfloat16, cuda, True, None)
+    with ia3_kernels.dense_path("aten"):
+        assert dense._use_aten(3, 5, 7, torch.float32, cpu, False, None)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_aten_route_compiles_with_inductor(triton_backend, feedforward):
+    """The aten route inside the custom op's traced body compiles with Inductor (fullgraph; here
+    its CPU backend) and gives the reference's output and gradients."""
+    import torch._dynamo
+
+    x, w, b, scale = make_case(64, 48, 40, feedforward, False, True, torch.float32)
+    x, scale = x.requires_grad_(), scale.requires_grad_()
+
+    def layer(x, s):
+        return ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+
+    torch._dynamo.reset()
+    with ia3_kernels.dense_path("aten"):
+        compiled = torch.compile(layer, fullgraph=True)
+        y = compiled(x, scale)
+        grads = torch.autograd.grad(y.square().sum(), [x, scale])
+    torch._dynamo.reset()
+    xr, sr = x.detach().double().requires_grad_(), scale.detach().double().requires_grad_()
+    yr = ia3_kernels.torch_ia3_linear(xr, w.double(), b.double(), sr, feedforward)
+    grads_ref = torch.autograd.grad(yr.square().sum(), [xr, sr])
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), gr, rtol=1e-5, atol=1e-4)

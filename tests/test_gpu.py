@@ -24,7 +24,7 @@ GPU_SHAPES = [(1, 4096, 1024), (16, 14336, 4096), (130, 4096, 1000), (200, 768, 
               (300, 1000, 777), (1100, 3072, 768), (2048, 1000, 777)]
 
 
-@pytest.mark.parametrize("path", ["auto", "fused", "cublas"])
+@pytest.mark.parametrize("path", ["auto", "fused", "cublas", "aten"])
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 @pytest.mark.parametrize("M,K,N", GPU_SHAPES)
 def test_bf16_against_reference(M, K, N, feedforward, path):
@@ -45,7 +45,7 @@ def op_args(feedforward, has_bias, save_preact, M=33, K=200, N=96):
     return (x, w, b, s, feedforward, False, save_preact)
 
 
-@pytest.mark.parametrize("path", ["fused", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "cublas", "aten"])
 @pytest.mark.parametrize("feedforward,save_preact", [(True, False), (False, True), (False, False)])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_opcheck(path, feedforward, save_preact, has_bias):
@@ -61,9 +61,11 @@ def tiny_model_bf16(family: str, fused: bool):
     return ia3.fuse(model) if fused else model
 
 
+@pytest.mark.parametrize("path", ["cublas", "aten"])
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
-def test_torch_compile_cublas_path(feedforward):
-    """The cuBLAS strategy (x*l or W*l passes, in-place passes) also compiles without a break."""
+def test_torch_compile_cublas_path(feedforward, path):
+    """The cuBLAS strategies (x*l or W*l passes, in-place passes; or IA3's elementwise work in
+    aten ops, what compiled large GEMMs run) also compile without a break."""
     x, w, b, s = make_case(64, 256, 640, feedforward, False, True, torch.bfloat16, device="cuda")
 
     def layer(x, s):
@@ -75,12 +77,43 @@ def test_torch_compile_cublas_path(feedforward):
         y.float().square().sum().backward()  # the compiled backward graph runs here
         return y, xg.grad, sg.grad
 
-    with ia3_kernels.dense_path("cublas"):
+    with ia3_kernels.dense_path(path):
         eager = fwd_bwd(layer)
         torch._dynamo.reset()
         compiled = fwd_bwd(torch.compile(layer, fullgraph=True))
     for e, c in zip(eager, compiled):  # bf16: compare by norm, a few elements differ by an ulp
         assert (c.float() - e.float()).norm() <= 1e-2 * e.float().norm()
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
+def test_compiled_large_gemm_leaves_ia3s_elementwise_work_to_inductor(feedforward):
+    """Compiled with the default rules, a GEMM past COMPILED_ATEN_MIN_FLOP runs as cuBLAS with
+    no kernel of ours in Inductor's code (forward and backward), a decode-sized one keeps the
+    fused Triton GEMM; both match the eager layer."""
+    from torch._inductor.utils import run_and_get_code
+
+    for M, ours_in_code in ((2048, False), (16, True)):
+        x, w, b, s = make_case(M, 768, 768, feedforward, False, True, torch.bfloat16,
+                               device="cuda")
+
+        def layer(x, s):
+            return ia3_kernels.ia3_linear(x, w, b, s, feedforward)
+
+        def fwd_bwd(fn):
+            xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
+            y = fn(xg, sg)
+            y.float().square().sum().backward()
+            return y, xg.grad, sg.grad
+
+        eager = fwd_bwd(layer)
+        torch._dynamo.reset()
+        compiled_layer = torch.compile(layer, fullgraph=True)
+        compiled, codes = run_and_get_code(lambda: fwd_bwd(compiled_layer))
+        code = "\n".join(codes)
+        assert ("_ia3_matmul_kernel" in code) == ours_in_code, (M, code[:2000])
+        for e, c in zip(eager, compiled):
+            assert (c.float() - e.float()).norm() <= 1e-2 * e.float().norm(), M
+    torch._dynamo.reset()
 
 
 def test_torch_compile_fullgraph_no_graph_break():
