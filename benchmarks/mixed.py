@@ -216,6 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="k/v_proj only, 8 and 32 adapters")
     parser.add_argument("--rep-ms", type=int, default=60)
     parser.add_argument("--stem", default="mixed")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for JSON + markdown")
     parser.add_argument("--report", help="rewrite the markdown of this result JSON and stop")
     args = parser.parse_args(argv)
     if args.report:
@@ -230,16 +231,19 @@ def main(argv=None) -> int:
     counts = [8, 32] if args.quick else [int(a) for a in args.adapters.split(",")]
     env = environment()
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for fmt_name in args.fmts.split(","):
         for shape in shapes:
             for adapters in counts:
                 rows += [asdict(r) for r in bench(shape, fmt_name, adapters,
                                                   args.phases.split(","), args.rep_ms)]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    (RESULTS / f"{args.stem}.md").write_text(markdown(env, rows))
+                # After every case: a run cut off keeps what it measured.
+                (out / f"{args.stem}.json").write_text(json.dumps({"env": env, "rows": rows},
+                                                                  indent=1))
+                (out / f"{args.stem}.md").write_text(markdown(env, rows))
     print("\n".join(summary(rows)))
-    print(f"wrote {RESULTS / args.stem}.json and .md")
+    print(f"wrote {out / args.stem}.json and .md")
     return 0
 
 
