@@ -788,10 +788,13 @@ def _tma_tiles(n_gemm: int, reduce_aux: bool):
 
 
 def _tma_attention_forward(x, w, w_kn: bool, N: int, bias, scale, save_preact: bool,
-                           traceable: bool):
+                           traceable: bool, scale_index=None):
     """(y, u) of the attention forward by tma_gemm (bias and l in its epilogue) where _use_tma
     takes it and the operands are TMA-addressable; None otherwise. w: the stored weight, or a
-    quantized layer's dequantized (N, K) scratch."""
+    quantized layer's dequantized (N, K) scratch. scale_index: a mixed-adapter batch, each row
+    gathering its example's l from the table in the epilogue. Where cuBLAS + the gathering
+    pass ran before, a mixed prefill read 1.03-1.06x the single-adapter batch (which took this
+    kernel) on Llama-3-8B's q/o and k/v (H100, CUDA graphs, benchmarks/results/mixed-stop34.md)."""
     M, K = x.shape
     if not _use_tma("attn_fwd", M, N, K, w.dtype, x.device, traceable):
         return None
@@ -799,7 +802,8 @@ def _tma_attention_forward(x, w, w_kn: bool, N: int, bias, scale, save_preact: b
     if not tma_gemm.eligible(x, w, N):
         return None
     y, u, _ = tma_gemm.launch_tma_gemm(x, w, w_kn, N, bias=bias, scale_c=scale,
-                                       store_preact=save_preact, tiles=_tma_tiles(N, False))
+                                       store_preact=save_preact, tiles=_tma_tiles(N, False),
+                                       scale_index=scale_index)
     return y, u
 
 
@@ -1542,11 +1546,10 @@ def dense_forward_impl(x, weight, bias, scale, feedforward: bool, fan_in_fan_out
                                  scale_a=scale, bias=bias, scale_index=scale_index,
                                  traceable=traceable)
         return y, None
-    if scale_index is None:
-        done = _tma_attention_forward(x, weight, fan_in_fan_out, N, bias, scale, save_preact,
-                                      traceable)
-        if done is not None:
-            return done
+    done = _tma_attention_forward(x, weight, fan_in_fan_out, N, bias, scale, save_preact,
+                                  traceable, scale_index)
+    if done is not None:
+        return done
     if _use_cublas("attn_fwd", M, N, K, weight.dtype, x.device):
         u = _cublas_linear(x.to(out_dtype), weight if fan_in_fan_out else weight.t(), bias)
         y = torch.empty_like(u)

@@ -83,10 +83,12 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     w = wq.dequantize_into(torch.empty((N, K), device=x.device, dtype=dtype),
                            scale=scale if feedforward else None, scale_axis=1,
                            traceable=traceable)
-    if not feedforward and scale_index is None:
+    if not feedforward:
         # The scratch is a 16-bit (N, K) matrix: the dense layer's rule and kernel apply, with
-        # bias and l in the epilogue instead of a pass over u (dense.TMA_MIN_M's notes).
-        done = _tma_attention_forward(x, w, False, N, bias, scale, save_preact, traceable)
+        # bias and l (a mixed batch: each row's l) in the epilogue instead of a pass over u
+        # (dense.TMA_MIN_M's notes).
+        done = _tma_attention_forward(x, w, False, N, bias, scale, save_preact, traceable,
+                                      scale_index)
         if done is not None:
             return done
     out = _cublas_linear(x, w.t(), bias)

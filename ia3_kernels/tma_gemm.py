@@ -14,7 +14,8 @@ deeper pipeline). IA3 rides on it:
   - epilogue: u = acc (+ bias[n]); STORE_PREACT writes u; REDUCE_AUX writes per-tile-row
     partial sums of u * aux (the feedforward backward's dl = sum_rows (dy W) * x, summed later
     in a fixed order: deterministic); SCALE_C multiplies by scale_c[n] (attention forward's l,
-    feedforward backward's dx = g * l).
+    feedforward backward's dx = g * l), or with SCALE_GATHER by scale_c[idx[m // T], n]: row m
+    of a mixed-adapter batch takes its example's row of an (adapters, N) table (mixed.py).
 B is read as stored: (N, K) rows (nn.Linear's weight in the forward) or (K, N) rows
 (B_KN: fan_in_fan_out weights, and W itself in dx = g W).
 
@@ -51,9 +52,10 @@ def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _tma_epilogue(acc, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
-                  pid_m, off_m, off_n, N,
+                  scale_index_ptr, rows_per_index, pid_m, off_m, off_n, M, N,
                   HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr, REDUCE_AUX: tl.constexpr,
-                  SCALE_C: tl.constexpr, STORE_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                  SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr, STORE_C: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = off_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     u = acc
@@ -67,7 +69,16 @@ def _tma_epilogue(acc, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_
         tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(u * aux, axis=0),
                  mask=mask_n)
     if STORE_C:
-        if SCALE_C:
+        if SCALE_GATHER:
+            # The table is L2-resident (128 adapters x 4096 fp32 values: 2 MiB); one index
+            # load a row of the tile.
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            row = tl.load(scale_index_ptr + offs_m // rows_per_index, mask=mask_m,
+                          other=0).to(tl.int64)
+            u = u * tl.load(scale_c_ptr + row[:, None] * N + offs_n[None, :],
+                            mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        elif SCALE_C:
             u = u * tl.load(scale_c_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         c_desc.store([off_m, off_n], u.to(c_desc.dtype))
 
@@ -75,11 +86,12 @@ def _tma_epilogue(acc, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_
 @triton.jit
 def _ia3_tma_gemm_kernel(
     a_desc, b_desc, c_desc, u_desc, aux_desc,
-    scale_a_ptr, bias_ptr, scale_c_ptr, partial_ptr,
+    scale_a_ptr, bias_ptr, scale_c_ptr, partial_ptr, scale_index_ptr, rows_per_index,
     M, N, K,
     B_KN: tl.constexpr,  # B stored (K, N) (else (N, K), used transposed)
     SCALE_A: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr,
-    REDUCE_AUX: tl.constexpr, SCALE_C: tl.constexpr, STORE_C: tl.constexpr,
+    REDUCE_AUX: tl.constexpr, SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr,
+    STORE_C: tl.constexpr,
     SUBTILE: tl.constexpr,  # the epilogue in two BLOCK_N / 2 halves
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
@@ -117,15 +129,18 @@ def _ia3_tma_gemm_kernel(
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             acc0, acc1 = tl.split(halves)
             _tma_epilogue(acc0, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
-                          pid_m, off_m, off_n, N, HAS_BIAS, STORE_PREACT, REDUCE_AUX, SCALE_C,
-                          STORE_C, BLOCK_N // 2)
+                          scale_index_ptr, rows_per_index, pid_m, off_m, off_n, M, N, HAS_BIAS,
+                          STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER, STORE_C, BLOCK_M,
+                          BLOCK_N // 2)
             _tma_epilogue(acc1, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
-                          pid_m, off_m, off_n + BLOCK_N // 2, N, HAS_BIAS, STORE_PREACT,
-                          REDUCE_AUX, SCALE_C, STORE_C, BLOCK_N // 2)
+                          scale_index_ptr, rows_per_index, pid_m, off_m, off_n + BLOCK_N // 2,
+                          M, N, HAS_BIAS, STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER,
+                          STORE_C, BLOCK_M, BLOCK_N // 2)
         else:
             _tma_epilogue(acc, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
-                          pid_m, off_m, off_n, N, HAS_BIAS, STORE_PREACT, REDUCE_AUX, SCALE_C,
-                          STORE_C, BLOCK_N)
+                          scale_index_ptr, rows_per_index, pid_m, off_m, off_n, M, N, HAS_BIAS,
+                          STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER, STORE_C, BLOCK_M,
+                          BLOCK_N)
 
 
 def _eager_kernel():
@@ -180,10 +195,13 @@ def eligible(a: torch.Tensor, b: torch.Tensor, n_out: int, *others: Optional[tor
 
 
 def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_c=None,
-                    store_preact=False, aux=None, store_c=True, tiles=None, out=None):
+                    store_preact=False, aux=None, store_c=True, tiles=None, out=None,
+                    scale_index=None):
     """C = epilogue(prologue(a) @ B), B[k, n] = b[k, n] if b_kn else b[n, k]. Returns
     (c, u, partial): u the pre-scaling output when store_preact, partial (row blocks, N) fp32
-    sums of u * aux when aux is given (reduce with a fixed-order sum)."""
+    sums of u * aux when aux is given (reduce with a fixed-order sum).
+    scale_index: a mixed-adapter batch (B,) of table rows, scale_c then a contiguous
+    (adapters, N) table: the M rows, in order, belong to B examples of M / B rows each."""
     M, K = a.shape
     bm, bn, bk, warps, stages, subtile = tiles or DEFAULT_TILES
     n_sm = sm_count(a.device)
@@ -207,9 +225,11 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     aux_desc = TensorDescriptor.from_tensor(aux, [bm, bn_epi]) if aux is not None else c_desc
     grid = (min(n_sm, num_pid_m * cdiv(N, bn)),)
     _KERNEL[grid](
-        a_desc, b_desc, c_desc, u_desc, aux_desc, scale_a, bias, scale_c, partial, M, N, K,
+        a_desc, b_desc, c_desc, u_desc, aux_desc, scale_a, bias, scale_c, partial, scale_index,
+        M // scale_index.numel() if scale_index is not None else 1, M, N, K,
         B_KN=b_kn, SCALE_A=scale_a is not None, HAS_BIAS=bias is not None,
-        STORE_PREACT=store_preact, REDUCE_AUX=aux is not None, SCALE_C=scale_c is not None,
-        STORE_C=store_c, SUBTILE=subtile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        STORE_PREACT=store_preact, REDUCE_AUX=aux is not None,
+        SCALE_C=scale_c is not None and scale_index is None,
+        SCALE_GATHER=scale_c is not None and scale_index is not None, STORE_C=store_c, SUBTILE=subtile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         NUM_SMS=n_sm, num_warps=warps, num_stages=stages)
     return c, u, partial

@@ -82,6 +82,27 @@ def test_backward_gemms(M, K, N, tiles, dtype):
     assert_within_peft_bar(dx, peft, (dy64 * l_out.double()) @ w64, dtype, "attn dx")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,tiles", CASES)
+def test_gathered_output_scaling(M, K, N, tiles, dtype):
+    """A mixed-adapter batch's attention forward: row m scaled by its example's row of an
+    (adapters, N) table, u stored; examples of one row (decode) and of several."""
+    x, w, b, _, _, _ = inputs(M, K, N, dtype, seed=2)
+    g = torch.Generator().manual_seed(5)
+    table = (torch.rand(3, N, generator=g) + 0.5).to(DEVICE)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    u64 = x64 @ w64.t() + b64
+    u_peft = F.linear(x, w, b)
+    for examples in {M, 1} | ({M // 5} if M % 5 == 0 else set()):
+        index = torch.randint(0, 3, (examples,), generator=g).to(DEVICE)
+        rows = table[index].repeat_interleave(M // examples, dim=0)  # (M, N)
+        y, u, _ = tma_gemm.launch_tma_gemm(x, w, False, N, bias=b, scale_c=table,
+                                           store_preact=True, tiles=tiles, scale_index=index)
+        assert_within_peft_bar(u, u_peft, u64, dtype, "u")
+        assert_within_peft_bar(y, (u_peft * rows).to(dtype), u64 * rows.double(), dtype,
+                               f"mixed y, {examples} examples")
+
+
 def test_deterministic_and_writes_into_out():
     x, w, b, l_in, _, _ = inputs(70, 40, 48, torch.float16)
     tiles = (16, 32, 16, 4, 1, True)
