@@ -681,6 +681,13 @@ ATTN_BWD_DL_IN_KERNEL_MAX_M = 512
 TMA_MIN_M = 2048
 TMA_MAX_DIM = 4096
 TMA_BWD_MIN_FLOP = 1 << 38
+# Mixed-adapter attention forwards gather each row's l in the TMA GEMM's epilogue from
+# N = 4096 columns, where the M x N pass it replaces is large. H100, CUDA graphs, prefill
+# M = 4096, mixed / single-adapter batch, gather in the epilogue against cuBLAS + the gathering
+# pass (mixed-stop34-tma-h100.md against mixed-stop34-h100.md): q/o_proj 4096->4096 bf16
+# 1.028-1.033 against 1.062-1.064, NF4 1.013-1.018 against 1.053-1.061; but k/v_proj
+# 4096->1024 bf16 1.072-1.080 against 1.032-1.037 (NF4 1.004-1.014 against 1.034-1.041).
+TMA_GATHER_MIN_N = 4096
 
 
 # Under torch.compile (the custom ops' bodies, traced: traceable=True) the GEMMs from
@@ -796,6 +803,8 @@ def _tma_attention_forward(x, w, w_kn: bool, N: int, bias, scale, save_preact: b
     pass ran before, a mixed prefill read 1.03-1.06x the single-adapter batch (which took this
     kernel) on Llama-3-8B's q/o and k/v (H100, CUDA graphs, benchmarks/results/mixed-stop34.md)."""
     M, K = x.shape
+    if scale_index is not None and N < TMA_GATHER_MIN_N:
+        return None
     if not _use_tma("attn_fwd", M, N, K, w.dtype, x.device, traceable):
         return None
     x = x.to(w.dtype)

@@ -204,6 +204,12 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     (adapters, N) table: the M rows, in order, belong to B examples of M / B rows each."""
     M, K = a.shape
     bm, bn, bk, warps, stages, subtile = tiles or DEFAULT_TILES
+    if scale_index is not None and scale_c is not None:
+        # The gathered table tile goes to the accumulator's layout through shared memory, on
+        # top of the pipeline's stages (48 KiB each at 128 x 256 x 64). H100, 2026-12-06: with
+        # u stored too, 3 stages needed 245,784-262,176 bytes against the 232,448 there are
+        # (gpu-tests-stop34b/c-h100.log), 2 ran; without u, 3 stages ran (mixed-stop34-tma-h100).
+        stages = min(stages, 2 if store_preact else 3)
     n_sm = sm_count(a.device)
     c = None
     if store_c:

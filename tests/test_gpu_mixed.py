@@ -12,8 +12,9 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("batch,tokens", [(64, 1), (16, 256)], ids=["decode", "prefill"])
-@pytest.mark.parametrize("feedforward,k,n", [(False, 4096, 1024), (True, 14336, 4096)],
-                         ids=["attn-kv", "ff-down"])
+@pytest.mark.parametrize("feedforward,k,n",
+                         [(False, 4096, 1024), (False, 4096, 4096), (True, 14336, 4096)],
+                         ids=["attn-kv", "attn-qo", "ff-down"])
 @pytest.mark.parametrize("family", ["dense", "int8", "nf4"])
 def test_mixed_llama_shapes_bf16(family, feedforward, k, n, batch, tokens):
     assert HAS_CUDA
@@ -33,6 +34,9 @@ def test_mixed_llama_shapes_bf16(family, feedforward, k, n, batch, tokens):
     for name, g_, gp, gr in zip(["dx", "dtable", "dbias"], grads, grads_peft, grads_ref):
         assert_within_peft_bar(g_, gp, gr, torch.bfloat16, name)
     assert torch.all(grads[1][31] == 0)
+    with torch.no_grad():  # serving: no u stored (attn-qo prefill: the TMA GEMM's gather)
+        y_serving = op(x, b, table, feedforward, index)
+    assert_within_peft_bar(y_serving, y_peft, y_ref, torch.bfloat16, "y without grad")
     # Deterministic: a second backward gives the same bits.
     _, again, _ = _run(op, x, b, table, feedforward, index, dy)
     for first, second in zip(grads, again):

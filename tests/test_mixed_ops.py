@@ -88,6 +88,42 @@ def test_mixed_batch_against_reference(triton_backend, family, shape, dtype, fee
     assert torch.all(grads[1][unused] == 0), "an adapter no example uses got a gradient"
 
 
+@pytest.mark.skipif(not ia3_kernels.tma_gemm.available(torch.device(DEVICE)),
+                    reason="needs TMA (Hopper) or the interpreter, and triton >= 3.4")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_attention_forward_on_the_tma_gemm(triton_backend, monkeypatch, family):
+    """Large-M attention forwards of a mixed batch gather each row's l in the TMA GEMM's
+    epilogue from dense.TMA_GATHER_MIN_N columns (dense, and the quantized layers' dequantized
+    scratch), as single-adapter ones take l there: the kernel is reached, with u stored
+    (training) and without (serving), and the output and gradients stay within the bar;
+    narrower layers keep cuBLAS + the gathering pass."""
+    from conftest import count_calls
+    from ia3_kernels import dense
+
+    monkeypatch.setattr(dense, "TMA_GATHER_MIN_N", 32)  # the rule's 4096 columns, scaled down
+    calls = count_calls(monkeypatch, ia3_kernels.tma_gemm, "launch_tma_gemm")
+    x, w, b, table, index = _case(4, 6, 48, 32, False, torch.float16)  # TMA-aligned rows
+    op, reference = _family(family, w, torch.float16)
+    with ia3_kernels.dense_path("tma"):
+        y, grads, dy = _run(op, x, b, table, False, index)
+        with torch.no_grad():
+            y_serving = op(x, b, table, False, index)
+    gathered = [kw for _, kw in calls if kw.get("scale_index") is not None]
+    assert [kw["store_preact"] for kw in gathered] == [True, False], "TMA GEMM not reached"
+    y_peft, grads_peft, _ = _run(reference, x, b, table, False, index, dy)
+    y_ref, grads_ref, _ = _run(reference, x.double(), b.double(), table.double(), False,
+                               index, dy.double())
+    assert_within_peft_bar(y, y_peft, y_ref, torch.float16, "y")
+    assert_within_peft_bar(y_serving, y_peft, y_ref, torch.float16, "y without grad")
+    for name, g, gp, gr in zip(["dx", "dtable", "dbias"], grads, grads_peft, grads_ref):
+        assert_within_peft_bar(g, gp, gr, torch.float16, name)
+    calls.clear()
+    monkeypatch.setattr(dense, "TMA_GATHER_MIN_N", 33)  # narrower than the rule: no gather
+    with ia3_kernels.dense_path("tma"), torch.no_grad():
+        op(x, b, table, False, index)
+    assert all(kw.get("scale_index") is None for _, kw in calls)
+
+
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_equals_each_example_alone(triton_backend, family, feedforward):
