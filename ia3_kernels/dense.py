@@ -700,7 +700,8 @@ TMA_GATHER_MIN_N = 4096
 # (SMALL_GEMM_FLOP, host time) goes: GPU time alone decides, and under CUDA graphs the cuBLAS
 # routes win from 2**30 flop and M = 128 (GRAPHED_FWD_CUBLAS_MIN_FLOP). Before this rule, the
 # compiled T-Few T5-base step (768-wide layers, all under SMALL_GEMM_FLOP) read 1.183x PEFT
-# compiled's and Llama-3.2-1B 1.001x (benchmarks/results/e2e-h100.md, 2026-11-25).
+# compiled's and GPT-2 small 1.004x (benchmarks/results/e2e-h100.md, 2026-11-25); with it
+# 0.991x and 0.982x, at PEFT compiled's peak memory (e2e-compiled-stop34-h100.md, H100).
 # Decode-sized calls (M < 128) keep the fused kernels, which beat cuBLAS + a pass there.
 COMPILED_ATEN_MIN_FLOP = 1 << 30
 COMPILED_ATEN_MIN_M = 128
@@ -801,7 +802,8 @@ def _tma_attention_forward(x, w, w_kn: bool, N: int, bias, scale, save_preact: b
     quantized layer's dequantized (N, K) scratch. scale_index: a mixed-adapter batch, each row
     gathering its example's l from the table in the epilogue. Where cuBLAS + the gathering
     pass ran before, a mixed prefill read 1.03-1.06x the single-adapter batch (which took this
-    kernel) on Llama-3-8B's q/o and k/v (H100, CUDA graphs, benchmarks/results/mixed-stop34.md)."""
+    kernel) on Llama-3-8B's q/o and k/v (H100, CUDA graphs, mixed-stop34-h100.md); see
+    TMA_GATHER_MIN_N."""
     M, K = x.shape
     if scale_index is not None and N < TMA_GATHER_MIN_N:
         return None

@@ -236,6 +236,7 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
         B_KN=b_kn, SCALE_A=scale_a is not None, HAS_BIAS=bias is not None,
         STORE_PREACT=store_preact, REDUCE_AUX=aux is not None,
         SCALE_C=scale_c is not None and scale_index is None,
-        SCALE_GATHER=scale_c is not None and scale_index is not None, STORE_C=store_c, SUBTILE=subtile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        SCALE_GATHER=scale_c is not None and scale_index is not None, STORE_C=store_c,
+        SUBTILE=subtile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         NUM_SMS=n_sm, num_warps=warps, num_stages=stages)
     return c, u, partial
