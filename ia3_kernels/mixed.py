@@ -72,6 +72,12 @@ def gathered_rows(scale: torch.Tensor, adapter_index: torch.Tensor, rows: int) -
     return scale[row_index(adapter_index, rows)]
 
 
+def rows_per_example(adapter_index: Optional[torch.Tensor], rows: int) -> int:
+    """How many consecutive GEMM rows each example of a mixed batch owns (the kernels' divisor
+    from a row to its table index); 1 without a mixed batch (the argument then goes unused)."""
+    return rows // adapter_index.numel() if adapter_index is not None else 1
+
+
 def row_index(adapter_index: torch.Tensor, rows: int) -> torch.Tensor:
     """One table row per GEMM row (int32), for passes over row slices of the batch."""
     return adapter_index.to(torch.int32).repeat_interleave(rows // max(1, adapter_index.numel()))

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, mixed
 from .dense import (INT8_SCALE_MUL, _absmax_of_blocks, _dot_precision, _sm_count,
                     _split_k_counters, _traceable, gather_table, split_k_reduce)
 from .launch import FastKernel, cdiv
@@ -641,7 +641,7 @@ def launch_small_m(x, w, w_scale, N: int, out_dtype, *, traceable: bool, quant4=
         M, N, n_tiles, split, out_dtype, store_preact, quant4, device, traceable)
     _KERNELS[traceable][(n_tiles, split)](
         x, w, c, scale_a, scale_c, bias, preact, workspace, counters, w_scale, *q_ptrs,
-        scale_index, M, N, K, M // scale_index.numel() if scale_index is not None else 1,
+        scale_index, M, N, K, mixed.rows_per_example(scale_index, M),
         x.stride(0), x.stride(1), 0 if four_bit else w.stride(0), c.stride(0), c.stride(1),
         W_4BIT=four_bit, W_SCALE_MUL=INT8_SCALE_MUL, Q_BLOCKSIZE=q_const[0],
         Q_NESTED=q_const[1], Q_BLOCKSIZE2=q_const[2], SCALE_A=scale_a is not None,

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import mixed
 from .launch import cdiv, sm_count
 
 try:  # triton >= 3.4: host-side tensor descriptors (passed by value, capturable in graphs)
@@ -232,7 +233,7 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     grid = (min(n_sm, num_pid_m * cdiv(N, bn)),)
     _KERNEL[grid](
         a_desc, b_desc, c_desc, u_desc, aux_desc, scale_a, bias, scale_c, partial, scale_index,
-        M // scale_index.numel() if scale_index is not None else 1, M, N, K,
+        mixed.rows_per_example(scale_index, M), M, N, K,
         B_KN=b_kn, SCALE_A=scale_a is not None, HAS_BIAS=bias is not None,
         STORE_PREACT=store_preact, REDUCE_AUX=aux is not None,
         SCALE_C=scale_c is not None and scale_index is None,
