@@ -55,6 +55,14 @@ def ia3_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if "ia3_l" in n and p.grad is not None}
 
 
+def output_and_grads(fn, *inputs):
+    """(y, d loss/d input for each input) of y = fn(*inputs) with loss = sum(y^2) in fp32, on
+    fresh leaves: the eager-vs-compiled comparisons of the GPU tests."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    return (y, *torch.autograd.grad(y.float().square().sum(), leaves))
+
+
 def add_random_adapter(models, name, seed, config=None):
     """Add adapter `name` (random vectors) to each model and make it the active one."""
     for model in models:

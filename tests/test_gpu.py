@@ -12,7 +12,7 @@ from ia3_kernels import dense
 from peft import IA3Config, get_peft_model
 from test_dense_op import check_against_reference, make_case
 from test_models import batch, gpt2, llama, t5, train
-from helpers import randomize_ia3
+from helpers import output_and_grads, randomize_ia3
 
 pytestmark = pytest.mark.gpu
 
@@ -71,16 +71,10 @@ def test_torch_compile_cublas_path(feedforward, path):
     def layer(x, s):
         return ia3_kernels.ia3_linear(x, w, b, s, feedforward)
 
-    def fwd_bwd(fn):
-        xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
-        y = fn(xg, sg)
-        y.float().square().sum().backward()  # the compiled backward graph runs here
-        return y, xg.grad, sg.grad
-
     with ia3_kernels.dense_path(path):
-        eager = fwd_bwd(layer)
+        eager = output_and_grads(layer, x, s)
         torch._dynamo.reset()
-        compiled = fwd_bwd(torch.compile(layer, fullgraph=True))
+        compiled = output_and_grads(torch.compile(layer, fullgraph=True), x, s)
     for e, c in zip(eager, compiled):  # bf16: compare by norm, a few elements differ by an ulp
         assert (c.float() - e.float()).norm() <= 1e-2 * e.float().norm()
 
@@ -99,16 +93,10 @@ def test_compiled_large_gemm_leaves_ia3s_elementwise_work_to_inductor(feedforwar
         def layer(x, s):
             return ia3_kernels.ia3_linear(x, w, b, s, feedforward)
 
-        def fwd_bwd(fn):
-            xg, sg = x.clone().requires_grad_(), s.clone().requires_grad_()
-            y = fn(xg, sg)
-            y.float().square().sum().backward()
-            return y, xg.grad, sg.grad
-
-        eager = fwd_bwd(layer)
+        eager = output_and_grads(layer, x, s)
         torch._dynamo.reset()
         compiled_layer = torch.compile(layer, fullgraph=True)
-        compiled, codes = run_and_get_code(lambda: fwd_bwd(compiled_layer))
+        compiled, codes = run_and_get_code(lambda: output_and_grads(compiled_layer, x, s))
         code = "\n".join(codes)
         # Inductor inlines the custom op's body (no opaque call to it), and past the bound
         # that body holds cuBLAS GEMMs and torch ops only.

@@ -9,6 +9,7 @@ import torch
 import ia3
 import ia3_kernels
 from conftest import capture_cuda_graph
+from helpers import output_and_grads
 from test_conv import CASES, check, make_case
 
 pytestmark = pytest.mark.gpu
@@ -135,13 +136,9 @@ def test_torch_compile_fullgraph(feedforward):
     layer = torch.compile(lambda x, s: ia3_kernels.ia3_conv(x, w, b, s, feedforward, **kwargs),
                           fullgraph=True)
 
-    def fwd_bwd(fn):
-        xx, ss = x.detach().requires_grad_(), scale.detach().requires_grad_()
-        y = fn(xx, ss)
-        return (y, *torch.autograd.grad(y.float().square().sum(), [xx, ss]))
-
-    eager = fwd_bwd(lambda xx, ss: ia3_kernels.ia3_conv(xx, w, b, ss, feedforward, **kwargs))
-    compiled = fwd_bwd(layer)
+    eager = output_and_grads(
+        lambda xx, ss: ia3_kernels.ia3_conv(xx, w, b, ss, feedforward, **kwargs), x, scale)
+    compiled = output_and_grads(layer, x, scale)
     for e, c in zip(eager, compiled):
         assert (c.float() - e.float()).norm() <= 2e-2 * e.float().norm()
 

@@ -11,7 +11,7 @@ from peft import get_peft_model
 import ia3
 import ia3_kernels
 from conftest import capture_cuda_graph
-from helpers import check_quantized_llama_trains, ia3_grads, randomize_ia3, to_4bit
+from helpers import check_quantized_llama_trains, output_and_grads, ia3_grads, randomize_ia3, to_4bit
 from ia3_kernels import fourbit
 from ia3_kernels.fourbit import FourBitWeight
 from test_fourbit import FORMATS, check_against_reference, make_case
@@ -111,14 +111,9 @@ def test_torch_compile_fullgraph(feedforward):
     def f(x, s):
         return ia3_kernels.ia3_linear_4bit(x, w, b, s, feedforward)
 
-    def fwd_bwd(fn):
-        s = scale.detach().clone().requires_grad_()
-        y = fn(x, s)
-        y.float().square().sum().backward()
-        return y, s.grad
-
-    y_e, g_e = fwd_bwd(f)
-    y_c, g_c = fwd_bwd(torch.compile(f, fullgraph=True))
+    y_e, g_e = output_and_grads(lambda s: f(x, s), scale)
+    compiled = torch.compile(f, fullgraph=True)
+    y_c, g_c = output_and_grads(lambda s: compiled(x, s), scale)
     torch.testing.assert_close(y_c, y_e)
     torch.testing.assert_close(g_c, g_e)
 
