@@ -207,10 +207,13 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     bm, bn, bk, warps, stages, subtile = tiles or DEFAULT_TILES
     if scale_index is not None and scale_c is not None:
         # The gathered table tile goes to the accumulator's layout through shared memory, on
-        # top of the pipeline's stages (48 KiB each at 128 x 256 x 64). H100, 2026-12-06: with
-        # u stored too, 3 stages needed 245,784-262,176 bytes against the 232,448 there are
-        # (gpu-tests-stop34b/c-h100.log), 2 ran; without u, 3 stages ran (mixed-stop34-tma-h100).
-        stages = min(stages, 2 if store_preact else 3)
+        # top of the pipeline's stages (48 KiB each at 128 x 256 x 64) and the 32 KiB output
+        # tile: 32 KiB more for a 16-bit table, 64 for an fp32 one (PEFT's default vector
+        # dtype), 32 more again with u stored. H100 (232,448 bytes), 2026-12-06: 3 stages
+        # needed 245,784 bytes with u and a bf16 table (gpu-tests-stop34b/c-h100.log) and as
+        # much with an fp32 table and no u (gpu-tests-stop35-h100.log); 2 stages ran with u and
+        # an fp32 table, 3 without u and a bf16 table (mixed-stop34-tma-h100).
+        stages = min(stages, 2 if store_preact or scale_c.element_size() > 2 else 3)
     n_sm = sm_count(a.device)
     c = None
     if store_c:
