@@ -75,8 +75,10 @@ def _base(shape: Shape, fmt_name: str):
     return q.cuda().requires_grad_(False)
 
 
-def build(shape: Shape, fmt_name: str, adapters: int):
-    """(bare base, PEFT's wrapper, ours) holding the same `adapters` random vectors t0, t1, ..."""
+def build(shape: Shape, fmt_name: str, adapters: int, vector_dtype: Optional[torch.dtype] = None):
+    """(bare base, PEFT's wrapper, ours) holding the same `adapters` random vectors t0, t1, ...:
+    in the base's dtype as PEFT's layer classes make them, or `vector_dtype` (fp32: what
+    get_peft_model keeps by default, autocast_adapter_dtype=True)."""
     from peft.tuners.ia3 import bnb as peft_bnb
 
     feedforward = MODES[shape.layer] == "ff"
@@ -93,6 +95,8 @@ def build(shape: Shape, fmt_name: str, adapters: int):
             for name in (f"t{a}" for a in range(adapters)):
                 p = layer.ia3_l[name]
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+                if vector_dtype is not None:
+                    p.data = p.data.to(vector_dtype)
         layer.set_adapter("t0")
         layers.append(layer.requires_grad_(False))
     peft_layer, ours = layers
@@ -120,8 +124,9 @@ def _timed(timer, fn) -> Optional[float]:
         return None
 
 
-def bench(shape: Shape, fmt_name: str, adapters: int, phases, rep_ms: int) -> list[MixedRow]:
-    bare, peft_layer, ours = build(shape, fmt_name, adapters)
+def bench(shape: Shape, fmt_name: str, adapters: int, phases, rep_ms: int,
+          vector_dtype: Optional[torch.dtype] = None) -> list[MixedRow]:
+    bare, peft_layer, ours = build(shape, fmt_name, adapters, vector_dtype)
     rows = []
     for phase in phases:
         batch, tokens = BATCHES[phase]
@@ -215,6 +220,9 @@ def main(argv=None) -> int:
     parser.add_argument("--phases", default="decode,prefill")
     parser.add_argument("--quick", action="store_true", help="k/v_proj only, 8 and 32 adapters")
     parser.add_argument("--rep-ms", type=int, default=60)
+    parser.add_argument("--fp32-vectors", action="store_true",
+                        help="IA3 vectors in fp32 (get_peft_model's default) instead of the "
+                             "base's dtype; the environment records which")
     parser.add_argument("--stem", default="mixed")
     parser.add_argument("--out", default=str(RESULTS), help="directory for JSON + markdown")
     parser.add_argument("--report", help="rewrite the markdown of this result JSON and stop")
@@ -230,14 +238,16 @@ def main(argv=None) -> int:
     shapes = SHAPES[:1] if args.quick else SHAPES
     counts = [8, 32] if args.quick else [int(a) for a in args.adapters.split(",")]
     env = environment()
+    env["vectors"] = "float32" if args.fp32_vectors else "base dtype (bf16)"
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for fmt_name in args.fmts.split(","):
         for shape in shapes:
             for adapters in counts:
-                rows += [asdict(r) for r in bench(shape, fmt_name, adapters,
-                                                  args.phases.split(","), args.rep_ms)]
+                rows += [asdict(r) for r in bench(
+                    shape, fmt_name, adapters, args.phases.split(","), args.rep_ms,
+                    torch.float32 if args.fp32_vectors else None)]
                 # After every case: a run cut off keeps what it measured.
                 (out / f"{args.stem}.json").write_text(json.dumps({"env": env, "rows": rows},
                                                                   indent=1))
