@@ -135,3 +135,30 @@ def test_empty_rows():
                                              aux=torch.empty(0, 32, device=DEVICE,
                                                              dtype=torch.float16))
     assert y.shape == u.shape == (0, 32) and partial.shape == (0, 32)
+
+
+@pytest.mark.parametrize("table_dtype,store_preact,stages", [
+    (torch.float16, False, 3), (torch.float16, True, 2), (torch.float32, False, 2),
+    (torch.float32, True, 2), (None, True, 4)], ids=["16bit", "16bit-u", "fp32", "fp32-u", "plain"])
+def test_pipeline_stages_leave_room_for_the_gathered_table(monkeypatch, table_dtype,
+                                                           store_preact, stages):
+    """The gathering epilogue stages the table tile in shared memory on top of the pipeline:
+    an H100 (232,448 bytes) ran out at 3 stages with an fp32 table or with u stored
+    (gpu-tests-stop35-h100.log), so launch_tma_gemm caps the stages there; a plain epilogue
+    keeps the 4 asked for. Checked at the launch (the numbers are the GPU's, not the
+    interpreter's)."""
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["num_stages"])
+
+    monkeypatch.setattr(tma_gemm, "_KERNEL", Recorder())
+    x, w, b, _, l_out, _ = inputs(64, 64, 64, torch.float16)
+    kwargs = {}
+    if table_dtype is not None:
+        kwargs = dict(scale_c=torch.stack([l_out, l_out]).to(table_dtype),
+                      scale_index=torch.tensor([0, 1], device=DEVICE))
+    tma_gemm.launch_tma_gemm(x, w, False, 64, bias=b, store_preact=store_preact,
+                             tiles=(128, 256, 64, 8, 4, True), **kwargs)
+    assert launched == [stages]
