@@ -11,7 +11,8 @@ from peft import get_peft_model
 import ia3
 import ia3_kernels
 from conftest import capture_cuda_graph
-from helpers import check_quantized_llama_trains, output_and_grads, ia3_grads, randomize_ia3, to_4bit
+from helpers import (check_quantized_llama_trains, ia3_grads, output_and_grads, randomize_ia3,
+                     to_4bit)
 from ia3_kernels import fourbit
 from ia3_kernels.fourbit import FourBitWeight
 from test_fourbit import FORMATS, check_against_reference, make_case
@@ -106,7 +107,6 @@ def test_opcheck(path, feedforward, save_preact):
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_torch_compile_fullgraph(feedforward):
     x, w, b, scale = make_case(64, 512, 256, feedforward, True, torch.bfloat16)
-    scale.requires_grad_()
 
     def f(x, s):
         return ia3_kernels.ia3_linear_4bit(x, w, b, s, feedforward)

@@ -71,7 +71,6 @@ def test_opcheck(path, feedforward, save_preact):
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 def test_torch_compile_fullgraph(feedforward):
     x, cb, scb, b, scale = make_case(64, 512, 256, feedforward, True, torch.bfloat16, device="cuda")
-    scale.requires_grad_()
 
     def f(x, s):
         return ia3_kernels.ia3_linear_int8(x, cb, scb, b, s, feedforward)
