@@ -3,6 +3,7 @@ shapes), `python -m benchmarks.e2e --quick` and `python -m benchmarks.generate -
 JSON and markdown, and `pytest benchmarks/ --benchmark-only` runs."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,3 +156,18 @@ def test_python_host_times_each_layer_and_restores_the_kernels(capsys):
     out = capsys.readouterr().out
     for layer in ("int8", "nf4", "dense"):
         assert f"  {layer:<6} no grad" in out
+
+
+def test_saved_tensors_lists_every_variant_and_the_difference(capsys):
+    """benchmarks.saved: the tensors each variant's forward keeps for the backward, grouped by
+    shape and dtype, and what ours keeps beyond PEFT; on the CPU both run the reference path,
+    so they keep the same tensors and the floor (no vectors, no dl) keeps fewer."""
+    from benchmarks import saved
+
+    assert saved.main(["tiny Llama"]) == 0
+    out = capsys.readouterr().out
+    counts = {label: int(re.search(rf"^--- {label}: [\d.]+ MiB in (\d+) tensors", out, re.M)[1])
+              for label in ("floor", "PEFT", "ours")}
+    assert counts["PEFT"] == counts["ours"] > counts["floor"], counts
+    assert "--- kept by ours, not by PEFT: 0.0 MiB" in out
+    assert saved.main(["no such model"]) == 1
