@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from .suite_report import _ok, judged
@@ -110,8 +111,8 @@ def plot_e2e(json_path: Path) -> Path:
     data = json.loads(json_path.read_text())
     rows = data["rows"]
 
-    def group(r):
-        return r["model"], "grad ckpt" if r["grad_ckpt"] else "no ckpt"
+    def group(r):  # model names wrapped: "Llama-3-8B dims x4 layers, NF4" overran its neighbours
+        return textwrap.fill(r["model"], 20), "grad ckpt" if r["grad_ckpt"] else "no ckpt"
     groups = list(dict.fromkeys(map(group, rows)))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     time_over = {(group(r), r["variant"]): r["over_floor"] for r in rows}
