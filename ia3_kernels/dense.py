@@ -691,7 +691,6 @@ TMA_BWD_MIN_FLOP = 1 << 38
 # every width: NF4 k/v_proj without the gather read 1.041-1.051 again (mixed-stop35-h100.md).
 # Why the same kernel costs a dense k/v_proj 3.9 us more and the scratch 0.3 is not profiled.
 TMA_GATHER_MIN_N = 4096
-TMA_GATHER_MIN_N_SCRATCH = 1
 
 
 # Under torch.compile (the custom ops' bodies, traced: traceable=True) the GEMMs from
@@ -807,9 +806,10 @@ def _tma_attention_forward(x, w, w_kn: bool, N: int, bias, scale, save_preact: b
     gathering its example's l from the table in the epilogue. Where cuBLAS + the gathering
     pass ran before, a mixed prefill read 1.03-1.06x the single-adapter batch (which took this
     kernel) on Llama-3-8B's q/o and k/v (H100, CUDA graphs, mixed-stop34-h100.md); see
-    TMA_GATHER_MIN_N. scratch: w is a quantized layer's dequantized scratch."""
+    TMA_GATHER_MIN_N (dense weights only). scratch: w is a quantized layer's dequantized
+    scratch."""
     M, K = x.shape
-    if scale_index is not None and N < (TMA_GATHER_MIN_N_SCRATCH if scratch else TMA_GATHER_MIN_N):
+    if scale_index is not None and not scratch and N < TMA_GATHER_MIN_N:
         return None
     if not _use_tma("attn_fwd", M, N, K, w.dtype, x.device, traceable):
         return None

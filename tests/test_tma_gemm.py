@@ -143,8 +143,8 @@ def test_empty_rows():
 def test_pipeline_stages_leave_room_for_the_gathered_table(monkeypatch, table_dtype,
                                                            store_preact, stages):
     """The gathering epilogue stages the table tile in shared memory on top of the pipeline:
-    an H100 (232,448 bytes) ran out at 3 stages with an fp32 table or with u stored
-    (gpu-tests-stop35-h100.log), so launch_tma_gemm caps the stages there; a plain epilogue
+    an H100 (232,448 bytes) ran out at 3 stages with u stored (gpu-tests-stop34b/c-h100.log)
+    or with an fp32 table (gpu-tests-stop35-h100.log), so launch_tma_gemm caps the stages there; a plain epilogue
     keeps the 4 asked for. Checked at the launch (the numbers are the GPU's, not the
     interpreter's)."""
     launched = []
