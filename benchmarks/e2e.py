@@ -76,6 +76,16 @@ QUICK_GPU_QUANT = [
 ]
 
 
+def spec_named(name: str, specs: list) -> ModelSpec | None:
+    """The spec called `name` among `specs`, or None after printing the names there are (the
+    single-model tools: host_profile, saved)."""
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    print(f"no model named {name!r}; one of {[s.name for s in specs]}")
+    return None
+
+
 def make_batch(spec: ModelSpec, vocab: int, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (spec.batch, spec.seq), generator=g).to(device)

@@ -25,11 +25,9 @@ def main(argv=None) -> int:
         print(__doc__.strip())
         return 0
     name = argv[0] if argv else "T5-base"
-    matches = [s for s in e2e.FULL + e2e.QUICK if s.name == name]
-    if not matches:
-        print(f"no model named {name!r}; one of {[s.name for s in e2e.FULL + e2e.QUICK]}")
+    spec = e2e.spec_named(name, e2e.FULL + e2e.QUICK)
+    if spec is None:
         return 1
-    spec = matches[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batch, _, variants = e2e.build_variants(spec, device, torch.bfloat16)

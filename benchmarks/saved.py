@@ -34,16 +34,18 @@ def saved_tensors(step_model, batch) -> Counter:
     return groups
 
 
+def group_mib(key: tuple, count: int) -> float:
+    shape, dtype = key
+    return torch.Size(shape).numel() * getattr(torch, dtype).itemsize * count / 2**20
+
+
 def mib(groups: Counter) -> float:
-    total = 0
-    for (shape, dtype), count in groups.items():
-        total += torch.Size(shape).numel() * torch.empty(0, dtype=getattr(torch, dtype)).element_size() * count
-    return total / 2**20
+    return sum(group_mib(k, n) for k, n in groups.items())
 
 
 def table(groups: Counter, top: int = 12) -> list[str]:
-    rows = sorted(groups.items(), key=lambda kv: -mib(Counter({kv[0]: kv[1]})))
-    return [f"    {mib(Counter({k: n})):9.1f} MiB  {n:4d} x {k[1]:9s} {list(k[0])}" for k, n in rows[:top]]
+    rows = sorted(groups.items(), key=lambda kv: -group_mib(*kv))
+    return [f"    {group_mib(k, n):9.1f} MiB  {n:4d} x {k[1]:9s} {list(k[0])}" for k, n in rows[:top]]
 
 
 def main(argv=None) -> int:
@@ -54,13 +56,11 @@ def main(argv=None) -> int:
     compile_ = "--compile" in argv
     names = [a for a in argv if not a.startswith("--")]
     name = names[0] if names else "Llama-3-8B dims x4 layers, NF4"
-    specs = e2e.FULL + e2e.QUICK + e2e.QUICK_GPU_QUANT
-    matches = [s for s in specs if s.name == name]
-    if not matches:
-        print(f"no model named {name!r}; one of {[s.name for s in specs]}")
+    spec = e2e.spec_named(name, e2e.FULL + e2e.QUICK + e2e.QUICK_GPU_QUANT)
+    if spec is None:
         return 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch, _, variants = e2e.build_variants(matches[0], device, torch.bfloat16 if
+    batch, _, variants = e2e.build_variants(spec, device, torch.bfloat16 if
                                             device.type == "cuda" else torch.float32)
     if compile_:
         for label in ("floor", "PEFT", "ours"):
