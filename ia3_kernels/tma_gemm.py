@@ -55,8 +55,8 @@ def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _tma_epilogue(acc, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
                   scale_index_ptr, rows_per_index, pid_m, off_m, off_n, M, N,
                   HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr, REDUCE_AUX: tl.constexpr,
-                  SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr, STORE_C: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr, GATHER_SPAN: tl.constexpr,
+                  STORE_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = off_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     u = acc
@@ -70,9 +70,31 @@ def _tma_epilogue(acc, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_
         tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(u * aux, axis=0),
                  mask=mask_n)
     if STORE_C:
-        if SCALE_GATHER:
-            # The table is L2-resident (128 adapters x 4096 fp32 values: 2 MiB); one index
-            # load a row of the tile.
+        if SCALE_GATHER and GATHER_SPAN > 0:
+            # The tile's rows belong to at most GATHER_SPAN examples: one table row (a vector,
+            # loaded in the accumulator's column layout as SCALE_C's is) per example, selected
+            # per row. No shared memory: the pipeline keeps its stages (see gather_span).
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            first = off_m // rows_per_index
+            last = (tl.minimum(off_m + BLOCK_M, M) - 1) // rows_per_index
+            scaled = u
+            for j in tl.static_range(GATHER_SPAN):
+                # Past the tile's last example j reloads that one's vector, which then
+                # scales no row: the index load needs no mask.
+                example = tl.minimum(first + j, last)
+                row = tl.load(scale_index_ptr + example).to(tl.int64)
+                vec = tl.load(scale_c_ptr + row * N + offs_n, mask=mask_n,
+                              other=0.0).to(tl.float32)
+                if GATHER_SPAN == 1:
+                    scaled = u * vec[None, :]
+                else:
+                    mine = (offs_m // rows_per_index) == first + j
+                    scaled = tl.where(mine[:, None], u * vec[None, :], scaled)
+            u = scaled
+        elif SCALE_GATHER:
+            # Rows of many examples (decode-like batches): each row gathers its own table row,
+            # a 2-D tile the compiler stages through shared memory into the accumulator's
+            # layout. The table is L2-resident (128 adapters x 4096 fp32 values: 2 MiB).
             offs_m = off_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
             row = tl.load(scale_index_ptr + offs_m // rows_per_index, mask=mask_m,
@@ -92,6 +114,7 @@ def _ia3_tma_gemm_kernel(
     B_KN: tl.constexpr,  # B stored (K, N) (else (N, K), used transposed)
     SCALE_A: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PREACT: tl.constexpr,
     REDUCE_AUX: tl.constexpr, SCALE_C: tl.constexpr, SCALE_GATHER: tl.constexpr,
+    GATHER_SPAN: tl.constexpr,  # examples a BLOCK_M tile spans at most; 0: gather per row
     STORE_C: tl.constexpr,
     SUBTILE: tl.constexpr,  # the epilogue in two BLOCK_N / 2 halves
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -131,17 +154,17 @@ def _ia3_tma_gemm_kernel(
             acc0, acc1 = tl.split(halves)
             _tma_epilogue(acc0, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
                           scale_index_ptr, rows_per_index, pid_m, off_m, off_n, M, N, HAS_BIAS,
-                          STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER, STORE_C, BLOCK_M,
-                          BLOCK_N // 2)
+                          STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER, GATHER_SPAN,
+                          STORE_C, BLOCK_M, BLOCK_N // 2)
             _tma_epilogue(acc1, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
                           scale_index_ptr, rows_per_index, pid_m, off_m, off_n + BLOCK_N // 2,
                           M, N, HAS_BIAS, STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER,
-                          STORE_C, BLOCK_M, BLOCK_N // 2)
+                          GATHER_SPAN, STORE_C, BLOCK_M, BLOCK_N // 2)
         else:
             _tma_epilogue(acc, c_desc, u_desc, aux_desc, bias_ptr, scale_c_ptr, partial_ptr,
                           scale_index_ptr, rows_per_index, pid_m, off_m, off_n, M, N, HAS_BIAS,
-                          STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER, STORE_C, BLOCK_M,
-                          BLOCK_N)
+                          STORE_PREACT, REDUCE_AUX, SCALE_C, SCALE_GATHER, GATHER_SPAN,
+                          STORE_C, BLOCK_M, BLOCK_N)
 
 
 def _eager_kernel():
@@ -195,6 +218,29 @@ def eligible(a: torch.Tensor, b: torch.Tensor, n_out: int, *others: Optional[tor
             and all(_aligned(t) for t in (a, b, *others)))
 
 
+# The epilogue gathers per example (one table vector each, no shared memory) where a BLOCK_M
+# tile spans at most this many examples, else per row. H100, Llama-3-8B q/o_proj 4096->4096,
+# prefill M = 4096 (8 to 128 examples of 32 to 512 tokens), CUDA graphs, mixed / single-adapter:
+# the per-row gather with an fp32 table (2 stages) read 1.50-1.54, NF4 k/v_proj 1.39-1.40
+# (mixed-stop36-fp32-h100.md); a 16-bit table (3 stages) 1.02-1.04 (mixed-stop36-h100.md).
+GATHER_MAX_SPAN = 8
+
+
+def gather_span(rows_per_example: int, block_m: int) -> int:
+    """The most examples of rows_per_example consecutive rows one tile of block_m rows (tiles
+    start at multiples of block_m) can hold, or 0 past GATHER_MAX_SPAN (gather per row)."""
+    T = rows_per_example
+    if T <= 0:
+        return 0
+    if T % block_m == 0:
+        span = 1
+    elif block_m % T == 0:
+        span = block_m // T
+    else:  # a window of block_m rows starting anywhere in an example
+        span = (block_m - 1 + T - 1) // T + 1
+    return span if span <= GATHER_MAX_SPAN else 0
+
+
 def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_c=None,
                     store_preact=False, aux=None, store_c=True, tiles=None, out=None,
                     scale_index=None):
@@ -205,15 +251,19 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     (adapters, N) table: the M rows, in order, belong to B examples of M / B rows each."""
     M, K = a.shape
     bm, bn, bk, warps, stages, subtile = tiles or DEFAULT_TILES
+    rows_per_index = mixed.rows_per_example(scale_index, M)
+    span = 0
     if scale_index is not None and scale_c is not None:
-        # The gathered table tile goes to the accumulator's layout through shared memory, on
-        # top of the pipeline's stages (48 KiB each at 128 x 256 x 64) and the 32 KiB output
-        # tile: 32 KiB more for a 16-bit table, 64 for an fp32 one (PEFT's default vector
-        # dtype), 32 more again with u stored. H100 (232,448 bytes), 2026-12-06: 3 stages
-        # needed 245,784 bytes with u and a bf16 table (gpu-tests-stop34b/c-h100.log) and as
-        # much with an fp32 table and no u (gpu-tests-stop35-h100.log); 2 stages ran with u and
-        # an fp32 table, 3 without u and a bf16 table (mixed-stop34-tma-h100).
-        stages = min(stages, 2 if store_preact or scale_c.element_size() > 2 else 3)
+        span = gather_span(rows_per_index, bm)
+        if span == 0:
+            # The per-row gather's table tile goes to the accumulator's layout through shared
+            # memory, on top of the pipeline's stages (48 KiB each at 128 x 256 x 64) and the
+            # 32 KiB output tile: 32 KiB more for a 16-bit table, 64 for an fp32 one (PEFT's
+            # default vector dtype), 32 more again with u stored. H100 (232,448 bytes): 3
+            # stages needed 245,784 bytes with u and a bf16 table (gpu-tests-stop34b/c-h100.log)
+            # and as much with an fp32 table and no u (gpu-tests-stop35-h100.log); 2 stages ran
+            # with u and an fp32 table, 3 without u and a bf16 table (mixed-stop34-tma-h100).
+            stages = min(stages, 2 if store_preact or scale_c.element_size() > 2 else 3)
     n_sm = sm_count(a.device)
     c = None
     if store_c:
@@ -236,11 +286,12 @@ def launch_tma_gemm(a, b, b_kn: bool, N: int, *, scale_a=None, bias=None, scale_
     grid = (min(n_sm, num_pid_m * cdiv(N, bn)),)
     _KERNEL[grid](
         a_desc, b_desc, c_desc, u_desc, aux_desc, scale_a, bias, scale_c, partial, scale_index,
-        mixed.rows_per_example(scale_index, M), M, N, K,
+        rows_per_index, M, N, K,
         B_KN=b_kn, SCALE_A=scale_a is not None, HAS_BIAS=bias is not None,
         STORE_PREACT=store_preact, REDUCE_AUX=aux is not None,
         SCALE_C=scale_c is not None and scale_index is None,
-        SCALE_GATHER=scale_c is not None and scale_index is not None, STORE_C=store_c,
+        SCALE_GATHER=scale_c is not None and scale_index is not None, GATHER_SPAN=span,
+        STORE_C=store_c,
         SUBTILE=subtile, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         NUM_SMS=n_sm, num_warps=warps, num_stages=stages)
     return c, u, partial

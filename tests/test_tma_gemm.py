@@ -86,14 +86,16 @@ def test_backward_gemms(M, K, N, tiles, dtype):
 @pytest.mark.parametrize("M,K,N,tiles", CASES)
 def test_gathered_output_scaling(M, K, N, tiles, dtype):
     """A mixed-adapter batch's attention forward: row m scaled by its example's row of an
-    (adapters, N) table, u stored; examples of one row (decode) and of several."""
+    (adapters, N) table, u stored; examples of one row (decode: the per-row gather) and of
+    several, aligned with the tiles or straddling them (the per-example gather, spans 1 to
+    5; gather_span says which)."""
     x, w, b, _, _, _ = inputs(M, K, N, dtype, seed=2)
     g = torch.Generator().manual_seed(5)
     table = (torch.rand(3, N, generator=g) + 0.5).to(DEVICE)
     x64, w64, b64 = x.double(), w.double(), b.double()
     u64 = x64 @ w64.t() + b64
     u_peft = F.linear(x, w, b)
-    for examples in {M, 1} | ({M // 5} if M % 5 == 0 else set()):
+    for examples in {M, 1} | {d for d in (2, 5, 7, 10, 14) if M % d == 0}:
         index = torch.randint(0, 3, (examples,), generator=g).to(DEVICE)
         rows = table[index].repeat_interleave(M // examples, dim=0)  # (M, N)
         y, u, _ = tma_gemm.launch_tma_gemm(x, w, False, N, bias=b, scale_c=table,
@@ -137,28 +139,50 @@ def test_empty_rows():
     assert y.shape == u.shape == (0, 32) and partial.shape == (0, 32)
 
 
-@pytest.mark.parametrize("table_dtype,store_preact,stages", [
-    (torch.float16, False, 3), (torch.float16, True, 2), (torch.float32, False, 2),
-    (torch.float32, True, 2), (None, True, 4)], ids=["16bit", "16bit-u", "fp32", "fp32-u", "plain"])
-def test_pipeline_stages_leave_room_for_the_gathered_table(monkeypatch, table_dtype,
+@pytest.mark.parametrize("examples,table_dtype,store_preact,stages", [
+    (64, torch.float16, False, 3), (64, torch.float16, True, 2), (64, torch.float32, False, 2),
+    (64, torch.float32, True, 2), (2, torch.float32, True, 4), (None, None, True, 4)],
+    ids=["row-16bit", "row-16bit-u", "row-fp32", "row-fp32-u", "example-fp32-u", "plain"])
+def test_pipeline_stages_leave_room_for_the_gathered_table(monkeypatch, examples, table_dtype,
                                                            store_preact, stages):
-    """The gathering epilogue stages the table tile in shared memory on top of the pipeline:
-    an H100 (232,448 bytes) ran out at 3 stages with u stored (gpu-tests-stop34b/c-h100.log)
-    or with an fp32 table (gpu-tests-stop35-h100.log), so launch_tma_gemm caps the stages there; a plain epilogue
-    keeps the 4 asked for. Checked at the launch (the numbers are the GPU's, not the
-    interpreter's)."""
+    """The per-row gather (64 examples of 1 row) stages the table tile in shared memory on top
+    of the pipeline: an H100 (232,448 bytes) ran out at 3 stages with u stored
+    (gpu-tests-stop34b/c-h100.log) or with an fp32 table (gpu-tests-stop35-h100.log), so
+    launch_tma_gemm caps the stages there. The per-example gather (2 examples of 32 rows: a
+    vector each, up to 4 a tile) and a plain epilogue keep the 4 asked for. Checked at the launch (the numbers
+    are the GPU's, not the interpreter's)."""
     launched = []
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append(kwargs["num_stages"])
+            return lambda *args, **kwargs: launched.append(
+                (kwargs["num_stages"], kwargs["GATHER_SPAN"]))
 
     monkeypatch.setattr(tma_gemm, "_KERNEL", Recorder())
     x, w, b, _, l_out, _ = inputs(64, 64, 64, torch.float16)
     kwargs = {}
     if table_dtype is not None:
         kwargs = dict(scale_c=torch.stack([l_out, l_out]).to(table_dtype),
-                      scale_index=torch.tensor([0, 1], device=DEVICE))
+                      scale_index=torch.arange(examples, device=DEVICE) % 2)
     tma_gemm.launch_tma_gemm(x, w, False, 64, bias=b, store_preact=store_preact,
                              tiles=(128, 256, 64, 8, 4, True), **kwargs)
-    assert launched == [stages]
+    assert launched == [(stages, 4 if examples == 2 else 0)]  # 128-row tiles, 32-row examples
+
+
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_gather_span_bounds_the_examples_of_every_tile(block_m):
+    """gather_span is never below the examples some tile holds (the per-example epilogue would
+    leave rows unscaled), is exact where tiles and examples align, and sends tiles of more than
+    GATHER_MAX_SPAN examples to the per-row gather."""
+    for T in range(1, 3 * block_m + 2):
+        span = tma_gemm.gather_span(T, block_m)
+        for examples in (1, 3, 8):
+            M = T * examples
+            held = max(len({r // T for r in range(start, min(start + block_m, M))})
+                       for start in range(0, M, block_m))
+            assert span == 0 or held <= span, (T, examples, span, held)
+        if T % block_m == 0:
+            assert span == 1
+        elif block_m % T == 0:
+            assert span == (block_m // T if block_m // T <= tma_gemm.GATHER_MAX_SPAN else 0)
+    assert tma_gemm.gather_span(1, block_m) == 0  # decode: a row each
