@@ -681,16 +681,15 @@ ATTN_BWD_DL_IN_KERNEL_MAX_M = 512
 TMA_MIN_M = 2048
 TMA_MAX_DIM = 4096
 TMA_BWD_MIN_FLOP = 1 << 38
-# Mixed-adapter attention forwards gather each row's l in the TMA GEMM's epilogue from
-# N = 4096 columns, where the M x N pass it replaces is large. H100, CUDA graphs, prefill
-# M = 4096, mixed / single-adapter batch, gather in the epilogue against cuBLAS + the gathering
-# pass (mixed-stop34-tma-h100.md against mixed-stop34-h100.md): q/o_proj 4096->4096 bf16
-# 1.028-1.033 against 1.062-1.064, NF4 1.013-1.018 against 1.053-1.061; but k/v_proj
-# 4096->1024 bf16 1.072-1.080 against 1.032-1.037 (NF4 1.004-1.014 against 1.034-1.041).
-# So dense weights gather from 4096 columns and the quantized layers' dequantized scratch at
-# every width: NF4 k/v_proj without the gather read 1.041-1.051 again (mixed-stop35-h100.md).
-# Why the same kernel costs a dense k/v_proj 3.9 us more and the scratch 0.3 is not profiled.
-TMA_GATHER_MIN_N = 4096
+# Mixed-adapter attention forwards gather each example's l in the TMA GEMM's epilogue at every
+# width, where the single-adapter batch takes its l there. H100, CUDA graphs, prefill M = 4096
+# (128 sequences of 32 tokens), mixed / single-adapter batch, the epilogue gather against cuBLAS
+# + the gathering pass: q/o_proj 4096->4096 bf16 1.028-1.033 against 1.062-1.064, NF4
+# 1.013-1.018 against 1.053-1.061 (mixed-stop34-tma-h100.md against mixed-stop34-h100.md).
+# Dense k/v_proj 4096->1024 lost (1.072-1.080 against 1.032-1.037) while the gather went
+# through shared memory per row at fewer pipeline stages (tma_gemm.gather_span's notes); with
+# the per-example gather it read 1.007-1.011 (bf16 table) and 1.012-1.018 (fp32) against
+# 1.025-1.033 for cuBLAS + the pass (gather1024*-stop36-h100.md, mixed-stop36b*-h100.md).
 
 
 # Under torch.compile (the custom ops' bodies, traced: traceable=True) the GEMMs from
@@ -799,18 +798,12 @@ def _tma_tiles(n_gemm: int, reduce_aux: bool):
 
 
 def _tma_attention_forward(x, w, w_kn: bool, N: int, bias, scale, save_preact: bool,
-                           traceable: bool, scale_index=None, scratch: bool = False):
+                           traceable: bool, scale_index=None):
     """(y, u) of the attention forward by tma_gemm (bias and l in its epilogue) where _use_tma
     takes it and the operands are TMA-addressable; None otherwise. w: the stored weight, or a
     quantized layer's dequantized (N, K) scratch. scale_index: a mixed-adapter batch, each row
-    gathering its example's l from the table in the epilogue. Where cuBLAS + the gathering
-    pass ran before, a mixed prefill read 1.03-1.06x the single-adapter batch (which took this
-    kernel) on Llama-3-8B's q/o and k/v (H100, CUDA graphs, mixed-stop34-h100.md); see
-    TMA_GATHER_MIN_N (dense weights only). scratch: w is a quantized layer's dequantized
-    scratch."""
+    gathering its example's l from the table in the epilogue (the notes above)."""
     M, K = x.shape
-    if scale_index is not None and not scratch and N < TMA_GATHER_MIN_N:
-        return None
     if not _use_tma("attn_fwd", M, N, K, w.dtype, x.device, traceable):
         return None
     x = x.to(w.dtype)

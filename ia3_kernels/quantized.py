@@ -88,7 +88,7 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
         # bias and l (a mixed batch: each row's l) in the epilogue instead of a pass over u
         # (dense.TMA_MIN_M's notes).
         done = _tma_attention_forward(x, w, False, N, bias, scale, save_preact, traceable,
-                                      scale_index, scratch=True)
+                                      scale_index)
         if done is not None:
             return done
     out = _cublas_linear(x, w.t(), bias)

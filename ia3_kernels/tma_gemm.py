@@ -219,10 +219,14 @@ def eligible(a: torch.Tensor, b: torch.Tensor, n_out: int, *others: Optional[tor
 
 
 # The epilogue gathers per example (one table vector each, no shared memory) where a BLOCK_M
-# tile spans at most this many examples, else per row. H100, Llama-3-8B q/o_proj 4096->4096,
-# prefill M = 4096 (8 to 128 examples of 32 to 512 tokens), CUDA graphs, mixed / single-adapter:
-# the per-row gather with an fp32 table (2 stages) read 1.50-1.54, NF4 k/v_proj 1.39-1.40
-# (mixed-stop36-fp32-h100.md); a 16-bit table (3 stages) 1.02-1.04 (mixed-stop36-h100.md).
+# tile spans at most this many examples, else per row. H100, Llama-3-8B prefill M = 4096 (128
+# sequences of 32 tokens: 4 a tile), CUDA graphs, mixed / single-adapter batch, per row (stages
+# capped) against per example: q/o_proj 4096->4096 with fp32 tables (get_peft_model's default)
+# 1.50-1.54 against 1.026-1.056, NF4 k/v_proj 1.39-1.40 against 1.014-1.029
+# (mixed-stop36-fp32-h100.md, mixed-stop36b-fp32-h100.md); bf16 tables 1.013-1.036 against
+# 1.003-1.021 (mixed-stop36-h100.md, mixed-stop36b-h100.md). Each further example a tile spans
+# costs one vector load and a select over the tile in the epilogue. 8 is a bound, not a tuned
+# value: those timings are all at a span of 4.
 GATHER_MAX_SPAN = 8
 
 

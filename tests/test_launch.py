@@ -125,7 +125,7 @@ def test_key_of_tma_descriptors():
     a, b, c = (torch.randn(64, 32, dtype=torch.float16) for _ in range(3))
     args = (*descs(a, b, c), None, None, None, None, None, 1, 64, 64, 32)
     kwargs = dict(B_KN=False, SCALE_A=False, HAS_BIAS=False, STORE_PREACT=False,
-                  REDUCE_AUX=False, SCALE_C=False, SCALE_GATHER=False, STORE_C=True,
+                  REDUCE_AUX=False, SCALE_C=False, SCALE_GATHER=False, GATHER_SPAN=0, STORE_C=True,
                   SUBTILE=False, BLOCK_M=16,
                   BLOCK_N=32, BLOCK_K=16, GROUP_M=8, NUM_SMS=4)
     bind = _binder_for(tma_gemm._ia3_tma_gemm_kernel, args, kwargs)

@@ -93,14 +93,11 @@ def test_mixed_batch_against_reference(triton_backend, family, shape, dtype, fee
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_attention_forward_on_the_tma_gemm(triton_backend, monkeypatch, family):
     """Large-M attention forwards of a mixed batch gather each row's l in the TMA GEMM's
-    epilogue (dense weights from dense.TMA_GATHER_MIN_N columns, the quantized layers'
-    dequantized scratch at every width), as single-adapter ones take l there: the kernel is
-    reached, with u stored (training) and without (serving), and the output and gradients stay
-    within the bar; narrower dense layers keep cuBLAS + the gathering pass."""
+    epilogue (dense weights and the quantized layers' dequantized scratch), as single-adapter
+    ones take l there: the kernel is reached, with u stored (training) and without (serving),
+    and the output and gradients stay within the bar."""
     from conftest import count_calls
-    from ia3_kernels import dense
 
-    monkeypatch.setattr(dense, "TMA_GATHER_MIN_N", 32)  # the rule's 4096 columns, scaled down
     calls = count_calls(monkeypatch, ia3_kernels.tma_gemm, "launch_tma_gemm")
     x, w, b, table, index = _case(4, 6, 48, 32, False, torch.float16)  # TMA-aligned rows
     op, reference = _family(family, w, torch.float16)
@@ -117,12 +114,6 @@ def test_mixed_attention_forward_on_the_tma_gemm(triton_backend, monkeypatch, fa
     assert_within_peft_bar(y_serving, y_peft, y_ref, torch.float16, "y without grad")
     for name, g, gp, gr in zip(["dx", "dtable", "dbias"], grads, grads_peft, grads_ref):
         assert_within_peft_bar(g, gp, gr, torch.float16, name)
-    calls.clear()
-    monkeypatch.setattr(dense, "TMA_GATHER_MIN_N", 33)  # narrower than the dense rule
-    with ia3_kernels.dense_path("tma"), torch.no_grad():
-        op(x, b, table, False, index)
-    gathered = [kw for _, kw in calls if kw.get("scale_index") is not None]
-    assert len(gathered) == (0 if family == "dense" else 1), family
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
