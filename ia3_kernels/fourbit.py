@@ -95,8 +95,8 @@ class FourBitWeight:
 
     def use_cublas(self, M: int, phase: str, device: torch.device) -> bool:
         forced = _path_override["path"]
-        if forced != "auto":  # "tma": the dequantized scratch feeds tma_gemm where it may
-            return forced in ("cublas", "tma")
+        if forced != "auto":  # "tma": the dequantized scratch feeds tma_gemm where it may;
+            return forced in ("cublas", "tma", "aten")  # "aten": aten ops beside cuBLAS
         min_m = FOURBIT_FWD_CUBLAS_MIN_M if phase == "fwd" else FOURBIT_BWD_CUBLAS_MIN_M
         return (device.type == "cuda" and M >= min_m
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP
@@ -105,7 +105,7 @@ class FourBitWeight:
     def use_small_m(self, M: int) -> bool:
         """small_m's forward: M <= 64 and quantization blocks that never straddle rows."""
         return (M <= SMALL_M_MAX_M and self.in_features % self.blocksize == 0
-                and _path_override["path"] not in ("cublas", "tma"))
+                and _path_override["path"] not in ("cublas", "tma", "aten"))
 
     def small_m_args(self) -> dict:
         return dict(w=self.packed, w_scale=self.absmax, quant4=self)

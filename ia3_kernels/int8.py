@@ -55,8 +55,8 @@ class Int8Weight:
 
     def use_cublas(self, M: int, phase: str, device: torch.device) -> bool:
         forced = _path_override["path"]
-        if forced != "auto":  # "tma": the dequantized scratch feeds tma_gemm where it may
-            return forced in ("cublas", "tma")
+        if forced != "auto":  # "tma": the dequantized scratch feeds tma_gemm where it may;
+            return forced in ("cublas", "tma", "aten")  # "aten": aten ops beside cuBLAS
         return (device.type == "cuda" and M >= INT8_CUBLAS_MIN_M
                 and 2 * M * self.out_features * self.in_features >= SMALL_GEMM_FLOP
                 and _cublas_ready(device))
@@ -65,7 +65,7 @@ class Int8Weight:
         """small_m's forward at M = 1 (its GEMV kernel where small_m.use_gemv says so: CB rows
         of whole 32-bit words) and from M = 17 to 64 (H100: 2.4x dense.py's tl.dot at M = 64
         on 14336->4096); at M = 2..16 dense.py's M-padded-to-16 tiles were as fast."""
-        if _path_override["path"] in ("cublas", "tma"):
+        if _path_override["path"] in ("cublas", "tma", "aten"):
             return False
         if M == 1:
             return use_gemv(self.cb, False, self.in_features)

@@ -29,8 +29,9 @@ import torch
 
 from . import config, mixed
 from .dense import _KERNEL_DTYPES
-from .dense import (_cublas_linear, _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
-                    _reduce_partials, _tma_attention_forward, _tma_feedforward_grads)
+from .dense import (_aten_feedforward_grads, _aten_row_sums, _aten_scaled, _cublas_linear,
+                    _feedforward_grads_from_g, _launch_matmul, _launch_scale_reduce,
+                    _reduce_partials, _tma_attention_forward, _tma_feedforward_grads, _use_aten)
 from .small_m import launch_small_m
 
 # The attention backward reduces dl from the dx kernel's dy tiles (one launch) only where the
@@ -49,6 +50,9 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     dtype = x.dtype
     if M == 0:
         return x.new_empty((0, N)), (x.new_empty((0, N)) if save_preact else None)
+    # Compiled large GEMMs: IA3's elementwise work in aten ops, which Inductor fuses (dense's
+    # _use_aten; mixed batches keep their routes).
+    aten = _use_aten(M, N, K, dtype, x.device, traceable, scale_index)
     if feedforward and scale_index is not None:
         # A mixed batch's l differs per example: one pass forms x*l (M x K, rounded as PEFT's
         # x*l), then the dequantize-matmul runs without scaling. Gathering the table in the
@@ -95,6 +99,8 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     del w
     if feedforward:
         return out, None
+    if aten:
+        return _aten_scaled(out, scale), (out if save_preact else None)
     y = torch.empty_like(out)
     _launch_scale_reduce(out, scale=scale, scale_axis=1, out=y, scale_index=scale_index,
                          traceable=traceable)
@@ -124,6 +130,9 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
         preact = quantized_forward_impl(x, wq, bias, scale, False, True, traceable,
                                         scale_index)[1]
     cublas = wq.use_cublas(M, "bwd", dy.device)
+    # Compiled, on the dequantized scratch: dx and dl in aten ops (dense._aten_feedforward_grads
+    # says why).
+    aten = cublas and _use_aten(M, N, K, dtype, dy.device, traceable, scale_index)
     if scale_index is not None:
         return _quantized_backward_mixed(dy, x, wq, scale, preact, scale_index, feedforward,
                                          need_dx, need_dscale, need_dbias, x_dtype, cublas,
@@ -139,6 +148,9 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
                                           traceable)
             if done is not None:
                 dx, partial = done
+            elif aten:
+                dx, dscale = _aten_feedforward_grads(torch.matmul(dy, w), x, scale, need_dx,
+                                                     need_dscale)
             else:
                 g = torch.matmul(dy, w)
                 dx, partial = _feedforward_grads_from_g(g, x, scale, need_dx, need_dscale,
@@ -166,10 +178,12 @@ def quantized_backward_impl(dy, x, wq, bias, scale, preact, feedforward: bool, n
                 dy, out_shape=(M, K), out_dtype=dtype, scale_a=scale,
                 a_aux=preact if dl_in_kernel else None, sum_dtype=scale.dtype,
                 traceable=traceable, finish_like=scale, **wq.fused_args(M, "bwd", dtype))
-        if need_dscale and not dl_in_kernel:
+        if need_dscale and aten:
+            dscale = _aten_row_sums(dy, preact, scale)
+        elif need_dscale and not dl_in_kernel:
             _, partial = _launch_scale_reduce(dy, aux=preact, sum_dtype=scale.dtype,
                                               traceable=traceable)
-    if need_dscale:
+    if need_dscale and dscale is None:
         dscale = _reduce_partials(partial, scale)
     if need_dbias:
         dbias = dy.sum(0, dtype=torch.float32)

@@ -62,7 +62,7 @@ def check_against_reference(x, cb, scb, b, scale, feedforward, dtype, path):
         assert_within_peft_bar(g, gp, gr, dtype, name, ga)
 
 
-@pytest.mark.parametrize("path", ["fused", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "cublas", "aten"])
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "attn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("M,K,N", SHAPES)
