@@ -50,9 +50,6 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     dtype = x.dtype
     if M == 0:
         return x.new_empty((0, N)), (x.new_empty((0, N)) if save_preact else None)
-    # Compiled large GEMMs: IA3's elementwise work in aten ops, which Inductor fuses (dense's
-    # _use_aten; mixed batches keep their routes).
-    aten = _use_aten(M, N, K, dtype, x.device, traceable, scale_index)
     if feedforward and scale_index is not None:
         # A mixed batch's l differs per example: one pass forms x*l (M x K, rounded as PEFT's
         # x*l), then the dequantize-matmul runs without scaling. Gathering the table in the
@@ -99,7 +96,9 @@ def quantized_forward_impl(x, wq, bias, scale, feedforward: bool, save_preact: b
     del w
     if feedforward:
         return out, None
-    if aten:
+    if _use_aten(M, N, K, dtype, x.device, traceable, scale_index):
+        # Compiled large GEMMs: u*l in aten ops, which Inductor fuses (mixed batches keep
+        # their routes).
         return _aten_scaled(out, scale), (out if save_preact else None)
     y = torch.empty_like(out)
     _launch_scale_reduce(out, scale=scale, scale_axis=1, out=y, scale_index=scale_index,
